@@ -1,0 +1,116 @@
+"""The root ``kvtool`` command: groups, ``--version``, ``info`` and the error boundary."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from kedit_vfl import __version__
+from kedit_vfl.artifacts import describe
+from kedit_vfl.console import JsonOption, debug_enabled, emit_json, error_line, print_kv, print_table
+from kedit_vfl.edit.cli import app as edit_app
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.cli import app as vfl_app
+
+
+class _ErrorBoundary(TyperGroup):
+    """User errors become one line and exit 2; bugs exit 1 (``--debug`` shows tracebacks)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            error_line(str(exc))
+            raise typer.Exit(2) from exc
+        except KeyboardInterrupt as exc:
+            error_line("interrupted; no partial output was written")
+            raise typer.Exit(130) from exc
+        except Exception as exc:
+            # Typer's own control flow (exit, abort, usage errors) passes through untouched.
+            if type(exc).__module__.startswith(("typer", "click")) or debug_enabled():
+                raise
+            error_line(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(a bug in kvtool; rerun with --debug for the traceback)"
+            )
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(
+    cls=_ErrorBoundary,
+    name="kvtool",
+    help="Knowledge editing (InstructEdit) and vertical federated learning (VFed-SSD).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(vfl_app, name="vfl")
+app.add_typer(edit_app, name="edit")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+) -> None:
+    """kvtool: InstructEdit knowledge editing and VFed-SSD vertical federated learning.
+
+    Example: kvtool vfl pretrain-mpd && kvtool vfl train-split && kvtool vfl distill && kvtool vfl score
+    """
+    if debug:
+        os.environ["KVTOOL_DEBUG"] = "1"
+
+
+@app.command()
+def info(
+    artifact: Annotated[Path, typer.Argument(help="A kvtool artifact (.safetensors).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show an artifact's kind, version, config, provenance and tensor shapes.
+
+    Example: kvtool info runs/vfl/split.safetensors --json
+    """
+    details = describe(artifact)
+    if json_output:
+        emit_json(details)
+        return
+    print_kv(
+        f"{details['path']}",
+        {
+            "kind": details["kind"],
+            "party": details["party"] or "-",
+            "kvtool_version": details["kvtool_version"],
+            "sha256": details["sha256"],
+            "parameters": details["parameters"],
+            "command": details["provenance"].get("command"),
+            "seed": details["provenance"].get("seed"),
+            "created": details["provenance"].get("time"),
+            "parents": ", ".join(p.get("kind", "?") for p in details["provenance"].get("parents", [])) or "-",
+        },
+    )
+    print_kv("config", {k: v for k, v in details["config"].items()})
+    print_table(
+        "tensors",
+        ["name", "shape", "dtype"],
+        [[name, "x".join(map(str, t["shape"])) or "scalar", t["dtype"]] for name, t in details["tensors"].items()],
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""InstructEdit: one instruction-conditioned MEND-style editor per language model."""

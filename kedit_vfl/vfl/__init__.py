@@ -1,0 +1,1 @@
+"""VFed-SSD: vertical federated learning with MPD pretraining and split distillation."""
