@@ -17,9 +17,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -92,8 +93,7 @@ def make_provenance(
         "command": command,
         "arguments": json.loads(json.dumps(dict(arguments), default=str)),
         "parents": [
-            {"path": str(p.path) if p.path else None, "kind": p.kind, "sha256": p.sha256}
-            for p in parents
+            {"path": str(p.path) if p.path else None, "kind": p.kind, "sha256": p.sha256} for p in parents
         ],
         "data": dict(data or {}),
         "seed": seed,

@@ -108,7 +108,10 @@ def info(
     print_table(
         "tensors",
         ["name", "shape", "dtype"],
-        [[name, "x".join(map(str, t["shape"])) or "scalar", t["dtype"]] for name, t in details["tensors"].items()],
+        [
+            [name, "x".join(map(str, t["shape"])) or "scalar", t["dtype"]]
+            for name, t in details["tensors"].items()
+        ],
     )
 
 

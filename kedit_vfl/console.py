@@ -10,8 +10,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator, Sequence
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,7 +28,9 @@ from rich.progress import (
 from rich.table import Table
 
 # Options every command shares, so that their names and help stay identical.
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda if available), cpu or cuda.")]

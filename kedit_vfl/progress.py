@@ -6,8 +6,9 @@ Library functions take a :class:`Reporter`; the CLI passes one backed by Rich
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Task(Protocol):
