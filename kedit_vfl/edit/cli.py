@@ -1,10 +1,321 @@
-"""``kvtool edit``: the InstructEdit commands."""
+"""``kvtool edit``: the InstructEdit commands (parse, build a config, call the library, render)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from kedit_vfl.artifacts import Artifact, config_to_dict, data_fingerprint, make_provenance, save_artifact
+from kedit_vfl.console import (
+    DeviceOption,
+    JsonOption,
+    QuietOption,
+    RichReporter,
+    SeedOption,
+    emit_json,
+    print_kv,
+    print_table,
+)
+from kedit_vfl.edit.config import (
+    DEFAULT_TRAIN_TASKS,
+    ApplyConfig,
+    EditorConfig,
+    EvalConfig,
+    TrainConfig,
+    WorldOptions,
+)
+from kedit_vfl.edit.metrics import METRICS
+from kedit_vfl.paths import runs_dir
 
 app = typer.Typer(
     help="Knowledge editing (InstructEdit): train one editor, apply edits, evaluate them.",
     no_args_is_help=True,
 )
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", help="'embedded' (the project's own small LM) or a Hugging Face name or folder."),
+]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
+DataOption = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--data", help="Edit records (KnowEdit, ZsRE, CounterFact, ConvSent or kvtool JSONL); repeatable."
+    ),
+]
+WorldSeedOption = Annotated[
+    int, typer.Option("--world-seed", help="Seed of the embedded world (a fresh world and base model).")
+]
+WorldSizeOption = Annotated[
+    Optional[int], typer.Option(help="Size of the embedded world (default: the world's own).")
+]
+
+
+def _default_editor() -> Path:
+    return runs_dir() / "edit" / "editor.safetensors"
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _world(seed: int, countries: int | None, people: int | None, recent: int | None) -> WorldOptions:
+    sizes = {"countries": countries, "people": people, "recent": recent}
+    return WorldOptions(seed=seed, sizes=tuple((k, v) for k, v in sizes.items() if v is not None))
+
+
+def _metric_rows(summary: dict[str, Any], holdout: str | None = None) -> list[list[Any]]:
+    rows = []
+    for task, values in [*summary["tasks"].items(), ("overall", summary["overall"])]:
+        label = f"{task} (hold-out)" if task == holdout else task
+        cells = []
+        for name in METRICS:
+            post, pre = values.get(name), values.get("pre_" + name)
+            cells.append(
+                "-" if post is None else f"{post:.3f} ({pre:.3f})" if pre is not None else f"{post:.3f}"
+            )
+        rows.append([label, *cells, values.get("n_records")])
+    return rows
+
+
+@app.command("train-editor")
+def train_editor_command(
+    model: ModelOption = "embedded",
+    data: DataOption = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="Training tasks, comma-separated.")] = ",".join(
+        DEFAULT_TRAIN_TASKS
+    ),
+    holdout: Annotated[
+        str, typer.Option("--holdout", help="Task kept out of training ('none' for none).")
+    ] = "zsre",
+    no_instructions: Annotated[
+        bool, typer.Option("--no-instructions", help="Multi-task MEND baseline: no instruction prefix.")
+    ] = False,
+    instructions: Annotated[
+        Optional[Path],
+        typer.Option("--instructions", help="Instruction pools (JSON) instead of the shipped ones."),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Maximum meta-training steps.")] = TrainConfig.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Edits per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the editor.")] = TrainConfig.lr,
+    lr_alpha: Annotated[
+        float, typer.Option("--lr-alpha", help="Learning rate of the step sizes.")
+    ] = TrainConfig.lr_alpha,
+    c_edit: Annotated[float, typer.Option("--c-edit", help="Weight of the edit loss.")] = TrainConfig.c_edit,
+    c_loc: Annotated[float, typer.Option("--c-loc", help="Weight of the locality loss.")] = TrainConfig.c_loc,
+    val_every: Annotated[
+        int, typer.Option("--val-every", help="Steps between validations.")
+    ] = TrainConfig.val_every,
+    patience: Annotated[
+        int, typer.Option("--patience", help="Validations without improvement before stopping.")
+    ] = TrainConfig.patience,
+    layers: Annotated[
+        Optional[str],
+        typer.Option("--layers", help="Edited modules: names, suffixes or regexes, comma-separated."),
+    ] = None,
+    rank: Annotated[int, typer.Option("--rank", help="Rank of the gradient transform.")] = EditorConfig.rank,
+    edit_lr: Annotated[
+        float, typer.Option("--edit-lr", help="Initial per-layer step size.")
+    ] = EditorConfig.edit_lr,
+    world_seed: WorldSeedOption = 0,
+    world_countries: WorldSizeOption = None,
+    world_people: WorldSizeOption = None,
+    world_recent: WorldSizeOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")
+    ] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Editor artifact to write.")] = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Meta-train one instruction-conditioned editor across editing tasks.
+
+    Example: kvtool edit train-editor --tasks counterfact,recent,convsent --holdout zsre
+    """
+    from kedit_vfl.edit.checkpoint import EDITOR_KIND, editor_extra
+    from kedit_vfl.edit.training import train_editor
+
+    out = out or _default_editor()
+    config = TrainConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        data=tuple(str(p) for p in data or ()),
+        tasks=_split(tasks),
+        holdout=None if holdout.lower() == "none" else holdout,
+        instructions=not no_instructions,
+        instructions_file=str(instructions) if instructions else None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_alpha=lr_alpha,
+        c_edit=c_edit,
+        c_loc=c_loc,
+        val_every=val_every,
+        patience=patience,
+        seed=seed,
+        world=_world(world_seed, world_countries, world_people, world_recent),
+        editor=EditorConfig(rank=rank, edit_lr=edit_lr, layers=_split(layers)),
+    )
+    reporter = RichReporter(quiet)
+    result = train_editor(config, out=out, resume=resume, reporter=reporter)
+    provenance = make_provenance(
+        "edit train-editor",
+        config_to_dict(config),
+        data=data_fingerprint(config.data) if config.data else None,
+        seed=seed,
+    )
+    extra = editor_extra(
+        result.editor,
+        result.base,
+        result.pools,
+        result.base_info,
+        tasks=list(config.tasks),
+        holdout=config.holdout,
+        best=result.best,
+        history=result.history,
+    )
+    save_artifact(
+        Artifact(EDITOR_KIND, result.editor.state_dict(), config_to_dict(config), provenance, extra), out
+    )
+    best = result.best
+    payload = {
+        "out": str(out),
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "seconds": round(result.seconds, 1),
+        "best_step": best.get("step"),
+        "validation": {k: best.get(k) for k in ("score", *METRICS)},
+        "edited_layers": [t.module for t in result.editor.targets],
+        "instructions": result.pools is not None,
+    }
+    if json_output:
+        emit_json(payload)
+        return
+    print_kv("editor", {k: v for k, v in payload.items() if k != "validation"})
+    if best.get("tasks"):
+        print_table(
+            f"validation at step {best['step']}: post-edit (pre-edit)",
+            ["task", *METRICS, "n_records"],
+            _metric_rows({"tasks": best["tasks"], "overall": best}),
+        )
+
+
+@app.command("apply")
+def apply_command(
+    editor: Annotated[Optional[Path], typer.Option("--editor", help="Editor artifact (edit.editor).")] = None,
+    edits: Annotated[
+        Optional[list[Path]],
+        typer.Option("--edits", help="Edit requests (JSONL or any supported format); repeatable."),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Base model (default: the editor's own).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the edited model.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Edits applied together (their updates sum).")
+    ] = ApplyConfig.batch_size,
+    instruction_index: Annotated[
+        int, typer.Option("--instruction-index", help="Which description of the task's pool to use.")
+    ] = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Apply edits with a trained editor and save the edited model as a Hugging Face folder.
+
+    Example: kvtool edit apply --edits requests.jsonl --out runs/edit/edited-model
+    """
+    from kedit_vfl.edit.apply import apply_edits
+
+    config = ApplyConfig(
+        edits=tuple(str(p) for p in edits or ()),
+        out=str(out or runs_dir() / "edit" / "edited-model"),
+        model=model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        instruction_index=instruction_index,
+        overwrite=overwrite,
+    )
+    result = apply_edits(editor or _default_editor(), config, RichReporter(quiet))
+    n = len(result.edits)
+    summary = {
+        "out": str(result.out),
+        "n_edits": n,
+        "edit_seconds": round(result.edit_seconds, 4),
+        "mean_p_pre": sum(e["p_pre"] for e in result.edits) / n,
+        "mean_p_post": sum(e["p_post"] for e in result.edits) / n,
+        "acc_post": sum(e["acc_post"] for e in result.edits) / n,
+    }
+    if json_output:
+        emit_json({**summary, "edits": result.edits})
+        return
+    print_kv("edited model", summary)
+    shown = result.edits[:20]
+    print_table(
+        f"edits (first {len(shown)} of {n}): target probability before and after",
+        ["prompt", "target", "p_pre", "p_post"],
+        [[e["prompt"][-50:], e["target_new"][:30], e["p_pre"], e["p_post"]] for e in shown],
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    editor: Annotated[Optional[Path], typer.Option("--editor", help="Editor artifact (edit.editor).")] = None,
+    data: DataOption = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Only this task's records.")] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Base model (default: the editor's own).")
+    ] = None,
+    instruction_index: Annotated[
+        int, typer.Option("--instruction-index", help="Which description of each task's pool to use.")
+    ] = 0,
+    unseen_instruction: Annotated[
+        bool, typer.Option("--unseen-instruction", help="Use each task's held-out description.")
+    ] = False,
+    sequential: Annotated[
+        int, typer.Option("--sequential", help="Apply N edits in a row without rollback (0: one at a time).")
+    ] = 0,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", help="At most this many records per task.")
+    ] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Reliability, Generalization, Locality and Portability per task, pre and post edit.
+
+    Example: kvtool edit evaluate --json   (the embedded test split, hold-out task included)
+    """
+    from kedit_vfl.edit.evaluation import evaluate_editor
+
+    config = EvalConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        data=tuple(str(p) for p in data or ()),
+        task=task,
+        instruction_index=instruction_index,
+        unseen_instruction=unseen_instruction,
+        sequential=sequential,
+        limit=limit,
+    )
+    result = evaluate_editor(editor or _default_editor(), config, RichReporter(quiet))
+    if json_output:
+        emit_json(result)
+        return
+    protocol = f"sequential {sequential}" if sequential else "one edit at a time, rolled back"
+    print_table(
+        f"edit quality ({protocol}): post-edit (pre-edit)",
+        ["task", *METRICS, "n_records"],
+        _metric_rows(result, result.get("holdout")),
+    )

@@ -1,0 +1,136 @@
+"""``kvtool edit apply``: edit a base model with a trained editor and save it.
+
+Edits are applied in batches (one summed update per batch); batches apply in turn, each
+computed on the model as the previous batches left it. The edited model is written as a
+Hugging Face folder (safetensors) that ``transformers`` loads directly, with a report of
+each edit's target probability before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit_vfl.edit.batches import Prompter, edit_batch
+from kedit_vfl.edit.checkpoint import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.config import ApplyConfig
+from kedit_vfl.edit.editor import apply_updates_, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.evaluation import compute_update
+from kedit_vfl.edit.metrics import target_probability, token_accuracy
+from kedit_vfl.edit.models import BaseModel
+from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.sources import EMBEDDED, embedded_world, read_records, world_options_of
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+
+REPORT_NAME = "kvtool_edits.json"
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    edits: list[dict[str, Any]]
+    edit_seconds: float  # the editing step only (model load and save excluded)
+
+
+@torch.no_grad()
+def target_scores(
+    base: BaseModel, records: Sequence[EditRecord], prompter: Prompter, params: dict[str, torch.Tensor] | None
+) -> tuple[list[float], list[float]]:
+    """Probability and token accuracy of each record's new target on its (instructed) prompt."""
+    probs, accs = [], []
+    for start in range(0, len(records), 32):
+        batch = edit_batch(records[start : start + 32], prompter, base.tokenizer, base.max_length).to(
+            base.device
+        )
+        logits = forward_with(base.model, params, batch.model_inputs())
+        probs.extend(target_probability(logits, batch).tolist())
+        accs.extend(token_accuracy(logits, batch).tolist())
+    return probs, accs
+
+
+def edit_updates(
+    loaded: LoadedEditor, base: BaseModel, records: Sequence[EditRecord], prompter: Prompter, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The summed weight updates of all edits, batch after batch."""
+    updates: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            params = edited_params(base.model, updates) if updates else None
+            batch = records[start : start + batch_size]
+            updates = merge_updates(updates, compute_update(loaded.editor, base, batch, prompter, params))
+    return updates
+
+
+def _save_model(base: BaseModel, out: Path, report: dict[str, Any], overwrite: bool) -> None:
+    """Write to a temporary folder beside ``out``, then rename: never a half-written model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        base.model.save_pretrained(tmp, safe_serialization=True)
+        base.tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        if out.exists() and overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter = SILENT) -> ApplyResult:
+    """Apply the edits of ``config.edits`` (or the embedded test requests) and save the model."""
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    loaded = load_editor(editor_path)
+    base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
+    if config.edits:
+        records = read_records(config.edits)
+    elif (config.model or loaded.base.get("model")) == EMBEDDED:
+        world = embedded_world(world_options_of(loaded.base), reporter)
+        records = read_records([world.records_file("test")])
+    else:
+        raise UserError(
+            "--edits: name a file of edit requests (the embedded ones fit only the embedded model)"
+        )
+    prompter = Prompter(loaded.pools, index=config.instruction_index)
+    pre_probs, pre_accs = target_scores(base, records, prompter, None)
+    reporter.log(f"applying {len(records)} edits in batches of {config.batch_size}")
+    started = time.perf_counter()
+    updates = edit_updates(loaded, base, records, prompter, config.batch_size)
+    if base.device.type == "cuda":
+        torch.cuda.synchronize()
+    edit_seconds = time.perf_counter() - started
+    post_probs, post_accs = target_scores(base, records, prompter, edited_params(base.model, updates))
+    edits = [
+        {
+            "task": r.task,
+            "prompt": r.prompt,
+            "target_new": r.target_new,
+            "p_pre": pp,
+            "p_post": qp,
+            "acc_pre": pa,
+            "acc_post": qa,
+        }
+        for r, pp, qp, pa, qa in zip(records, pre_probs, post_probs, pre_accs, post_accs, strict=False)
+    ]
+    apply_updates_(base.model, updates)
+    report = {
+        "editor": str(editor_path),
+        "editor_sha256": loaded.artifact.sha256,
+        "base": loaded.base,
+        "n_edits": len(edits),
+        "batch_size": config.batch_size,
+        "edits": edits,
+    }
+    _save_model(base, out, report, config.overwrite)
+    return ApplyResult(out, edits, edit_seconds)

@@ -1,0 +1,144 @@
+"""Typed, validated configs of the edit commands; each is serialised into its artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kedit_vfl.errors import UserError
+
+KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
+DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{name} {value}: must be positive")
+
+
+@dataclass(frozen=True)
+class EditorConfig:
+    """Shape of the hypernetwork; the defaults suit tiny and multi-billion models alike."""
+
+    rank: int = 1920  # capped at the transform's width
+    depth: int = 2  # low-rank residual blocks per transform
+    edit_lr: float = 1e-3  # initial per-layer step size alpha_l
+    layers: tuple[str, ...] = ()  # empty: the architecture's default MLP layers
+    n_blocks: int = 3  # default layers: the MLPs of the last n_blocks blocks
+
+    def __post_init__(self) -> None:
+        _positive("--rank", self.rank)
+        _positive("--depth", self.depth)
+        _positive("--edit-lr", self.edit_lr)
+        _positive("--n-blocks", self.n_blocks)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditorConfig:
+        return cls(**{**data, "layers": tuple(data.get("layers", ()))})
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """Which embedded world (seed and sizes) to build when ``--model embedded``."""
+
+    seed: int = 0
+    sizes: tuple[tuple[str, int], ...] = ()
+
+    def as_kwargs(self) -> dict[str, int]:
+        return {"seed": self.seed, **dict(self.sizes)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``kvtool edit train-editor``: one field per option."""
+
+    model: str = "embedded"
+    device: str = "auto"
+    dtype: str = "float32"
+    data: tuple[str, ...] = ()  # empty: the embedded world's train/validation splits
+    tasks: tuple[str, ...] = DEFAULT_TRAIN_TASKS
+    holdout: str | None = "zsre"
+    instructions: bool = True
+    instructions_file: str | None = None
+    steps: int = 3000
+    batch_size: int = 8  # edit records per meta-training step (their updates sum)
+    lr: float = 1e-4  # Adam, hypernetwork
+    lr_alpha: float = 1e-3  # Adam, per-layer step sizes
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    use_rephrase: bool = True
+    val_every: int = 250
+    val_records: int = 64  # per task
+    patience: int = 4  # validations without improvement before stopping
+    seed: int = 0
+    world: WorldOptions = field(default_factory=WorldOptions)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+        if not self.tasks:
+            raise UserError("--tasks: name at least one task")
+        if self.holdout is not None and self.holdout in self.tasks:
+            raise UserError(
+                f"--holdout {self.holdout}: is also in --tasks; a hold-out task is never trained on"
+            )
+        if not self.data:
+            unknown = [t for t in (*self.tasks, self.holdout) if t is not None and t not in KNOWN_TASKS]
+            if unknown:
+                raise UserError(
+                    f"--tasks/--holdout: unknown task {', '.join(unknown)} "
+                    f"(the embedded world has {', '.join(KNOWN_TASKS)})"
+                )
+        for name in ("steps", "batch_size", "lr", "lr_alpha", "val_every", "val_records", "patience"):
+            _positive("--" + name.replace("_", "-"), getattr(self, name))
+        if self.c_edit < 0 or self.c_loc < 0:
+            raise UserError("--c-edit/--c-loc: must be non-negative")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``kvtool edit evaluate``: which records, which instruction, which protocol."""
+
+    model: str | None = None  # None: the editor's own base model
+    device: str = "auto"
+    dtype: str = "float32"
+    data: tuple[str, ...] = ()
+    task: str | None = None
+    instruction_index: int = 0
+    unseen_instruction: bool = False
+    sequential: int = 0  # 0: one edit at a time with rollback
+    limit: int | None = None  # records per task
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+        if self.instruction_index < 0:
+            raise UserError(f"--instruction-index {self.instruction_index}: must be >= 0")
+        if self.sequential < 0:
+            raise UserError(f"--sequential {self.sequential}: must be >= 0")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit {self.limit}: must be positive")
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """``kvtool edit apply``: which edits, in batches of how many, written where."""
+
+    edits: tuple[str, ...] = ()
+    out: str = ""
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32  # edits applied together (their updates sum); batches apply in turn
+    instruction_index: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+        _positive("--batch-size", self.batch_size)
+        if self.instruction_index < 0:
+            raise UserError(f"--instruction-index {self.instruction_index}: must be >= 0")

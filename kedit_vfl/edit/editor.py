@@ -1,0 +1,200 @@
+"""The MEND-style editor: gradient factors in, weight updates out.
+
+For each edited weight ``W`` (a :class:`EditTarget`) the editor receives the factors
+``x`` (layer input) and ``delta`` (gradient at the layer output) on the target tokens,
+standardises them with running statistics, passes ``concat(x, delta)`` through a
+low-rank residual MLP shared by all layers of the same shape (with a per-layer FiLM
+scale and shift), splits the result back into ``x~`` and ``delta~`` and returns
+
+    dW = -alpha_l * sum_t delta~_t x~_t^T      (one matmul, never per-token matrices)
+
+``delta`` is the gradient of the editing loss, so the minus makes the identity-initialised
+editor a plain gradient-descent step of size alpha_l (the spec's ``W + alpha_l * ...``
+with ``delta`` read as the descent direction). Edits batched together simply contribute
+more tokens to the same sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from kedit_vfl.edit.config import EditorConfig
+from kedit_vfl.edit.hooks import LayerGrads, capture
+from kedit_vfl.edit.metrics import nll_sum
+from kedit_vfl.edit.models import EditTarget
+from kedit_vfl.edit.tokens import TokenBatch
+
+
+class RunningNorm(nn.Module):
+    """Standardise features with a running mean and variance (batched Welford), kept as buffers."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor) -> None:
+        """Fold a (N, dim) batch into the running statistics."""
+        n = values.shape[0]
+        if n == 0:
+            return
+        batch_mean = values.mean(0)
+        batch_m2 = ((values - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        diff = batch_mean - self.mean
+        self.mean += diff * float(n / total)
+        self.m2 += batch_m2 + diff**2 * float(self.count * n / total)
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / (self.count - 1).clamp(min=1)).sqrt().float()
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self.count < 2:  # no statistics yet: pass through (identity)
+            return values
+        return (values - self.mean) / (self.std + self.eps)
+
+
+class FiLM(nn.Module):
+    """Per-layer scale and shift, so layers sharing one transform can still differ."""
+
+    def __init__(self, n_layers: int, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n_layers, dim))
+        self.shift = nn.Parameter(torch.zeros(n_layers, dim))
+
+    def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return h * self.scale[layer] + self.shift[layer]
+
+
+class LowRankResidual(nn.Module):
+    """``h + up(relu(down(h)))`` with ``up`` zero-initialised: the identity at init."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(torch.relu(self.down(h)))
+
+
+class GradientTransform(nn.Module):
+    """The network shared by all edited layers of one shape: FiLM, then residual blocks."""
+
+    def __init__(self, dim: int, n_layers: int, rank: int, depth: int) -> None:
+        super().__init__()
+        self.film = FiLM(n_layers, dim)
+        self.blocks = nn.ModuleList(LowRankResidual(dim, rank) for _ in range(depth))
+
+    def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self.film(h, layer)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+def rank_one_sum(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``sum_t delta_t x_t^T`` as one matmul: (N, d_out), (N, d_in) -> (d_out, d_in)."""
+    return delta.transpose(0, 1) @ x
+
+
+class Editor(nn.Module):
+    """Maps captured gradient factors of every edited layer to weight updates."""
+
+    def __init__(self, targets: Sequence[EditTarget], config: EditorConfig) -> None:
+        super().__init__()
+        self.targets = list(targets)
+        self.config = config
+        groups: dict[str, list[int]] = {}
+        for i, target in enumerate(self.targets):
+            groups.setdefault(target.shape_key, []).append(i)
+        self.slot = {i: members.index(i) for members in groups.values() for i in members}
+        self.transforms = nn.ModuleDict(
+            {
+                key: GradientTransform(
+                    dim := self.targets[m[0]].d_in + self.targets[m[0]].d_out,
+                    n_layers=len(m),
+                    rank=min(config.rank, dim),
+                    depth=config.depth,
+                )
+                for key, m in groups.items()
+            }
+        )
+        self.x_norms = nn.ModuleList(RunningNorm(t.d_in) for t in self.targets)
+        self.delta_norms = nn.ModuleList(RunningNorm(t.d_out) for t in self.targets)
+        self.alpha = nn.Parameter(torch.full((len(self.targets),), float(config.edit_lr)))
+
+    def forward(self, grads: Mapping[str, LayerGrads]) -> dict[str, torch.Tensor]:
+        """Weight updates keyed by parameter name, in each weight's own layout."""
+        updates = {}
+        for i, target in enumerate(self.targets):
+            x, delta = grads[target.module].x.float(), grads[target.module].delta.float()
+            if self.training:
+                self.x_norms[i].update(x)
+                self.delta_norms[i].update(delta)
+            h = torch.cat([self.x_norms[i](x), self.delta_norms[i](delta)], dim=-1)  # (N, d_in + d_out)
+            h = self.transforms[target.shape_key](h, self.slot[i])
+            x_t, delta_t = h.split([target.d_in, target.d_out], dim=-1)  # (N, d_in), (N, d_out)
+            update = -self.alpha[i] * rank_one_sum(x_t, delta_t)  # (d_out, d_in): a descent step
+            updates[target.param] = update.transpose(0, 1) if target.transposed else update
+        return updates
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"targets": [t.to_dict() for t in self.targets]}
+
+
+def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``W + dW`` for every updated weight, in the weight's dtype (differentiable in dW)."""
+    params = dict(model.named_parameters())
+    return {name: (params[name].float() + dw).to(params[name].dtype) for name, dw in updates.items()}
+
+
+def merge_updates(*updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum several update dicts (sequential edits compose additively on the base weights)."""
+    merged: dict[str, torch.Tensor] = {}
+    for update in updates:
+        for name, dw in update.items():
+            merged[name] = merged[name] + dw if name in merged else dw
+    return merged
+
+
+def forward_with(
+    model: nn.Module, params: Mapping[str, torch.Tensor] | None, inputs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Logits of the model with some weights replaced (functional: the model is untouched)."""
+    if not params:
+        return model(**inputs).logits
+    return functional_call(model, dict(params), args=(), kwargs=dict(inputs), strict=False).logits
+
+
+@torch.no_grad()
+def apply_updates_(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> None:
+    """Add the updates to the model's weights in place (for saving an edited model)."""
+    params = dict(model.named_parameters())
+    for name, dw in updates.items():
+        params[name].copy_((params[name].float() + dw.to(params[name].device)).to(params[name].dtype))
+
+
+def edit_gradients(
+    model: nn.Module,
+    targets: Sequence[EditTarget],
+    batch: TokenBatch,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, LayerGrads]:
+    """Factors ``x``, ``delta`` of the editing loss's weight gradients, on target-predicting tokens."""
+    detached = {k: v.detach() for k, v in params.items()} if params else None
+    with torch.enable_grad(), capture(model, targets) as captured:
+        logits = forward_with(model, detached, batch.model_inputs())
+        return captured.backward(nll_sum(logits, batch), batch.predict_mask)

@@ -1,0 +1,169 @@
+"""Reliability, Generalization, Locality and Portability of an editor, pre and post edit.
+
+Default protocol: each edit applied alone and rolled back (the edited weights only ever
+exist inside a functional call, so rollback is free). ``sequential=N`` applies N edits
+one after another, each computed on the already edited model, then scores all N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit_vfl.edit.batches import Prompter, edit_batch, probe
+from kedit_vfl.edit.checkpoint import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.config import EvalConfig
+from kedit_vfl.edit.editor import Editor, edit_gradients, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.metrics import METRICS, average, token_accuracy, unchanged_top1
+from kedit_vfl.edit.models import BaseModel
+from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+from kedit_vfl.seeding import seed_everything
+
+
+def compute_update(
+    editor: Editor,
+    base: BaseModel,
+    records: Sequence[EditRecord],
+    prompter: Prompter,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The editor's weight update for a batch of edits (summed), on the model with ``params``."""
+    batch = edit_batch(records, prompter, base.tokenizer, base.max_length).to(base.device)
+    grads = edit_gradients(base.model, base.targets, batch, params)
+    return editor(grads)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.mean()) if values.numel() else None
+
+
+@torch.no_grad()
+def score_record(
+    base: BaseModel, record: EditRecord, prompter: Prompter, params: Mapping[str, torch.Tensor] | None
+) -> dict[str, float | None]:
+    """Post-edit metrics (with ``params``) and pre-edit metrics (base weights) of one record."""
+    p = probe(record, prompter, base.tokenizer, base.max_length)
+    batch = p.batch.to(base.device)
+    pre = forward_with(base.model, None, batch.model_inputs())
+    post = forward_with(base.model, params, batch.model_inputs())
+    acc_pre, acc_post = token_accuracy(pre, batch), token_accuracy(post, batch)
+    same = unchanged_top1(pre, post, batch)
+    row: dict[str, float | None] = {}
+    for name in METRICS:
+        rows = p.rows[name]
+        if name == "locality":
+            row["locality"] = _mean(same[rows])
+            row["pre_locality"] = 1.0 if row["locality"] is not None else None  # unchanged by definition
+        else:
+            row[name] = _mean(acc_post[rows])
+            row["pre_" + name] = _mean(acc_pre[rows])
+    return row
+
+
+def evaluate_records(
+    editor: Editor,
+    base: BaseModel,
+    records: Sequence[EditRecord],
+    prompter: Prompter,
+    sequential: int = 0,
+    reporter: Reporter = SILENT,
+    label: str = "evaluating edits",
+) -> list[dict[str, float | None]]:
+    """One metrics row per record, under the chosen protocol."""
+    editor.eval()
+    rows: list[dict[str, float | None]] = []
+    chunk = max(1, sequential)
+    with reporter.task(label, total=len(records)) as task:
+        for start in range(0, len(records), chunk):
+            group = records[start : start + chunk]
+            updates: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                for record in group:
+                    params = edited_params(base.model, updates) if updates else None
+                    updates = merge_updates(updates, compute_update(editor, base, [record], prompter, params))
+            params = edited_params(base.model, updates)
+            for record in group:
+                rows.append(score_record(base, record, prompter, params))
+                task.advance(1)
+    return rows
+
+
+def summarise(rows_by_task: Mapping[str, Sequence[Mapping[str, float | None]]]) -> dict[str, Any]:
+    """Per-task means with ``n_records``, and ``overall`` as the mean over tasks."""
+    tasks = {task: {**average(rows), "n_records": len(rows)} for task, rows in rows_by_task.items() if rows}
+    keys = [k for k in next(iter(tasks.values())) if k != "n_records"] if tasks else []
+    overall: dict[str, Any] = {}
+    for key in keys:
+        values = [t[key] for t in tasks.values() if t[key] is not None]
+        overall[key] = float(sum(values) / len(values)) if values else None
+    overall["n_records"] = sum(t["n_records"] for t in tasks.values())
+    return {"tasks": tasks, "overall": overall}
+
+
+def evaluate(
+    editor: Editor,
+    base: BaseModel,
+    records_by_task: Mapping[str, Sequence[EditRecord]],
+    prompter: Prompter,
+    sequential: int = 0,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any]:
+    """Metrics per task and overall (the mean over tasks), pre and post edit."""
+    rows = {
+        task: evaluate_records(editor, base, records, prompter, sequential, reporter, f"evaluating {task}")
+        for task, records in records_by_task.items()
+    }
+    return summarise(rows)
+
+
+def evaluation_records(
+    config: EvalConfig, loaded: LoadedEditor, reporter: Reporter = SILENT
+) -> dict[str, list[EditRecord]]:
+    """``--data`` records, or the embedded world's test split of every task (hold-out included)."""
+    if config.data:
+        grouped = by_task(read_records(config.data))
+    elif (config.model or loaded.base.get("model")) == EMBEDDED:
+        grouped = {
+            t: list(r)
+            for t, r in embedded_world(world_options_of(loaded.base), reporter).records["test"].items()
+        }
+    else:
+        raise UserError(
+            "--data: name the records to evaluate on (the embedded ones fit only the embedded model)"
+        )
+    if config.task is not None:
+        if config.task not in grouped:
+            raise UserError(
+                f"--task {config.task}: no such task in the data (it has {', '.join(sorted(grouped))})"
+            )
+        grouped = {config.task: grouped[config.task]}
+    return {t: r[: config.limit] if config.limit else r for t, r in grouped.items() if r}
+
+
+def evaluate_editor(
+    editor_path: str | Path, config: EvalConfig, reporter: Reporter = SILENT
+) -> dict[str, Any]:
+    """``kvtool edit evaluate``: metrics per task and overall, with the editor's own instructions."""
+    loaded = load_editor(editor_path)
+    base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
+    records = evaluation_records(config, loaded, reporter)
+    prompter = Prompter(loaded.pools, index=config.instruction_index, unseen=config.unseen_instruction)
+    seed_everything(config.seed)
+    result = evaluate(loaded.editor, base, records, prompter, config.sequential, reporter)
+    return {
+        **result,
+        "holdout": loaded.artifact.extra.get("holdout"),
+        "trained_tasks": loaded.artifact.extra.get("tasks"),
+        "instructions": loaded.pools is not None,
+        "protocol": {
+            "sequential": config.sequential,
+            "instruction_index": config.instruction_index,
+            "unseen_instruction": config.unseen_instruction,
+        },
+    }

@@ -1,0 +1,220 @@
+"""Base language models: loading, edited-layer resolution and fingerprints, in one place.
+
+Every model quirk the editor cares about is resolved here: which linear weights are
+edited per architecture, and whether a weight is stored ``(out, in)`` (``nn.Linear``) or
+transposed ``(in, out)`` (GPT-2's ``Conv1D``). The rest of the package only sees
+:class:`EditTarget` records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Default edited modules per architecture: the MLP projections of the last blocks.
+# ``{i}`` is the block index; the blocks' container path finds how many there are.
+_ARCH_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gpt2": ("transformer.h", ("mlp.c_fc", "mlp.c_proj")),
+    "llama": ("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "mistral": ("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "qwen2": ("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "qwen3": ("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "gpt_neox": ("gpt_neox.layers", ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+    "opt": ("model.decoder.layers", ("fc1", "fc2")),
+}
+
+
+@dataclass(frozen=True)
+class EditTarget:
+    """One edited weight: its module name and how to turn ``delta x^T`` into its layout."""
+
+    module: str
+    d_in: int
+    d_out: int
+    transposed: bool  # True for Conv1D: the weight is stored (d_in, d_out)
+
+    @property
+    def param(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def shape_key(self) -> str:
+        """Layers with the same key share one gradient-transform network."""
+        return f"{self.d_in}x{self.d_out}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "d_in": self.d_in, "d_out": self.d_out, "transposed": self.transposed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditTarget:
+        return cls(str(data["module"]), int(data["d_in"]), int(data["d_out"]), bool(data["transposed"]))
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM with its tokenizer, where it came from and its edited layers."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    targets: list[EditTarget]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_length(self) -> int:
+        return context_length(self.model)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.model, self.targets)
+
+
+def _target_for(name: str, module: nn.Module) -> EditTarget | None:
+    """An EditTarget for a Linear or Conv1D module; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return EditTarget(name, module.in_features, module.out_features, transposed=False)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
+        return EditTarget(name, int(d_in), int(d_out), transposed=True)
+    return None
+
+
+def _block_count(model: nn.Module, container: str) -> int | None:
+    try:
+        blocks = model.get_submodule(container)
+    except AttributeError:
+        return None
+    return len(blocks) if isinstance(blocks, nn.ModuleList) else None
+
+
+def _default_names(model: nn.Module, n_blocks: int) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in _ARCH_LAYERS:
+        container, suffixes = _ARCH_LAYERS[model_type]
+        count = _block_count(model, container)
+        if count:
+            return [f"{container}.{i}.{s}" for i in range(max(0, count - n_blocks), count) for s in suffixes]
+    return _discover_mlp_linears(model, n_blocks)
+
+
+def _discover_mlp_linears(model: nn.Module, n_blocks: int) -> list[str]:
+    """Unknown architecture: the Linear/Conv1D modules under an ``mlp``/``ffn`` of the last blocks."""
+    found: dict[str, list[str]] = {}
+    pattern = re.compile(r"^(.*\.(\d+))\.(?:.*\.)?(?:mlp|ffn|feed_forward|fc)\b")
+    for name, module in model.named_modules():
+        match = pattern.match(name)
+        if match and _target_for(name, module) is not None:
+            found.setdefault(match.group(1), []).append(name)
+    blocks = sorted(found, key=lambda b: int(b.rsplit(".", 1)[1]))
+    return [n for block in blocks[-n_blocks:] for n in found[block]]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """PEFT-style matching: exact name, dotted suffix, or a full regular expression."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_targets(model: nn.Module, layers: Sequence[str] = (), n_blocks: int = 3) -> list[EditTarget]:
+    """The edited weights: ``layers`` (names, suffixes or regexes) or the architecture's default."""
+    modules = dict(model.named_modules())
+    if layers:
+        names = [n for n in modules if any(_matches(n, p) for p in layers)]
+        targets = [t for n in names if (t := _target_for(n, modules[n])) is not None]
+        if not targets:
+            raise UserError(
+                f"--layers {','.join(layers)}: no Linear or Conv1D module of "
+                f"{type(model).__name__} matches (e.g. {', '.join(_example_names(modules))})"
+            )
+        return targets
+    targets = [t for n in _default_names(model, n_blocks) if (t := _target_for(n, modules[n])) is not None]
+    if not targets:
+        raise UserError(
+            f"cannot find the MLP layers of {type(model).__name__} automatically; name them with --layers"
+        )
+    return targets
+
+
+def _example_names(modules: dict[str, nn.Module]) -> list[str]:
+    return [n for n, m in modules.items() if _target_for(n, m) is not None][-4:]
+
+
+def context_length(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def fingerprint(model: nn.Module, targets: Sequence[EditTarget]) -> str:
+    """sha256 over the model config and the edited weights (rounded to bfloat16).
+
+    Rounding to bfloat16 makes a model loaded as float32 and the same model loaded as
+    bfloat16 share one fingerprint, so an editor trained on CPU applies on a GPU.
+    """
+    digest = hashlib.sha256()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    params = dict(model.named_parameters())
+    for target in targets:
+        weight = params[target.param].detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(target.param.encode() + b"\0")
+        digest.update(weight.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_base_model(
+    source: str,
+    device: torch.device,
+    dtype: str = "float32",
+    layers: Sequence[str] = (),
+    n_blocks: int = 3,
+    reporter: Reporter = SILENT,
+) -> BaseModel:
+    """Load a Hugging Face causal LM (name or local folder), frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    local = Path(source)
+    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise UserError(f"--model {source}: no such folder")
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"--model {source}: not a Hugging Face model folder (no config.json)")
+    reporter.log(f"loading base model {source}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {source}: cannot load a causal language model ({first})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model.to(device).eval()
+    model.requires_grad_(False)
+    targets = resolve_targets(model, layers, n_blocks)
+    return BaseModel(model, tokenizer, source, targets, device, DTYPES[dtype])

@@ -1,0 +1,85 @@
+"""Where base models and edit records come from: the embedded world or the user's files."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit_vfl.edit.config import EditorConfig, WorldOptions
+from kedit_vfl.edit.models import BaseModel, load_base_model
+from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+
+EMBEDDED = "embedded"
+
+
+def embedded_world(options: WorldOptions, reporter: Reporter = SILENT) -> Any:
+    """The embedded world (built and cached on first use) for these seed and sizes."""
+    from kedit_vfl.edit.embedded import WorldConfig, load_embedded_world
+
+    return load_embedded_world(WorldConfig(**options.as_kwargs()), reporter=reporter)
+
+
+def open_base(
+    model: str,
+    world: WorldOptions,
+    device: torch.device,
+    dtype: str,
+    editor: EditorConfig,
+    reporter: Reporter = SILENT,
+) -> tuple[BaseModel, dict[str, Any]]:
+    """The base model and how to find it again (stored in the editor artifact)."""
+    if model == EMBEDDED:
+        source = str(embedded_world(world, reporter).model_dir)
+        info: dict[str, Any] = {"model": EMBEDDED, "world": {"seed": world.seed, "sizes": dict(world.sizes)}}
+    else:
+        source, info = model, {"model": model}
+    base = load_base_model(source, device, dtype, editor.layers, editor.n_blocks, reporter)
+    base.source = model if model != EMBEDDED else f"embedded (world seed {world.seed})"
+    return base, {**info, "dtype": dtype}
+
+
+def world_options_of(base_info: dict[str, Any]) -> WorldOptions:
+    world = base_info.get("world") or {}
+    return WorldOptions(
+        seed=int(world.get("seed", 0)), sizes=tuple(sorted((world.get("sizes") or {}).items()))
+    )
+
+
+def by_task(records: Sequence[EditRecord]) -> dict[str, list[EditRecord]]:
+    grouped: dict[str, list[EditRecord]] = {}
+    for record in records:
+        grouped.setdefault(record.task, []).append(record)
+    return grouped
+
+
+def read_records(paths: Sequence[str | Path], task: str | None = None) -> list[EditRecord]:
+    """Records from files in any supported format (auto-detected)."""
+    from kedit_vfl.edit.loaders import load_records
+
+    for path in paths:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such file")
+    records = load_records([Path(p) for p in paths], task=task)
+    if not records:
+        raise UserError(f"{', '.join(map(str, paths))}: no edit records found")
+    return list(records)
+
+
+def split_validation(
+    records: dict[str, list[EditRecord]], fraction: float, seed: int
+) -> tuple[dict[str, list[EditRecord]], dict[str, list[EditRecord]]]:
+    """A seeded random validation share per task (never the tail of the training data)."""
+    train, val = {}, {}
+    for task, items in records.items():
+        order = list(range(len(items)))
+        random.Random(f"{seed}/{task}").shuffle(order)
+        n_val = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
+        val[task] = [items[i] for i in order[:n_val]]
+        train[task] = [items[i] for i in order[n_val:]]
+    return train, val

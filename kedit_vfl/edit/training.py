@@ -1,0 +1,262 @@
+"""Meta-training the editor: ``L = c_edit * L_edit + c_loc * L_loc`` over sampled edits.
+
+Each step samples edit records uniformly over the training tasks (then uniformly within
+the task), lets the editor turn their gradient into one summed weight update, and scores
+the functionally edited model: ``L_edit`` is the NLL of the new target on the edit
+prompt and a rephrase, ``L_loc`` the KL(pre || post) on locality answers. Validation runs
+on a real validation split every ``val_every`` steps with the evaluation protocol itself
+(single edits, rolled back); the best editor is kept and training stops after
+``patience`` validations without improvement. A checkpoint after every validation lets
+``--resume`` continue an interrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, save_artifact
+from kedit_vfl.edit.batches import Prompter, training_batches
+from kedit_vfl.edit.checkpoint import CHECKPOINT_KIND, flatten_optimizer, restore_optimizer
+from kedit_vfl.edit.config import TrainConfig
+from kedit_vfl.edit.editor import Editor, edit_gradients, edited_params, forward_with
+from kedit_vfl.edit.evaluation import evaluate_records, summarise
+from kedit_vfl.edit.instructions import InstructionPools, default_pools, load_pools
+from kedit_vfl.edit.metrics import kl_on_answers, nll_mean, token_accuracy
+from kedit_vfl.edit.models import BaseModel
+from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.sources import by_task, embedded_world, open_base, read_records, split_validation
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+from kedit_vfl.seeding import resolve_device, seed_everything
+
+VALIDATION_FRACTION = 0.1  # of each task's records, when training on user files
+
+
+@dataclass
+class TrainData:
+    train: dict[str, list[EditRecord]]
+    validation: dict[str, list[EditRecord]]
+
+
+@dataclass
+class TrainResult:
+    editor: Editor
+    pools: InstructionPools | None
+    base: BaseModel
+    base_info: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def load_train_data(config: TrainConfig, reporter: Reporter = SILENT) -> TrainData:
+    """Training and validation records of the training tasks (the hold-out task excluded)."""
+    if config.data:
+        grouped = by_task(read_records(config.data))
+        train, validation = split_validation(grouped, VALIDATION_FRACTION, config.seed)
+    else:
+        world = embedded_world(config.world, reporter)
+        train, validation = world.records["train"], world.records["validation"]
+    unknown = [t for t in config.tasks if not train.get(t)]
+    if unknown:
+        raise UserError(
+            f"--tasks: unknown task {', '.join(unknown)} (the training data has {', '.join(sorted(train))})"
+        )
+    return TrainData(
+        {t: list(train[t]) for t in config.tasks},
+        {t: list(validation.get(t, [])) for t in config.tasks if validation.get(t)},
+    )
+
+
+def load_instruction_pools(config: TrainConfig) -> InstructionPools | None:
+    """The pools to train with (None with ``--no-instructions``), covering every task used."""
+    if not config.instructions:
+        return None
+    pools = load_pools(config.instructions_file) if config.instructions_file else default_pools()
+    where = config.instructions_file or "instructions.json"
+    for task in (*config.tasks, *([config.holdout] if config.holdout else [])):
+        if task not in pools.pools:
+            raise UserError(f"{where}: no descriptions for task '{task}'")
+    return pools
+
+
+def sample_records(data: Mapping[str, Sequence[EditRecord]], n: int, rng: random.Random) -> list[EditRecord]:
+    """``n`` records, each from a task drawn uniformly (a large task cannot drown a small one)."""
+    tasks = sorted(data)
+    return [rng.choice(data[rng.choice(tasks)]) for _ in range(n)]
+
+
+def meta_step(
+    editor: Editor,
+    base: BaseModel,
+    records: Sequence[EditRecord],
+    prompter: Prompter,
+    config: TrainConfig,
+    rng: random.Random,
+    loc_pool: Sequence[EditRecord],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The meta-training loss of one batch of edits, and its logged parts (flat slash keys)."""
+    batches = training_batches(
+        records, prompter, base.tokenizer, base.max_length, rng, config.use_rephrase, loc_pool
+    )
+    inner, outer, loc = (b.to(base.device) if b is not None else None for b in batches.values())
+    updates = editor(edit_gradients(base.model, base.targets, inner))
+    params = edited_params(base.model, updates)
+    post = forward_with(base.model, params, outer.model_inputs())
+    loss_edit = nll_mean(post, outer)
+    loss = config.c_edit * loss_edit
+    logs = {"loss/edit": float(loss_edit), "edit/acc": float(token_accuracy(post, outer).mean())}
+    if loc is not None:
+        with torch.no_grad():
+            pre_loc = forward_with(base.model, None, loc.model_inputs())
+        post_loc = forward_with(base.model, params, loc.model_inputs())
+        loss_loc = kl_on_answers(pre_loc, post_loc, loc)
+        loss = loss + config.c_loc * loss_loc
+        logs["loss/loc"] = float(loss_loc)
+    logs["loss"] = float(loss)
+    return loss, logs
+
+
+def validate(
+    editor: Editor, base: BaseModel, data: Mapping[str, Sequence[EditRecord]], prompter: Prompter, limit: int
+) -> dict[str, Any]:
+    """The evaluation protocol on the validation split; ``score`` is what early stopping watches."""
+    rows = {
+        task: evaluate_records(editor, base, list(records[:limit]), prompter)
+        for task, records in data.items()
+    }
+    summary = summarise(rows)
+    editor.train()
+    parts = [summary["overall"][k] for k in ("reliability", "generalization", "locality")]
+    summary["score"] = sum(p for p in parts if p is not None) / max(1, sum(p is not None for p in parts))
+    return summary
+
+
+def _checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
+
+
+_RESUMABLE_CHANGES = {"steps", "patience", "val_every"}
+
+
+class _Trainer:
+    """Holds the mutable state of one training run, so checkpoints can save and restore it."""
+
+    def __init__(self, config: TrainConfig, editor: Editor, out: Path | None) -> None:
+        self.config = config
+        self.editor = editor
+        hyper = [p for name, p in editor.named_parameters() if name != "alpha"]
+        self.optimizer = torch.optim.Adam(
+            [{"params": hyper, "lr": config.lr}, {"params": [editor.alpha], "lr": config.lr_alpha}]
+        )
+        self.checkpoint = _checkpoint_path(out) if out is not None else None
+        self.step = 0
+        self.best_state = copy.deepcopy(editor.state_dict())
+        self.best: dict[str, Any] = {"score": -1.0, "step": 0}
+        self.bad = 0
+        self.history: list[dict[str, Any]] = []
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        tensors, optim_meta = flatten_optimizer(self.optimizer)
+        tensors.update({f"editor/{k}": v for k, v in self.editor.state_dict().items()})
+        tensors.update({f"best/{k}": v for k, v in self.best_state.items()})
+        extra = {
+            "step": self.step,
+            "best": self.best,
+            "bad": self.bad,
+            "history": self.history,
+            "optim": optim_meta,
+        }
+        save_artifact(
+            Artifact(CHECKPOINT_KIND, tensors, config_to_dict(self.config), extra=extra), self.checkpoint
+        )
+
+    def restore(self) -> None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            raise UserError(f"--resume: no checkpoint at {self.checkpoint} (train once without --resume)")
+        saved = load_artifact(self.checkpoint, CHECKPOINT_KIND)
+        now = config_to_dict(self.config)
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and now[k] != saved.config.get(k))
+        if changed:
+            raise UserError(
+                f"--resume: {self.checkpoint} was trained with other settings ({', '.join(changed)})"
+            )
+        self.editor.load_state_dict({k[7:]: v for k, v in saved.tensors.items() if k.startswith("editor/")})
+        self.best_state = {k[5:]: v for k, v in saved.tensors.items() if k.startswith("best/")}
+        restore_optimizer(self.optimizer, saved.tensors, saved.extra["optim"])
+        self.step, self.best, self.bad = saved.extra["step"], saved.extra["best"], saved.extra["bad"]
+        self.history = saved.extra["history"]
+
+    def record_validation(self, summary: dict[str, Any]) -> bool:
+        """Keep the best editor; True when patience has run out."""
+        entry = {"step": self.step, "score": summary["score"], **summary["overall"]}
+        self.history.append(entry)
+        if summary["score"] > self.best["score"] + 1e-4:
+            self.best = {**entry, "tasks": summary["tasks"]}
+            self.best_state = copy.deepcopy(self.editor.state_dict())
+            self.bad = 0
+        else:
+            self.bad += 1
+        return self.bad >= self.config.patience
+
+
+def train_editor(
+    config: TrainConfig, out: Path | None = None, resume: bool = False, reporter: Reporter = SILENT
+) -> TrainResult:
+    """Meta-train an editor for ``config.model``; returns the best editor by validation score."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    data = load_train_data(config, reporter)
+    pools = load_instruction_pools(config)
+    base, base_info = open_base(config.model, config.world, device, config.dtype, config.editor, reporter)
+    editor = Editor(base.targets, config.editor).to(device).train()
+    trainer = _Trainer(config, editor, out)
+    if resume:
+        trainer.restore()
+        reporter.log(f"resuming from step {trainer.step} (best score {trainer.best['score']:.3f})")
+    rng = random.Random(f"{config.seed}/{trainer.step}")
+    train_prompter, val_prompter = Prompter(pools), Prompter(pools, index=0)
+    loc_pool = [r for records in data.train.values() for r in records if r.locality]
+    stopped = False
+    with reporter.task("meta-training the editor", total=config.steps) as task:
+        task.advance(trainer.step)
+        while trainer.step < config.steps and not stopped:
+            records = sample_records(data.train, config.batch_size, rng)
+            loss, logs = meta_step(editor, base, records, train_prompter, config, rng, loc_pool)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(editor.parameters(), 100.0)
+            trainer.optimizer.step()
+            trainer.step += 1
+            if trainer.step % config.val_every == 0 or trainer.step == config.steps:
+                summary = validate(editor, base, data.validation, val_prompter, config.val_records)
+                stopped = trainer.record_validation(summary)
+                trainer.save()
+                logs["val/score"] = summary["score"]
+            task.advance(1, **{k: v for k, v in logs.items() if k in ("loss", "edit/acc", "val/score")})
+    editor.load_state_dict(trainer.best_state)
+    editor.eval()
+    return TrainResult(
+        editor,
+        pools,
+        base,
+        base_info,
+        trainer.history,
+        trainer.best,
+        trainer.step,
+        stopped,
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import torch
+
+from kedit_vfl.edit.config import EditorConfig
+from kedit_vfl.edit.editor import (
+    Editor,
+    RunningNorm,
+    edit_gradients,
+    edited_params,
+    forward_with,
+    rank_one_sum,
+)
+from kedit_vfl.edit.hooks import LayerGrads
+from kedit_vfl.edit.models import EditTarget, resolve_targets
+from kedit_vfl.edit.tokens import encode_pairs
+from tests.unit.edit.tiny import build, tokenizer
+
+
+def _grads(targets: list[EditTarget], n: int = 5, seed: int = 0) -> dict[str, LayerGrads]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        t.module: LayerGrads(
+            torch.randn(n, t.d_in, generator=gen),
+            torch.randn(n, t.d_out, generator=gen),
+            torch.zeros(n, dtype=torch.long),
+        )
+        for t in targets
+    }
+
+
+TARGETS = [EditTarget("a", 4, 6, False), EditTarget("b", 4, 6, False), EditTarget("c", 6, 4, True)]
+
+
+def test_rank_one_sum_is_the_sum_of_outer_products() -> None:
+    x, delta = torch.randn(7, 3), torch.randn(7, 5)
+    expected = sum(torch.outer(delta[t], x[t]) for t in range(7))
+    torch.testing.assert_close(rank_one_sum(x, delta), expected)
+
+
+def test_identity_init_without_statistics_gives_the_raw_gradient_descent_step() -> None:
+    editor = Editor(TARGETS, EditorConfig(edit_lr=0.01)).eval()
+    grads = _grads(TARGETS)
+    updates = editor(grads)
+    for t in TARGETS:
+        raw = grads[t.module].delta.T @ grads[t.module].x  # (d_out, d_in)
+        torch.testing.assert_close(updates[t.param], -0.01 * (raw.T if t.transposed else raw))
+    assert updates["c.weight"].shape == (6, 4)  # Conv1D layout (d_in, d_out)
+
+
+def test_layers_of_one_shape_share_a_transform_with_their_own_film() -> None:
+    editor = Editor(TARGETS, EditorConfig())
+    assert sorted(editor.transforms) == ["4x6", "6x4"]
+    assert editor.transforms["4x6"].film.scale.shape == (2, 10)
+    assert editor.alpha.shape == (3,)
+
+
+def test_batched_edits_sum_their_updates() -> None:
+    editor = Editor(TARGETS, EditorConfig(rank=3)).eval()
+    for p in editor.transforms.parameters():  # a non-identity transform
+        torch.nn.init.normal_(p, std=0.3)
+    a, b = _grads(TARGETS, 3, seed=1), _grads(TARGETS, 4, seed=2)
+    both = {
+        k: LayerGrads(
+            torch.cat([a[k].x, b[k].x]), torch.cat([a[k].delta, b[k].delta]), torch.zeros(7, dtype=torch.long)
+        )
+        for k in a
+    }
+    ua, ub, uab = editor(a), editor(b), editor(both)
+    for name in uab:
+        torch.testing.assert_close(uab[name], ua[name] + ub[name], rtol=1e-4, atol=1e-5)
+
+
+def test_running_norm_matches_batch_statistics_and_is_saved() -> None:
+    norm = RunningNorm(3)
+    data = torch.randn(100, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 0.0])
+    for chunk in data.split(17):
+        norm.update(chunk)
+    torch.testing.assert_close(norm.mean, data.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.std, data.std(0), rtol=1e-4, atol=1e-5)
+    standardised = norm(data)
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    assert set(norm.state_dict()) == {"count", "mean", "m2"}
+    editor = Editor(TARGETS, EditorConfig()).train()
+    editor(_grads(TARGETS))
+    assert float(editor.state_dict()["x_norms.0.count"]) == 5.0
+
+
+def test_editing_a_real_model_raises_the_target_probability_functionally() -> None:
+    """One raw-gradient edit (identity editor) of GPT-2's Conv1D and LLaMA's Linear layers."""
+    tok = tokenizer()
+    for arch in ("gpt2", "llama"):
+        model = build(arch, len(tok)).eval().requires_grad_(False)
+        targets = resolve_targets(model, n_blocks=2)
+        batch = encode_pairs(tok, ["The capital of Zorvia is"], ["Rome"], 64)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        editor = Editor(targets, EditorConfig(edit_lr=0.05)).eval()
+        params = edited_params(model, editor(edit_gradients(model, targets, batch)))
+
+        def nll(p):
+            logits = forward_with(model, p, batch.model_inputs())
+            return -torch.log_softmax(logits[0, :-1], -1)[
+                batch.predict_mask[0, :-1], batch.labels[0, 1:][batch.labels[0, 1:] != -100]
+            ].sum()
+
+        assert float(nll(params).detach()) < float(nll(None)) - 0.1
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # functional: untouched

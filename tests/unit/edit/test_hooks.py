@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import torch
+
+from kedit_vfl.edit.hooks import capture
+from kedit_vfl.edit.metrics import nll_sum
+from kedit_vfl.edit.models import resolve_targets
+from kedit_vfl.edit.tokens import encode_pairs
+from tests.unit.edit.tiny import build, tokenizer
+
+
+def _setup(arch: str):
+    tok = tokenizer()
+    model = build(arch, len(tok)).eval().requires_grad_(False)
+    batch = encode_pairs(
+        tok, ["The capital of Zorvia is", "People in Mirland speak"], ["Rome Bel", "Zorvish"], 64
+    )
+    return model, batch, resolve_targets(model, n_blocks=2)
+
+
+def test_capture_keeps_target_tokens_and_removes_its_hooks() -> None:
+    model, batch, targets = _setup("gpt2")
+    with capture(model, targets) as captured:
+        loss = nll_sum(model(**batch.model_inputs()).logits, batch)
+        grads = captured.backward(loss, batch.predict_mask)
+    n_tokens = int(batch.predict_mask.sum())
+    for target in targets:
+        g = grads[target.module]
+        assert g.x.shape == (n_tokens, target.d_in) and g.delta.shape == (n_tokens, target.d_out)
+        assert not g.x.requires_grad and not g.delta.requires_grad
+        assert g.edit_index.tolist() == batch.predict_mask.nonzero()[:, 0].tolist()
+    modules = dict(model.named_modules())
+    assert all(not modules[t.module]._forward_hooks for t in targets)
+
+
+def test_sum_of_rank_one_factors_is_the_weight_gradient_on_the_selected_tokens() -> None:
+    """With every position selected, sum_t delta_t x_t^T equals autograd's weight gradient."""
+    for arch in ("gpt2", "llama"):
+        model, batch, targets = _setup(arch)
+        everything = batch.attention_mask.bool()
+        with capture(model, targets) as captured:
+            loss = nll_sum(model(**batch.model_inputs()).logits, batch)
+            grads = captured.backward(loss, everything)
+        params = dict(model.named_parameters())
+        weights = [params[t.param].requires_grad_(True) for t in targets]
+        reference = torch.autograd.grad(nll_sum(model(**batch.model_inputs()).logits, batch), weights)
+        for target, ref in zip(targets, reference, strict=True):
+            g = grads[target.module]
+            full = g.delta.T @ g.x  # (d_out, d_in)
+            full = full.T if target.transposed else full
+            torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-5)
