@@ -1,10 +1,334 @@
-"""``kvtool vfl``: the VFed-SSD commands."""
+"""``kvtool vfl``: the VFed-SSD commands. Each parses, builds a config, calls one function, renders."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from kedit_vfl.console import (
+    DeviceOption,
+    JsonOption,
+    QuietOption,
+    RichReporter,
+    SeedOption,
+    emit_json,
+    print_kv,
+)
+from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig
+from kedit_vfl.vfl.demo import DemoConfig, write_demo
+from kedit_vfl.vfl.model import ModelConfig
 
 app = typer.Typer(
     help="Vertical federated learning (VFed-SSD): MPD pretraining, split training, distillation, scoring.",
     no_args_is_help=True,
 )
+
+ActiveOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--active", help="Active party's table (CSV/Parquet/JSONL file or folder). [default: embedded demo]"
+    ),
+]
+PassiveOption = Annotated[
+    Optional[Path],
+    typer.Option("--passive", help="Passive party's table (file or folder). [default: embedded demo]"),
+]
+IdColOption = Annotated[
+    str, typer.Option("--id-col", help="Column with the user id both parties key rows by.")
+]
+LabelColOption = Annotated[
+    str, typer.Option("--label-col", help="Active table's label column (0/1, empty = unlabelled).")
+]
+FeaturesActiveOption = Annotated[
+    str,
+    typer.Option("--features-active", help="Comma-separated active feature columns. [default: all others]"),
+]
+FeaturesPassiveOption = Annotated[
+    str,
+    typer.Option("--features-passive", help="Comma-separated passive feature columns. [default: all others]"),
+]
+CategoricalOption = Annotated[
+    str,
+    typer.Option("--categorical", help="Comma-separated columns to treat as categorical (text is inferred)."),
+]
+OutOption = Annotated[
+    Optional[Path], typer.Option("--out", help="Where to write the artifact. [default: runs/vfl/...]")
+]
+EpochsOption = Annotated[
+    Optional[int], typer.Option("--epochs", help="Most epochs (early stopping picks the best).")
+]
+BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per training step.")]
+LrOption = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")]
+PatienceOption = Annotated[
+    Optional[int], typer.Option("--patience", help="Stop after this many epochs without gain.")
+]
+ValOption = Annotated[
+    float,
+    typer.Option("--val-fraction", help="Share of labelled rows held out (by id) to pick the best epoch."),
+]
+HiddenOption = Annotated[int, typer.Option("--hidden", help="Hidden width of each party's tower.")]
+EmbDimOption = Annotated[int, typer.Option("--out-dim", help="Size of each tower's output embedding.")]
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """Only the options the user set, so that each config keeps its own defaults."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _data_options(
+    active: Path | None, passive: Path | None, id_col: str, label_col: str, fa: str, fp: str, categorical: str
+) -> dict[str, Any]:
+    return _given(
+        active=active,
+        passive=passive,
+        id_col=id_col,
+        label_col=label_col,
+        features_active=_columns(fa),
+        features_passive=_columns(fp),
+        categorical=_columns(categorical),
+    )
+
+
+def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        emit_json(result)
+    else:
+        print_kv(title, result)
+
+
+@app.command("make-demo")
+def make_demo(
+    rows: Annotated[int, typer.Option("--rows", help="Users to generate (train + test).")] = 20_000,
+    seed: SeedOption = 0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the four CSV tables.")] = Path("vfl_demo"),
+    overlap: Annotated[
+        float, typer.Option("--overlap", help="Share of users the publisher also holds.")
+    ] = 0.5,
+    labelled: Annotated[
+        float, typer.Option("--labelled", help="Share of training users with a label.")
+    ] = 0.1,
+    test_fraction: Annotated[
+        float, typer.Option("--test-fraction", help="Share of users in the test split.")
+    ] = 0.2,
+    json_output: JsonOption = False,
+) -> None:
+    """Generate a CTR-like two-party data set (active/passive x train/test CSV tables).
+
+    Example: kvtool vfl make-demo --rows 1000000 --seed 1 --out big_demo
+    """
+    config = DemoConfig(
+        rows=rows, seed=seed, overlap=overlap, labelled=labelled, test_fraction=test_fraction, out=out
+    )
+    counts = write_demo(config)
+    _render("demo data", {"out": str(out), **{f"rows/{k}": v for k, v in counts.items()}}, json_output)
+
+
+@app.command("pretrain-mpd")
+def pretrain_mpd_command(
+    active: ActiveOption = None,
+    passive: PassiveOption = None,
+    id_col: IdColOption = "id",
+    label_col: LabelColOption = "y",
+    features_active: FeaturesActiveOption = "",
+    features_passive: FeaturesPassiveOption = "",
+    categorical: CategoricalOption = "",
+    negatives: Annotated[
+        int, typer.Option("--negatives", "-k", help="Negative pairs per positive (derangements).")
+    ] = 16,
+    objective: Annotated[
+        str, typer.Option("--objective", help="infonce (softmax over 1+k pairs) or bce (each pair alone).")
+    ] = "infonce",
+    mpd_temperature: Annotated[
+        float, typer.Option("--mpd-temperature", help="Scale of the pair scores.")
+    ] = 0.2,
+    hidden: HiddenOption = 64,
+    out_dim: EmbDimOption = 32,
+    epochs: EpochsOption = None,
+    batch_size: BatchOption = None,
+    lr: LrOption = None,
+    patience: PatienceOption = None,
+    val_fraction: ValOption = 0.2,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    out: OutOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Pretrain both towers with Matched Pair Detection on the overlapped rows (labels unused).
+
+    Example: kvtool vfl pretrain-mpd --active a.csv --passive b.csv --negatives 16 --out mpd.safetensors
+    """
+    from kedit_vfl.vfl.mpd import pretrain_mpd
+
+    config = MPDConfig(
+        **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        model=ModelConfig(hidden=hidden, out_dim=out_dim),
+        negatives=negatives,
+        objective=objective,
+        mpd_temperature=mpd_temperature,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
+    _, result = pretrain_mpd(config, RichReporter(quiet or json_output))
+    _render("pretrain-mpd", result, json_output)
+
+
+@app.command("train-split")
+def train_split_command(
+    active: ActiveOption = None,
+    passive: PassiveOption = None,
+    init: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--init", help="vfl.mpd artifact to start the towers from; absent = from scratch (vanilla VFL)."
+        ),
+    ] = None,
+    id_col: IdColOption = "id",
+    label_col: LabelColOption = "y",
+    features_active: FeaturesActiveOption = "",
+    features_passive: FeaturesPassiveOption = "",
+    categorical: CategoricalOption = "",
+    aux_weight: Annotated[
+        float, typer.Option("--aux-weight", help="Weight of the local branch's own BCE.")
+    ] = 0.5,
+    mpd_weight: Annotated[
+        float,
+        typer.Option("--mpd-weight", help="Weight of the MPD loss kept as an auxiliary task (needs --init)."),
+    ] = 0.0,
+    init_lr_scale: Annotated[
+        float, typer.Option("--init-lr-scale", help="Learning-rate factor for towers pretrained by MPD.")
+    ] = 1.0,
+    hidden: HiddenOption = 64,
+    out_dim: EmbDimOption = 32,
+    epochs: EpochsOption = None,
+    batch_size: BatchOption = None,
+    lr: LrOption = None,
+    patience: PatienceOption = None,
+    val_fraction: ValOption = 0.2,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    out: OutOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the split model (local + federated branches) on the labelled overlapped rows.
+
+    Example: kvtool vfl train-split --active a.csv --passive b.csv --init runs/vfl/mpd.safetensors
+    """
+    from kedit_vfl.vfl.split import train_split
+
+    config = SplitConfig(
+        **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        init=init,
+        model=ModelConfig(hidden=hidden, out_dim=out_dim),
+        aux_weight=aux_weight,
+        mpd_weight=mpd_weight,
+        init_lr_scale=init_lr_scale,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
+    _, result = train_split(config, RichReporter(quiet or json_output))
+    _render("train-split", result, json_output)
+
+
+@app.command("distill")
+def distill_command(
+    teacher: Annotated[
+        Optional[Path],
+        typer.Option("--teacher", help="vfl.split teacher. [default: runs/vfl/split.safetensors]"),
+    ] = None,
+    active: ActiveOption = None,
+    passive: PassiveOption = None,
+    id_col: IdColOption = "id",
+    label_col: LabelColOption = "y",
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-T", help="Softening temperature of the KD loss.")
+    ] = 2.0,
+    kd_weight: Annotated[
+        float, typer.Option("--kd-weight", help="lambda: weight of KD against the label BCE.")
+    ] = 0.5,
+    epochs: EpochsOption = None,
+    batch_size: BatchOption = None,
+    lr: LrOption = None,
+    patience: PatienceOption = None,
+    val_fraction: ValOption = 0.2,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    out: OutOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Distil the split teacher into a local model over ALL active rows (SplitKD).
+
+    Example: kvtool vfl distill --teacher split.safetensors --active a.csv --passive b.csv
+    """
+    from kedit_vfl.vfl.distill import distill
+
+    config = DistillConfig(
+        **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        temperature=temperature,
+        kd_weight=kd_weight,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
+    _, result = distill(config, RichReporter(quiet or json_output))
+    _render("distill", result, json_output)
+
+
+@app.command("score")
+def score_command(
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model", help="vfl.local or vfl.split artifact. [default: runs/vfl/local|split.safetensors]"
+        ),
+    ] = None,
+    active: Annotated[
+        Optional[Path],
+        typer.Option("--active", help="Rows to score (active table). [default: embedded test table]"),
+    ] = None,
+    passive: Annotated[
+        Optional[Path], typer.Option("--passive", help="Publisher's table for federated mode.")
+    ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="local (advertiser alone) or federated.")] = "local",
+    fallback: Annotated[
+        Optional[Path],
+        typer.Option("--fallback", help="vfl.local model for rows the publisher lacks (federated mode)."),
+    ] = None,
+    id_col: IdColOption = "id",
+    label_col: LabelColOption = "y",
+    device: DeviceOption = "auto",
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="CSV of id,score,mode_used. [default: runs/vfl/scores_MODE.csv]"),
+    ] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Score the active party's rows; AUC and log loss when labels exist.
+
+    Example: kvtool vfl score --model split.safetensors --active a.csv --passive b.csv --mode federated --json
+    """
+    from kedit_vfl.vfl.score import score
+
+    config = ScoreConfig(
+        **_given(model=model, active=active, passive=passive, fallback=fallback, out=out),
+        mode=mode,
+        id_col=id_col,
+        label_col=label_col,
+        device=device,
+    )
+    result = score(config, RichReporter(quiet or json_output))
+    _render(f"score ({mode} mode)", result, json_output)

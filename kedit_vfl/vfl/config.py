@@ -1,0 +1,147 @@
+"""Typed configs, one field per command-line option, checked when built.
+
+Each config is stored in the artifact it produces, so ``kvtool info`` shows exactly
+how an artifact was made and the next stage can rebuild its model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.paths import runs_dir
+from kedit_vfl.vfl.demo import embedded
+from kedit_vfl.vfl.model import ModelConfig
+
+MODES = ("local", "federated")
+OBJECTIVES = ("infonce", "bce")
+
+
+def default_output(name: str) -> Path:
+    """Where a bare command writes (and the next bare command reads)."""
+    return runs_dir() / "vfl" / name
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        if getattr(owner, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(owner, name)}: must be positive")
+
+
+def _fraction(owner: object, name: str, low: float = 0.0, high: float = 1.0) -> None:
+    value = getattr(owner, name)
+    if not low <= value <= high:
+        raise UserError(f"--{name.replace('_', '-')} {value}: expected a value between {low} and {high}")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What every training command shares: the two tables, their columns, the loop."""
+
+    active: Path = field(default_factory=lambda: embedded("active_train.csv"))
+    passive: Path = field(default_factory=lambda: embedded("passive_train.csv"))
+    id_col: str = "id"
+    label_col: str = "y"
+    features_active: tuple[str, ...] = ()
+    features_passive: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "lr", "patience")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay {self.weight_decay}: must not be negative")
+        _fraction(self, "val_fraction", 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class MPDConfig(TrainOptions):
+    """``pretrain-mpd``: Matched Pair Detection on the overlapped rows (labels unused)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    negatives: int = 16
+    objective: str = "infonce"
+    mpd_temperature: float = 0.2
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-3
+    patience: int = 5
+    out: Path = field(default_factory=lambda: default_output("mpd.safetensors"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "negatives", "mpd_temperature")
+        if self.negatives >= self.batch_size:
+            raise UserError(
+                f"--negatives {self.negatives}: must be smaller than --batch-size {self.batch_size}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective {self.objective}: expected one of {', '.join(OBJECTIVES)}")
+
+
+@dataclass(frozen=True)
+class SplitConfig(TrainOptions):
+    """``train-split``: the local + federated model on the labelled overlapped rows."""
+
+    init: Path | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aux_weight: float = 0.5
+    mpd_weight: float = 0.0
+    init_lr_scale: float = 1.0
+    out: Path = field(default_factory=lambda: default_output("split.safetensors"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.aux_weight < 0 or self.mpd_weight < 0:
+            raise UserError("--aux-weight and --mpd-weight must not be negative")
+        _positive(self, "init_lr_scale")
+        if self.mpd_weight > 0 and self.init is None:
+            raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainOptions):
+    """``distill``: SplitKD from the split teacher into a local student, over all active rows."""
+
+    teacher: Path | None = field(default_factory=lambda: default_output("split.safetensors"))
+    model: ModelConfig = field(default_factory=ModelConfig)  # only used without a teacher
+    temperature: float = 2.0
+    kd_weight: float = 0.5
+    batch_size: int = 512
+    out: Path = field(default_factory=lambda: default_output("local.safetensors"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "temperature")
+        _fraction(self, "kd_weight")
+        if self.teacher is None and self.kd_weight > 0:
+            raise UserError("--kd-weight > 0 needs a --teacher")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``score``: one model over a table, locally or with the publisher's features."""
+
+    model: Path | None = None
+    active: Path = field(default_factory=lambda: embedded("active_test.csv"))
+    passive: Path | None = None
+    mode: str = "local"
+    fallback: Path | None = None
+    id_col: str = "id"
+    label_col: str = "y"
+    batch_size: int = 65_536
+    device: str = "auto"
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode}: expected local or federated")
+        _positive(self, "batch_size")

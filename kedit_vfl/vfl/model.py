@@ -1,0 +1,158 @@
+"""The networks: bottom towers, the split (local + federated) model, the matching head.
+
+Each party's tower turns its own columns into an embedding ``h``; only ``h_B`` (and its
+gradient) would cross between the parties. The split model's logit is
+``l_L(h_A) + l_F(h_A, h_B)``, so its local branch ``l_L`` scores a row without the
+passive party at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.data import PartySchema
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the networks (stored in every artifact, so the next stage rebuilds them)."""
+
+    emb_dim: int = 8
+    hidden: int = 64
+    out_dim: int = 32
+    head_hidden: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("emb_dim", "hidden", "out_dim", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CategoricalEmbedding(nn.Module):
+    """All categorical columns in one embedding table, one offset per column."""
+
+    def __init__(self, cardinalities: list[int], dim: int) -> None:
+        super().__init__()
+        offsets = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(sum(cardinalities), dim)
+
+    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+        emb = self.table(cat + self.offsets)  # (B, n_cat) -> (B, n_cat, dim)
+        return emb.flatten(1)  # (B, n_cat, dim) -> (B, n_cat * dim)
+
+
+class Tower(nn.Module):
+    """One party's bottom model: numbers and category embeddings -> MLP -> ``h``."""
+
+    def __init__(self, schema: PartySchema, config: ModelConfig) -> None:
+        super().__init__()
+        cards = schema.cardinalities
+        self.embed = CategoricalEmbedding(cards, config.emb_dim) if cards else None
+        in_dim = len(schema.numeric) + len(cards) * config.emb_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, config.hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, config.out_dim),
+        )
+
+    def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        x = num if self.embed is None else torch.cat([num, self.embed(cat)], dim=1)
+        return self.mlp(x)  # (B, n_num + n_cat*emb) -> (B, out_dim)
+
+
+class Head(nn.Module):
+    """A small MLP from an embedding (or two, concatenated) to one logit."""
+
+    def __init__(self, in_dim: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Linear(in_dim, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, 1)
+        )
+
+    def forward(self, *h: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(h, dim=1)).squeeze(1)  # (B, d) -> (B,)
+
+
+class SplitModel(nn.Module):
+    """``logit = l_L(h_A) + l_F(h_A, h_B)``: a local branch plus what the publisher adds."""
+
+    def __init__(self, schemas: dict[str, PartySchema], config: ModelConfig) -> None:
+        super().__init__()
+        self.tower_a = Tower(schemas["active"], config)
+        self.tower_b = Tower(schemas["passive"], config)
+        self.local_head = Head(config.out_dim, config)
+        self.fed_head = Head(2 * config.out_dim, config)
+
+    def local_logit(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+        """The local branch: needs the active party's columns only."""
+        return self.local_head(self.tower_a(a_num, a_cat))
+
+    def forward(
+        self, a_num: torch.Tensor, a_cat: torch.Tensor, b_num: torch.Tensor, b_cat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local logit, full federated logit), each (B,)."""
+        h_a = self.tower_a(a_num, a_cat)
+        h_b = self.tower_b(b_num, b_cat)  # computed by the passive party; only h_b crosses
+        local = self.local_head(h_a)
+        return local, local + self.fed_head(h_a, h_b)
+
+
+class LocalModel(nn.Module):
+    """The student the advertiser serves alone: ``f_A`` then ``l_L``."""
+
+    def __init__(self, schema: PartySchema, config: ModelConfig) -> None:
+        super().__init__()
+        self.tower_a = Tower(schema, config)
+        self.local_head = Head(config.out_dim, config)
+
+    def forward(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+        return self.local_head(self.tower_a(a_num, a_cat))
+
+
+class MatchingHead(nn.Module):
+    """Scores whether ``h_A`` and ``h_B`` come from the same user: scaled cosine of projections."""
+
+    def __init__(self, config: ModelConfig, temperature: float) -> None:
+        super().__init__()
+        self.proj_a = nn.Sequential(nn.ReLU(), nn.Linear(config.out_dim, config.out_dim))
+        self.proj_b = nn.Sequential(nn.ReLU(), nn.Linear(config.out_dim, config.out_dim))
+        self.temperature = temperature
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Scores of the true pair and of ``k`` mismatched ones: (B, 1 + k).
+
+        ``negatives`` is (k, B): row ``j`` is a derangement giving each ``h_A`` a wrong ``h_B``.
+        """
+        z_a = F.normalize(self.proj_a(h_a), dim=1)  # (B, d)
+        z_b = F.normalize(self.proj_b(h_b), dim=1)  # (B, d)
+        candidates = torch.cat([torch.arange(len(z_b), device=z_b.device)[None], negatives])  # (1 + k, B)
+        paired = z_b[candidates]  # (1 + k, B, d)
+        return torch.einsum("bd,kbd->bk", z_a, paired) / self.temperature + self.bias  # (B, 1 + k)
+
+
+def state_with_prefix(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load ``prefix.*`` tensors into a module; a shape mismatch is an incompatible artifact."""
+    part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    try:
+        module.load_state_dict(part)
+    except RuntimeError as exc:
+        raise UserError(f"artifact weights for '{prefix}' do not fit the model its config describes") from exc

@@ -1,0 +1,123 @@
+"""Serving: score every active row, locally or with the publisher's features.
+
+Local mode needs only the active party: the distilled student (``vfl.local``), or the
+split model's local branch. Federated mode uses the split model's full logit where the
+publisher holds the row and falls back to a local score elsewhere, and says which rows did.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import torch
+
+from kedit_vfl.artifacts import atomic_write, load_artifact, read_metadata
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import SILENT, Reporter
+from kedit_vfl.seeding import resolve_device
+from kedit_vfl.vfl.config import ScoreConfig, default_output
+from kedit_vfl.vfl.data import load_two_party
+from kedit_vfl.vfl.demo import embedded
+from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, local_from, schemas_of, split_from
+from kedit_vfl.vfl.train import binary_metrics, predict
+
+
+def _model_path(config: ScoreConfig) -> Path:
+    if config.model is not None:
+        return config.model
+    return default_output("local.safetensors" if config.mode == "local" else "split.safetensors")
+
+
+def _fallback_path(config: ScoreConfig, split_path: Path, split_sha: str | None) -> Path | None:
+    """The student for rows the publisher lacks: the given one, else a sibling distilled from this model."""
+    if config.fallback is not None:
+        return config.fallback
+    sibling = split_path.parent / "local.safetensors"
+    if sibling.is_file():
+        provenance = read_metadata(sibling).get("provenance", "")
+        if split_sha and split_sha in provenance:
+            return sibling
+    return None
+
+
+def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
+    """Score the active table; write ``id,score,mode_used``; report counts and metrics."""
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    model_path = _model_path(config)
+    if config.mode == "local":
+        artifact = load_artifact(model_path, (LOCAL, SPLIT))
+        if artifact.kind == SPLIT:
+            local_fn, used = split_from(artifact).local_logit, "split local branch"
+        else:
+            local_fn, used = local_from(artifact), "student"
+        split = None
+    else:
+        split, artifact = load_split(model_path)
+        fallback = _fallback_path(config, model_path, artifact.sha256)
+        local_fn, used = split.local_logit, "split local branch"
+        if fallback is not None:
+            local_fn, _ = load_local(fallback)
+            used = f"student {fallback}"
+    passive = config.passive
+    if config.mode == "federated" and passive is None:
+        if config.active != embedded("active_test.csv"):
+            raise UserError("--mode federated needs --passive (the publisher's table for these rows)")
+        passive = embedded("passive_test.csv")
+    schemas = schemas_of(artifact)
+    if config.mode == "local":
+        schemas, passive = {"active": schemas["active"]}, None
+    with reporter.task("reading and transforming the tables", total=None):
+        data = load_two_party(
+            config.active, passive, config.id_col, config.label_col, schemas=schemas, require_labels=False
+        )
+    n = len(data.active)
+    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
+    logits = torch.empty(n)
+    federated = data.overlapped if split is not None else torch.zeros(n, dtype=torch.bool)
+    local_rows = torch.nonzero(~federated).squeeze(1).to(device)
+    with torch.no_grad(), reporter.task("scoring", total=None):
+        local_fn = local_fn.to(device) if isinstance(local_fn, torch.nn.Module) else local_fn
+        if split is not None:
+            split.to(device)
+            rows_a = data.rows_a.to(device)
+            b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
+            fed = predict(
+                lambda i: split(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1], len(rows_a)
+            )
+            logits[data.rows_a] = fed
+        logits[local_rows.cpu()] = predict(
+            lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]), len(local_rows)
+        )
+    probs = torch.sigmoid(logits).numpy()
+    out = config.out or default_output(f"scores_{config.mode}.csv")
+    mode_used = np.where(federated.numpy(), "federated", "local")
+    table = pa.table(
+        {"id": data.active.ids, "score": pa.array(probs.astype(np.float64)), "mode_used": mode_used}
+    )
+    atomic_write(out, lambda tmp: pacsv.write_csv(table, tmp))
+    result: dict[str, Any] = {
+        "out": str(out),
+        "model": str(model_path),
+        "model_kind": artifact.kind,
+        "mode": config.mode,
+        "local_scorer": used,
+        "rows": n,
+        "rows_federated": int(federated.sum()),
+        "rows_local_fallback": int(n - federated.sum()) if config.mode == "federated" else 0,
+        "rows_labelled": 0,
+        "auc": None,
+        "logloss": None,
+    }
+    if data.labels is not None:
+        labelled = ~np.isnan(data.labels.numpy())
+        result["rows_labelled"] = int(labelled.sum())
+        if labelled.any():
+            result.update(binary_metrics(data.labels.numpy()[labelled], probs[labelled]))
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result

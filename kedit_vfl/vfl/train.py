@@ -1,0 +1,110 @@
+"""The training loop every stage shares: shuffled minibatches, early stopping, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from kedit_vfl.progress import SILENT, Reporter
+
+
+@dataclass
+class FitResult:
+    """What a training run reports: best epoch, its validation metrics, throughput."""
+
+    best_epoch: int
+    epochs_run: int
+    best: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    rows_per_s: float = 0.0
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    """AUC and log loss; AUC is None when only one class is present."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    logloss = (
+        float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))) if len(labels) else None
+    )
+    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
+    return {"auc": auc, "logloss": logloss}
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Train the small networks on one thread: on matrices this size, waking and syncing
+    worker threads costs more than it saves, and far more on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 65_536) -> torch.Tensor:
+    """``fn(index)`` over ``range(n)`` in large batches; logits concatenated on the CPU."""
+    out = [
+        fn(torch.arange(start, min(start + batch_size, n))).float().cpu() for start in range(0, n, batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[torch.Tensor], torch.Tensor],
+    n_rows: int,
+    evaluate: Callable[[], dict[str, float]],
+    *,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    generator: torch.Generator,
+    reporter: Reporter = SILENT,
+    description: str = "training",
+    monitor: str = "val/loss",
+) -> FitResult:
+    """Minimise ``step_loss(batch_index)`` over shuffled batches; keep the best epoch.
+
+    After each epoch ``evaluate()`` gives validation metrics; training stops when
+    ``monitor`` (lower is better) has not improved for ``patience`` epochs and the
+    weights of the best epoch are restored.
+    """
+    best_value, best_epoch, best_metrics = math.inf, 0, {}
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history: list[dict[str, float]] = []
+    rows_seen, train_time, epoch = 0, 0.0, 0
+    with single_thread(), reporter.task(description, total=epochs) as task:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            start, total, steps = time.perf_counter(), 0.0, 0
+            for index in torch.randperm(n_rows, generator=generator).split(batch_size):
+                loss = step_loss(index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, steps = total + loss.item(), steps + 1
+            train_time += time.perf_counter() - start
+            rows_seen += n_rows
+            model.eval()
+            metrics = {"epoch": epoch, "train/loss": total / max(steps, 1), **evaluate()}
+            history.append(metrics)
+            task.advance(1, loss=metrics["train/loss"], val=metrics[monitor])
+            if metrics[monitor] < best_value - 1e-6:
+                best_value, best_epoch, best_metrics = metrics[monitor], epoch, metrics
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_epoch, epoch, best_metrics, history, rows_seen / max(train_time, 1e-9))
