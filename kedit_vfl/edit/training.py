@@ -115,15 +115,15 @@ def meta_step(
     post = forward_with(base.model, params, outer.model_inputs())
     loss_edit = nll_mean(post, outer)
     loss = config.c_edit * loss_edit
-    logs = {"loss/edit": float(loss_edit), "edit/acc": float(token_accuracy(post, outer).mean())}
+    logs = {"loss/edit": loss_edit.item(), "edit/acc": token_accuracy(post.detach(), outer).mean().item()}
     if loc is not None:
         with torch.no_grad():
             pre_loc = forward_with(base.model, None, loc.model_inputs())
         post_loc = forward_with(base.model, params, loc.model_inputs())
         loss_loc = kl_on_answers(pre_loc, post_loc, loc)
         loss = loss + config.c_loc * loss_loc
-        logs["loss/loc"] = float(loss_loc)
-    logs["loss"] = float(loss)
+        logs["loss/loc"] = loss_loc.item()
+    logs["loss"] = loss.item()
     return loss, logs
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kedit_vfl.edit.config import EditorConfig
@@ -12,7 +13,8 @@ from kedit_vfl.edit.editor import (
     rank_one_sum,
 )
 from kedit_vfl.edit.hooks import LayerGrads
-from kedit_vfl.edit.models import EditTarget, resolve_targets
+from kedit_vfl.edit.metrics import nll_sum
+from kedit_vfl.edit.models import EditTarget, fingerprint, resolve_targets
 from kedit_vfl.edit.tokens import encode_pairs
 from tests.unit.edit.tiny import build, tokenizer
 
@@ -94,14 +96,33 @@ def test_editing_a_real_model_raises_the_target_probability_functionally() -> No
         targets = resolve_targets(model, n_blocks=2)
         batch = encode_pairs(tok, ["The capital of Zorvia is"], ["Rome"], 64)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        editor = Editor(targets, EditorConfig(edit_lr=0.05)).eval()
+        editor = Editor(targets, EditorConfig(edit_lr=0.5)).eval()
         params = edited_params(model, editor(edit_gradients(model, targets, batch)))
 
-        def nll(p):
-            logits = forward_with(model, p, batch.model_inputs())
-            return -torch.log_softmax(logits[0, :-1], -1)[
-                batch.predict_mask[0, :-1], batch.labels[0, 1:][batch.labels[0, 1:] != -100]
-            ].sum()
-
-        assert float(nll(params).detach()) < float(nll(None)) - 0.1
+        with torch.no_grad():
+            edited = nll_sum(forward_with(model, params, batch.model_inputs()), batch)
+            original = nll_sum(forward_with(model, None, batch.model_inputs()), batch)
+        assert float(edited) < float(original) - 0.01
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # functional: untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_on_cuda_edits_like_float32_on_cpu() -> None:
+    tok = tokenizer()
+    cpu = build("gpt2", len(tok)).eval().requires_grad_(False)
+    gpu = build("gpt2", len(tok)).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    targets = resolve_targets(cpu, n_blocks=2)
+    assert fingerprint(cpu, targets) == fingerprint(gpu, targets)
+    batch = encode_pairs(tok, ["The capital of Zorvia is"], ["Rome"], 64)
+    editor = Editor(targets, EditorConfig(edit_lr=0.05)).eval()
+    updates = {}
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        with torch.no_grad():
+            updates[device] = editor.to(device)(
+                edit_gradients(model, targets, batch.to(torch.device(device)))
+            )
+        params = edited_params(model, updates[device])
+        assert params[targets[0].param].dtype == next(model.parameters()).dtype
+    for name, update in updates["cpu"].items():
+        torch.testing.assert_close(updates["cuda"][name].float().cpu(), update, rtol=0.1, atol=1e-3)

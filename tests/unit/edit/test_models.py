@@ -25,7 +25,7 @@ from tests.unit.edit.tiny import build, save_tiny
     ],
 )
 def test_default_targets_per_architecture(arch: str, expected: list[str], transposed: bool) -> None:
-    model = build(arch, 300)
+    model = build(arch, 400)
     targets = resolve_targets(model, n_blocks=2)
     names = [t.module for t in targets]
     assert names[-len(expected) :] == expected
@@ -56,7 +56,7 @@ def test_unknown_architecture_discovers_last_blocks_mlp_linears() -> None:
 
 
 def test_layers_override_by_suffix_and_regex_and_error_repeats_targets() -> None:
-    model = build("gpt2", 300)
+    model = build("gpt2", 400)
     assert [t.module for t in resolve_targets(model, ["h.0.mlp.c_proj"])] == ["transformer.h.0.mlp.c_proj"]
     assert len(resolve_targets(model, [r"transformer\.h\.[01]\.mlp\.c_fc"])) == 2
     with pytest.raises(UserError, match="--layers nothing.here"):
@@ -64,10 +64,10 @@ def test_layers_override_by_suffix_and_regex_and_error_repeats_targets() -> None
 
 
 def test_fingerprint_ignores_dtype_and_sees_weight_changes() -> None:
-    model = build("gpt2", 300)
+    model = build("gpt2", 400)
     targets = resolve_targets(model)
     fp = fingerprint(model, targets)
-    assert fingerprint(build("gpt2", 300).to(torch.bfloat16), targets) == fp
+    assert fingerprint(build("gpt2", 400).to(torch.bfloat16), targets) == fp
     with torch.no_grad():
         dict(model.named_parameters())[targets[0].param].add_(0.5)
     assert fingerprint(model, targets) != fp
@@ -76,7 +76,7 @@ def test_fingerprint_ignores_dtype_and_sees_weight_changes() -> None:
 def test_load_base_model_from_folder_and_unknown_folder(tmp_path: Path) -> None:
     folder = save_tiny("llama", tmp_path / "llama")
     base = load_base_model(str(folder), torch.device("cpu"))
-    assert base.max_length == 64 and not any(p.requires_grad for p in base.model.parameters())
+    assert base.max_length == 256 and not any(p.requires_grad for p in base.model.parameters())
     with pytest.raises(UserError, match="no such folder"):
         load_base_model(str(tmp_path / "missing"), torch.device("cpu"))
     (tmp_path / "empty").mkdir()

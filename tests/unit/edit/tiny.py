@@ -31,23 +31,30 @@ CORPUS = [
 ]
 
 
+def _instruction_texts() -> list[str]:
+    from kedit_vfl.edit.instructions import default_pools
+
+    pools = default_pools()
+    return [d for task in pools.pools for d in [*pools.pools[task], pools.held_out[task]]]
+
+
 def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=400,
         special_tokens=["<|endoftext|>", "<|pad|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.train_from_iterator(CORPUS * 3 + _instruction_texts(), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
     )
 
 
-def build(arch: str, vocab: int, positions: int = 64) -> torch.nn.Module:
+def build(arch: str, vocab: int, positions: int = 256) -> torch.nn.Module:
     torch.manual_seed(0)
     common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
     if arch == "gpt2":
@@ -87,7 +94,7 @@ def build(arch: str, vocab: int, positions: int = 64) -> torch.nn.Module:
     raise ValueError(arch)
 
 
-def save_tiny(arch: str, folder: Path, positions: int = 64) -> Path:
+def save_tiny(arch: str, folder: Path, positions: int = 256) -> Path:
     """A tiny ``arch`` model with its tokenizer, saved where ``from_pretrained`` finds it."""
     tok = tokenizer()
     model = build(arch, len(tok), positions)

@@ -1,0 +1,188 @@
+"""Every bad input named in the issue: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.edit.conftest import bad_jsonl
+from tests.cli.runner import kvtool
+
+
+def _fails(*args: object, match: str) -> None:
+    result = kvtool(*args)
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert match in result.stderr
+    assert "Traceback" not in result.stderr.split("error:")[-1]
+
+
+def _apply(editor: Path, files: dict[str, Path], edits: Path, out: Path, *extra: object) -> tuple:
+    return (
+        "edit",
+        "apply",
+        "--editor",
+        editor,
+        "--edits",
+        edits,
+        "--model",
+        files["gpt2"],
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("model", ["no-such-org/no-such-model-xyz", "./missing-folder"])
+def test_unknown_model(model: str, edit_files: dict[str, Path]) -> None:
+    _fails(
+        "edit",
+        "train-editor",
+        "--model",
+        model,
+        "--data",
+        edit_files["train"],
+        "--tasks",
+        "counterfact",
+        "--device",
+        "cpu",
+        match=f"--model {model}",
+    )
+
+
+def test_record_missing_prompt_or_target(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    edits = bad_jsonl(tmp_path / "e.jsonl", {"task": "counterfact", "target_new": "Rome"})
+    _fails(*_apply(gpt2_editor, edit_files, edits, tmp_path / "o"), match="prompt")
+    edits = bad_jsonl(tmp_path / "f.jsonl", {"task": "counterfact", "prompt": "The capital of Zorvia is"})
+    _fails(*_apply(gpt2_editor, edit_files, edits, tmp_path / "o"), match="target")
+
+
+def test_empty_target(gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path) -> None:
+    edits = bad_jsonl(
+        tmp_path / "e.jsonl", {"task": "counterfact", "prompt": "The capital of Zorvia is", "target_new": " "}
+    )
+    _fails(*_apply(gpt2_editor, edit_files, edits, tmp_path / "o"), match="target")
+
+
+def test_prompt_longer_than_context(gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path) -> None:
+    edits = bad_jsonl(
+        tmp_path / "e.jsonl",
+        {"task": "counterfact", "prompt": "The capital of Zorvia is " * 80, "target_new": "Rome"},
+    )
+    _fails(*_apply(gpt2_editor, edit_files, edits, tmp_path / "o"), match="longer than the model's context")
+
+
+def test_unknown_task_in_tasks(edit_files: dict[str, Path]) -> None:
+    _fails(
+        "edit",
+        "train-editor",
+        "--tasks",
+        "counterfact,poetry",
+        "--device",
+        "cpu",
+        match="unknown task poetry",
+    )
+    _fails(
+        "edit",
+        "train-editor",
+        "--model",
+        edit_files["gpt2"],
+        "--data",
+        edit_files["train"],
+        "--tasks",
+        "poetry",
+        "--device",
+        "cpu",
+        match="unknown task poetry",
+    )
+
+
+def test_instruction_file_without_held_out_description(edit_files: dict[str, Path], tmp_path: Path) -> None:
+    pools = {
+        t: {"train": [f"Edit {t} fact {i}." for i in range(5)]} for t in ("counterfact", "recent", "zsre")
+    }
+    path = tmp_path / "pools.json"
+    path.write_text(json.dumps(pools))
+    _fails(
+        "edit",
+        "train-editor",
+        "--model",
+        edit_files["gpt2"],
+        "--data",
+        edit_files["train"],
+        "--tasks",
+        "counterfact,recent",
+        "--instructions",
+        path,
+        "--device",
+        "cpu",
+        match="held-out",
+    )
+
+
+def test_editor_for_another_base_model(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    _fails(
+        "edit",
+        "apply",
+        "--editor",
+        gpt2_editor,
+        "--edits",
+        edit_files["edits"],
+        "--model",
+        edit_files["llama"],
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        match="trained for another base model",
+    )
+    _fails(
+        "edit",
+        "evaluate",
+        "--editor",
+        gpt2_editor,
+        "--data",
+        edit_files["edits"],
+        "--model",
+        edit_files["gpt_neox"],
+        "--device",
+        "cpu",
+        match="trained for another base model",
+    )
+
+
+def test_corrupt_artifact(gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(gpt2_editor.read_bytes()[:-100])
+    _fails(*_apply(broken, edit_files, edit_files["edits"], tmp_path / "o"), match="broken.safetensors")
+    _fails(
+        "edit",
+        "evaluate",
+        "--editor",
+        broken,
+        "--data",
+        edit_files["edits"],
+        "--device",
+        "cpu",
+        match="broken.safetensors",
+    )
+
+
+def test_apply_refuses_an_existing_output_folder(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(*_apply(gpt2_editor, edit_files, edit_files["edits"], out), match="--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = kvtool(*_apply(gpt2_editor, edit_files, edit_files["edits"], out, "--overwrite", "--json"))
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()

@@ -1,0 +1,190 @@
+"""train-editor -> apply -> evaluate through the real CLI on tiny GPT-2, LLaMA and GPT-NeoX folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kedit_vfl.artifacts import load_artifact
+from kedit_vfl.edit.metrics import target_probability
+from kedit_vfl.edit.tokens import encode_pairs
+from tests.cli.edit.conftest import train
+from tests.cli.runner import kvtool, kvtool_json
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_train_apply_reload_evaluate(arch: str, edit_files: dict[str, Path], tmp_path: Path) -> None:
+    editor = train(edit_files, arch, tmp_path / "editor.safetensors")
+    artifact = load_artifact(editor, "edit.editor")
+    assert artifact.extra["base"]["fingerprint"] and artifact.extra["targets"]
+    assert artifact.extra["instructions"]["zsre"]["held_out"]  # the pools travel with the editor
+    assert artifact.config["tasks"] == ["counterfact", "recent"] and artifact.config["holdout"] == "zsre"
+
+    out = tmp_path / "edited"
+    applied = kvtool_json(
+        "edit",
+        "apply",
+        "--editor",
+        editor,
+        "--edits",
+        edit_files["edits"],
+        "--model",
+        edit_files[arch],
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert applied["n_edits"] == 3
+    assert all(e["p_post"] > e["p_pre"] for e in applied["edits"])
+
+    # The folder loads through the real from_pretrained path and the edit holds there.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(edit_files[arch]).eval()
+    report = json.loads((out / "kvtool_edits.json").read_text())
+    description = artifact.extra["instructions"]["counterfact"]["train"][0]
+    for edit in report["edits"]:
+        prompt = f"Task: counterfact\nDescription: {description}\nInput: {edit['prompt']}"
+        batch = encode_pairs(tokenizer, [prompt], [edit["target_new"]], 256)
+        with torch.no_grad():
+            p_edited = float(target_probability(model(**batch.model_inputs()).logits, batch))
+            p_original = float(target_probability(original(**batch.model_inputs()).logits, batch))
+        assert p_edited == pytest.approx(edit["p_post"], rel=1e-3)
+        assert p_original == pytest.approx(edit["p_pre"], rel=1e-3)
+        assert p_edited > p_original
+
+    evaluated = kvtool_json(
+        "edit",
+        "evaluate",
+        "--editor",
+        editor,
+        "--data",
+        edit_files["train"],
+        "--model",
+        edit_files[arch],
+        "--device",
+        "cpu",
+    )
+    assert set(evaluated["tasks"]) == {"counterfact", "recent", "zsre"}
+    for values in [*evaluated["tasks"].values(), evaluated["overall"]]:
+        for key in ("reliability", "generalization", "locality", "portability"):
+            assert key in values and "pre_" + key in values
+        assert values["n_records"] > 0
+    assert evaluated["tasks"]["counterfact"]["n_records"] == 6
+
+
+def test_evaluate_sequential_and_instruction_options(gpt2_editor: Path, edit_files: dict[str, Path]) -> None:
+    base = (
+        "edit",
+        "evaluate",
+        "--editor",
+        gpt2_editor,
+        "--data",
+        edit_files["train"],
+        "--model",
+        edit_files["gpt2"],
+        "--task",
+        "counterfact",
+        "--device",
+        "cpu",
+    )
+    single = kvtool_json(*base)
+    sequential = kvtool_json(*base, "--sequential", "3")
+    unseen = kvtool_json(*base, "--unseen-instruction")
+    other = kvtool_json(*base, "--instruction-index", "2")
+    assert single["protocol"]["sequential"] == 0 and sequential["protocol"]["sequential"] == 3
+    assert unseen["protocol"]["unseen_instruction"] is True
+    assert list(single["tasks"]) == ["counterfact"]
+    # pre-edit values do not depend on the protocol; the instruction changes the prompts
+    assert single["overall"]["pre_reliability"] == sequential["overall"]["pre_reliability"]
+    assert other["overall"]["n_records"] == 6
+    table = kvtool(*base)
+    assert table.exit_code == 0 and "reliability" in table.stdout
+
+
+def test_resume_continues_from_the_checkpoint(edit_files: dict[str, Path], tmp_path: Path) -> None:
+    out = train(edit_files, "gpt2", tmp_path / "editor.safetensors")
+    assert (tmp_path / "editor.ckpt.safetensors").exists()
+    result = kvtool(
+        "edit",
+        "train-editor",
+        "--model",
+        edit_files["gpt2"],
+        "--data",
+        edit_files["train"],
+        "--tasks",
+        "counterfact,recent",
+        "--holdout",
+        "zsre",
+        "--steps",
+        "24",
+        "--val-every",
+        "8",
+        "--batch-size",
+        "4",
+        "--edit-lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--json",
+        "--resume",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 24
+    history = load_artifact(out, "edit.editor").extra["history"]
+    assert [h["step"] for h in history] == [8, 16, 24]
+
+
+def test_no_instructions_baseline_stores_no_pools(edit_files: dict[str, Path], tmp_path: Path) -> None:
+    out = train(edit_files, "gpt2", tmp_path / "plain.safetensors", "--no-instructions")
+    assert load_artifact(out, "edit.editor").extra["instructions"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_pipeline(edit_files: dict[str, Path], tmp_path: Path) -> None:
+    editor = train(
+        edit_files, "llama", tmp_path / "editor.safetensors", "--device", "cuda", "--dtype", "bfloat16"
+    )
+    applied = kvtool_json(
+        "edit",
+        "apply",
+        "--editor",
+        editor,
+        "--edits",
+        edit_files["edits"],
+        "--model",
+        edit_files["llama"],
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+    )
+    assert all(e["p_post"] > e["p_pre"] for e in applied["edits"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    evaluated = kvtool_json(
+        "edit",
+        "evaluate",
+        "--editor",
+        editor,
+        "--data",
+        edit_files["train"],
+        "--model",
+        edit_files["llama"],
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+    )
+    assert evaluated["overall"]["reliability"] > evaluated["overall"]["pre_reliability"]
