@@ -48,7 +48,7 @@ class TrainOptions:
     categorical: tuple[str, ...] = ()
     epochs: int = 100
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 10
     val_fraction: float = 0.2
@@ -96,6 +96,7 @@ class SplitConfig(TrainOptions):
     aux_weight: float = 0.5
     mpd_weight: float = 0.0
     init_lr_scale: float = 1.0
+    batch_size: int = 64
     out: Path = field(default_factory=lambda: default_output("split.safetensors"))
 
     def __post_init__(self) -> None:
@@ -113,9 +114,9 @@ class DistillConfig(TrainOptions):
 
     teacher: Path | None = field(default_factory=lambda: default_output("split.safetensors"))
     model: ModelConfig = field(default_factory=ModelConfig)  # only used without a teacher
-    temperature: float = 2.0
+    temperature: float = 1.0
     kd_weight: float = 0.5
-    batch_size: int = 512
+    batch_size: int = 256
     out: Path = field(default_factory=lambda: default_output("local.safetensors"))
 
     def __post_init__(self) -> None:

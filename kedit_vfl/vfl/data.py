@@ -264,7 +264,7 @@ def check_schema(table: pa.Table, schema: PartySchema, path: Path | str, role: s
 def encode(
     table: pa.Table, schema: PartySchema, path: Path | str, ids: pa.ChunkedArray, role: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the training transform: standardised numbers, vocabulary indices.
+    """Apply the training transform: standardised (then asinh-compressed) numbers, vocabulary indices.
 
     Missing numbers become the training mean (0 after standardising); missing
     categories map to index 1 and categories unseen in training to index 0.
@@ -274,7 +274,7 @@ def encode(
     num = np.zeros((n, len(schema.numeric)), dtype=np.float32)  # (N, n_numeric)
     for j, name in enumerate(schema.numeric):
         values = _numeric_values(table[name], name, path, ids)
-        scaled = (values - schema.mean[j]) / schema.std[j]
+        scaled = np.arcsinh((values - schema.mean[j]) / schema.std[j])  # linear near 0, tames heavy tails
         num[:, j] = np.where(np.isfinite(scaled), scaled, 0.0)
     cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)  # (N, n_categorical)
     for j, name in enumerate(schema.categorical):

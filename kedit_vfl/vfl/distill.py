@@ -23,7 +23,7 @@ from kedit_vfl.vfl.data import holdout_mask, load_two_party
 from kedit_vfl.vfl.model import LocalModel
 from kedit_vfl.vfl.split import labelled_split
 from kedit_vfl.vfl.store import LOCAL, load_split, model_config_of, save_vfl, schemas_of
-from kedit_vfl.vfl.train import binary_metrics, fit, predict
+from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, predict, shift_bias
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,6 +79,8 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     if teacher is not None:
         student.tower_a.load_state_dict(teacher.tower_a.state_dict())
         student.local_head.load_state_dict(teacher.local_head.state_dict())
+    else:  # start at the base rate instead of spending the first epochs on the intercept
+        shift_bias(student.local_head, base_rate_logit(data.labels[train_labelled]))
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
     y = data.labels.to(device)
@@ -119,6 +121,10 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         reporter=reporter,
         description="SplitKD" if teacher is not None else "local only",
     )
+    labelled = train_rows[~torch.isnan(data.labels[train_rows])]
+    with torch.no_grad():
+        fitted = predict(lambda i: student(a_num[labelled[i]], a_cat[labelled[i]]), len(labelled))
+    shift_bias(student.local_head, intercept_shift(fitted, data.labels[labelled]))
     metrics = {
         "rows_active": len(data.active),
         "rows_train": len(train_rows),

@@ -110,6 +110,26 @@ class SplitModel(nn.Module):
         local = self.local_head(h_a)
         return local, local + self.fed_head(h_a, h_b)
 
+    def partial(
+        self,
+        a_num: torch.Tensor,
+        a_cat: torch.Tensor,
+        overlapped: torch.Tensor,
+        b_num: torch.Tensor,
+        b_cat: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch where only some rows have the publisher's features.
+
+        Returns the local logit of every row (B,) and the full logit of the ``overlapped``
+        ones (B_ov,); ``b_num``/``b_cat`` hold the publisher's rows for those, in order.
+        """
+        h_a = self.tower_a(a_num, a_cat)
+        local = self.local_head(h_a)
+        if not bool(overlapped.any()):
+            return local, local[:0]
+        h_a_ov = h_a[overlapped]  # (B, d) -> (B_ov, d)
+        return local, local[overlapped] + self.fed_head(h_a_ov, self.tower_b(b_num, b_cat))
+
 
 class LocalModel(nn.Module):
     """The student the advertiser serves alone: ``f_A`` then ``l_L``."""

@@ -1,7 +1,10 @@
 """Stage 2, split training: the local + federated model on the labelled overlapped rows.
 
-Loss: BCE on the full logit, plus ``aux_weight`` x BCE on the local branch alone (so
-that the local branch is a predictor of its own), plus, optionally, ``mpd_weight`` x
+Loss: BCE on the full logit over the labelled overlapped rows, plus ``aux_weight`` x
+BCE on the local branch alone over ALL the active party's labelled rows (the local
+branch needs nothing from the publisher, so the advertiser's own labels on rows the
+publisher lacks train it too, and the federated branch learns only what the
+publisher's features add), plus, optionally, ``mpd_weight`` x
 the MPD loss on batches of all overlapped rows (labelled or not), which keeps the
 towers anchored to what the unlabelled pairs taught them while the few labels pull.
 """
@@ -23,7 +26,7 @@ from kedit_vfl.vfl.data import holdout_mask, load_two_party
 from kedit_vfl.vfl.model import MatchingHead, SplitModel, load_prefixed
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.store import MPD, SPLIT, model_config_of, save_vfl, schemas_of
-from kedit_vfl.vfl.train import binary_metrics, fit, predict
+from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, shift_bias
 
 
 def labelled_split(labels: torch.Tensor, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,19 +55,25 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         schemas=schemas_of(init) if init is not None else None,
     )
     assert data.passive is not None and data.labels is not None
-    a = data.active.take(data.rows_a)
-    labels = data.labels[data.rows_a]  # (N_overlap,)
-    train_rows, val_rows = labelled_split(labels, holdout_mask(a.ids, config.val_fraction))
-    if len(train_rows) < 2:
+    n_active, n_overlap = len(data.active), len(data.rows_a)
+    b_row = torch.full((n_active,), -1, dtype=torch.long)  # active row -> its passive row, -1 if none
+    b_row[data.rows_a] = torch.arange(n_overlap)
+    usable = data.labels.clone()
+    if config.aux_weight == 0:  # no local loss: only the labelled overlapped rows teach anything
+        usable[b_row < 0] = float("nan")
+    train_rows, val_rows = labelled_split(usable, holdout_mask(data.active.ids, config.val_fraction))
+    if int((b_row[train_rows] >= 0).sum()) < 2:
         raise UserError(
-            f"{config.active}: only {len(train_rows)} labelled rows overlap with {config.passive}; "
+            f"{config.active}: fewer than 2 labelled rows overlap with {config.passive}; "
             f"train-split needs labels (column '{config.label_col}') on overlapped rows"
         )
-    if len(val_rows) == 0:
-        reporter.warn("no labelled overlapped row left for validation; the last epoch is kept")
+    if len(val_rows) == 0 or int((b_row[val_rows] >= 0).sum()) == 0:
+        reporter.warn("no labelled overlapped row left for validation; validating on training rows")
         val_rows = train_rows
-    a_num, a_cat, b_num, b_cat = (t.to(device) for t in (a.num, a.cat, data.passive.num, data.passive.cat))
-    y = labels.to(device)
+    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
+    b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
+    y, b_row = data.labels.to(device), b_row.to(device)
+    rows_a = data.rows_a.to(device)
 
     model = SplitModel(data.schemas, model_config).to(device)
     matcher = None
@@ -74,6 +83,7 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         if config.mpd_weight > 0:
             matcher = MatchingHead(model_config, init.config.get("mpd_temperature", 0.2)).to(device)
             load_prefixed(matcher, init.tensors, "matcher")
+    shift_bias(model.local_head, base_rate_logit(data.labels[train_rows]))  # start at the base rate
     towers = [*model.tower_a.parameters(), *model.tower_b.parameters()]
     heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
@@ -81,22 +91,35 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    n_overlap = len(a)
     negatives = init.config.get("negatives", 16) if init is not None else 0
     objective = init.config.get("objective", "infonce") if init is not None else "infonce"
 
+    def logits(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local logits for ``rows`` (B,), full logits for their overlapped ones (B_ov,), the mask."""
+        overlapped = b_row[rows] >= 0
+        partner = b_row[rows[overlapped]]
+        local, full = model.partial(a_num[rows], a_cat[rows], overlapped, b_num[partner], b_cat[partner])
+        return local, full, overlapped
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        local, full, overlapped = logits(rows)
+        loss = (
+            F.binary_cross_entropy_with_logits(full, y[rows][overlapped]) if overlapped.any() else full.sum()
+        )
+        if config.aux_weight > 0:
+            loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, y[rows])
+        return loss
+
     def step_loss(index: torch.Tensor) -> torch.Tensor:
-        rows = train_rows[index].to(device)
-        local, full = model(a_num[rows], a_cat[rows], b_num[rows], b_cat[rows])
-        loss = F.binary_cross_entropy_with_logits(full, y[rows])
-        loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, y[rows])
+        loss = loss_of(train_rows[index].to(device))
         if matcher is not None:
             pairs = torch.randint(n_overlap, (config.batch_size,), generator=generator).to(device)
+            a_rows = rows_a[pairs]
             scores = pair_scores(
                 model.tower_a,
                 model.tower_b,
                 matcher,
-                (a_num[pairs], a_cat[pairs]),
+                (a_num[a_rows], a_cat[a_rows]),
                 (b_num[pairs], b_cat[pairs]),
                 negatives,
                 generator,
@@ -104,20 +127,18 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
             loss = loss + config.mpd_weight * mpd_loss(scores, objective)
         return loss
 
-    def logits(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        both = predict(
-            lambda i: torch.stack(model(*(t[rows[i]] for t in (a_num, a_cat, b_num, b_cat)))), len(rows)
-        )
-        return both[0], both[1]  # (2, N) -> local (N,), full (N,)
-
+    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        local, full = logits(val_rows.to(device))
-        target = labels[val_rows]
-        full_m = binary_metrics(target.numpy(), torch.sigmoid(full).numpy())
-        local_m = binary_metrics(target.numpy(), torch.sigmoid(local).numpy())
-        loss = F.binary_cross_entropy_with_logits(full, target).item()
-        loss += config.aux_weight * F.binary_cross_entropy_with_logits(local, target).item()
-        return {"val/loss": loss, "val/auc": full_m["auc"] or 0.0, "val/local_auc": local_m["auc"] or 0.0}
+        rows = val_rows.to(device)
+        local, full, overlapped = logits(rows)
+        target = data.labels[val_rows]
+        fed_m = binary_metrics(target[overlapped.cpu()].numpy(), torch.sigmoid(full).cpu().numpy())
+        local_m = binary_metrics(target.numpy(), torch.sigmoid(local).cpu().numpy())
+        return {
+            "val/loss": loss_of(rows).item(),
+            "val/auc": fed_m["auc"] or 0.0,
+            "val/local_auc": local_m["auc"] or 0.0,
+        }
 
     result = fit(
         model,
@@ -132,9 +153,17 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         reporter=reporter,
         description="split training",
     )
+    with torch.no_grad():  # calibrate both branches' intercepts on their training rows
+        rows = train_rows.to(device)
+        local, full, overlapped = logits(rows)
+        local_shift = intercept_shift(local, y[rows]) if config.aux_weight > 0 else 0.0
+        full_shift = intercept_shift(full, y[rows][overlapped])
+    shift_bias(model.local_head, local_shift)
+    shift_bias(model.fed_head, full_shift - local_shift)
     metrics = {
         "rows_overlapped": n_overlap,
         "rows_labelled_train": len(train_rows),
+        "rows_labelled_train_overlapped": int((b_row[train_rows.to(device)] >= 0).sum()),
         "rows_labelled_val": len(val_rows),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

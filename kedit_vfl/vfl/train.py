@@ -38,6 +38,32 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
     return {"auc": auc, "logloss": logloss}
 
 
+def intercept_shift(logits: torch.Tensor, labels: torch.Tensor, steps: int = 20) -> float:
+    """The shift ``b`` with mean(sigmoid(logits + b)) == mean(labels) (Newton's method).
+
+    Early stopping and dropout leave a network's mean prediction off the base rate;
+    federated mode mixes two models' scores in one ranking, so both must be calibrated.
+    """
+    target, b = labels.float().mean().clamp(1e-4, 1 - 1e-4), torch.zeros(())
+    for _ in range(steps):
+        p = torch.sigmoid(logits.float() + b)
+        gradient = (p * (1 - p)).mean().clamp_min(1e-6)
+        b = b - (p.mean() - target) / gradient
+    return float(b)
+
+
+def base_rate_logit(labels: torch.Tensor) -> float:
+    rate = float(labels.float().mean().clamp(1e-4, 1 - 1e-4))
+    return math.log(rate / (1 - rate))
+
+
+def shift_bias(head: nn.Module, shift: float) -> None:
+    """Add ``shift`` to the bias of a head's last linear layer."""
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias += shift
+
+
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Train the small networks on one thread: on matrices this size, waking and syncing

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from kedit_vfl.artifacts import load_artifact
+from tests.cli.runner import kvtool, kvtool_json
+from tests.cli.vfl.conftest import FAST
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_chain_writes_each_kind_with_schema_and_parents(trained: dict[str, Path]) -> None:
+    mpd = load_artifact(trained["mpd"], "vfl.mpd")
+    split = load_artifact(trained["split"], "vfl.split")
+    local = load_artifact(trained["local"], "vfl.local")
+    assert split.provenance["parents"][0]["sha256"] == mpd.sha256
+    assert local.provenance["parents"][0]["sha256"] == split.sha256
+    assert split.extra["schema"]["active"] == mpd.extra["schema"]["active"]
+    assert "ad_category" in local.extra["schema"]["active"]["categorical"]
+    assert not any(name.startswith("tower_b") for name in local.tensors)  # the student is active-only
+
+
+def test_score_local_and_federated_report_fallback_rows(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    local = kvtool_json(
+        "vfl",
+        "score",
+        "--model",
+        trained["local"],
+        "--active",
+        tables["active_test"],
+        "--out",
+        tmp_path / "l.csv",
+    )
+    assert local["rows"] == local["rows_labelled"] > 100 and local["rows_federated"] == 0
+    assert 0.5 < local["auc"] <= 1 and local["logloss"] > 0
+    fed = kvtool_json(
+        "vfl", "score", "--model", trained["split"], "--mode", "federated", "--active", tables["active_test"],
+        "--passive", tables["passive_test"], "--fallback", trained["local"], "--out", tmp_path / "f.csv",
+    )  # fmt: skip
+    assert fed["rows_federated"] + fed["rows_local_fallback"] == fed["rows"] == local["rows"]
+    assert 0 < fed["rows_federated"] < fed["rows"]
+    rows = _rows(tmp_path / "f.csv")
+    assert list(rows[0]) == ["id", "score", "mode_used"] and len(rows) == fed["rows"]
+    assert sum(r["mode_used"] == "federated" for r in rows) == fed["rows_federated"]
+    # fallback rows get exactly the student's local score
+    local_scores = {r["id"]: r["score"] for r in _rows(tmp_path / "l.csv")}
+    assert all(r["score"] == local_scores[r["id"]] for r in rows if r["mode_used"] == "local")
+
+
+def test_score_without_labels_and_split_local_branch(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    unlabelled = tmp_path / "u.csv"
+    lines = (tables["active_test"]).read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [i for i, name in enumerate(header) if name != '"y"']
+    unlabelled.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in lines) + "\n")
+    result = kvtool_json(
+        "vfl", "score", "--model", trained["split"], "--active", unlabelled, "--out", tmp_path / "s.csv"
+    )
+    assert (
+        result["auc"] is None
+        and result["rows_labelled"] == 0
+        and result["local_scorer"] == "split local branch"
+    )
+
+
+def test_bare_commands_chain_on_the_embedded_data(tmp_path: Path) -> None:
+    for step in (
+        ("pretrain-mpd", "--epochs", "1"),
+        ("train-split", "--init", tmp_path / "runs/vfl/mpd.safetensors", "--epochs", "1"),
+        ("distill", "--epochs", "1"),
+    ):
+        result = kvtool("vfl", *step, "--quiet")
+        assert result.exit_code == 0, result.stderr
+    local = kvtool_json("vfl", "score", "--mode", "local")
+    fed = kvtool_json("vfl", "score", "--mode", "federated")
+    assert local["rows"] == fed["rows"] > 1000 and fed["rows_local_fallback"] > 0
+    assert "local.safetensors" in fed["local_scorer"]  # the sibling student distilled from this split
+    assert (tmp_path / "runs/vfl/scores_local.csv").is_file() and (
+        tmp_path / "runs/vfl/scores_federated.csv"
+    ).is_file()
+
+
+def test_runs_are_reproducible_with_a_seed(tables: dict[str, Path], tmp_path: Path) -> None:
+    data = ("--active", tables["active_train"], "--passive", tables["passive_train"])
+    first = kvtool_json(
+        "vfl", "train-split", *data, "--seed", "5", "--out", tmp_path / "a.safetensors", *FAST
+    )
+    second = kvtool_json(
+        "vfl", "train-split", *data, "--seed", "5", "--out", tmp_path / "b.safetensors", *FAST
+    )
+    a, b = load_artifact(tmp_path / "a.safetensors"), load_artifact(tmp_path / "b.safetensors")
+    assert first["val_auc"] == second["val_auc"]
+    assert all((a.tensors[k] == b.tensors[k]).all() for k in a.tensors)
+
+
+def test_make_demo_and_help(tmp_path: Path) -> None:
+    result = kvtool_json("vfl", "make-demo", "--rows", "300", "--seed", "2", "--out", tmp_path / "d")
+    assert result["rows/active_train.csv"] + result["rows/active_test.csv"] == 300
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "active_test.csv", "active_train.csv", "passive_test.csv", "passive_train.csv",
+    ]  # fmt: skip
+    for command in ("make-demo", "pretrain-mpd", "train-split", "distill", "score"):
+        help_text = kvtool("vfl", command, "--help")
+        assert help_text.exit_code == 0 and "Example:" in help_text.stdout
+
+
+def test_table_output_without_json(trained: dict[str, Path], tables: dict[str, Path], tmp_path: Path) -> None:
+    result = kvtool("vfl", "score", "--model", trained["local"], "--active", tables["active_test"],
+                    "--out", tmp_path / "s.csv")  # fmt: skip
+    assert result.exit_code == 0 and "rows_federated" in result.stdout
+    json.loads(kvtool("vfl", "make-demo", "--rows", "100", "--out", tmp_path / "x", "--json").stdout)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.config import SplitConfig
+from kedit_vfl.vfl.data import PartySchema
+from kedit_vfl.vfl.model import LocalModel, ModelConfig, SplitModel
+from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, save_vfl
+from kedit_vfl.vfl.train import binary_metrics, intercept_shift
+
+SCHEMAS = {
+    "active": PartySchema(
+        numeric=["a1", "a2"], mean=[0.0, 0.0], std=[1.0, 1.0], categorical=["c"], vocab=[["x"]]
+    ),
+    "passive": PartySchema(numeric=["b1"], mean=[0.0], std=[1.0]),
+}
+CONFIG = ModelConfig(hidden=16, out_dim=8, head_hidden=8, dropout=0.0)
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    return (
+        torch.randn(n, 2),
+        torch.randint(0, 3, (n, 1)),
+        torch.randn(n, 1),
+        torch.zeros(n, 0, dtype=torch.long),
+    )
+
+
+def test_local_branch_needs_no_passive_input() -> None:
+    model = SplitModel(SCHEMAS, CONFIG).eval()
+    a_num, a_cat, b_num, b_cat = _batch()
+    local = model.local_logit(a_num, a_cat)
+    local_again, full = model(a_num, a_cat, b_num, b_cat)
+    assert torch.allclose(local, local_again)
+    local.sum().backward()
+    assert all(p.grad is None for p in model.tower_b.parameters())  # the publisher's tower is never touched
+    assert all(p.grad is None for p in model.fed_head.parameters())
+    assert not torch.allclose(full, local)  # the federated branch does add something
+
+
+def test_partial_batch_matches_the_full_forward_on_overlapped_rows() -> None:
+    model = SplitModel(SCHEMAS, CONFIG).eval()
+    a_num, a_cat, b_num, b_cat = _batch()
+    overlapped = torch.tensor([True, False, True, True, False, False])
+    local, full = model.partial(a_num, a_cat, overlapped, b_num[overlapped], b_cat[overlapped])
+    ref_local, ref_full = model(a_num, a_cat, b_num, b_cat)
+    assert torch.allclose(local, ref_local) and torch.allclose(full, ref_full[overlapped])
+    none = torch.zeros(6, dtype=torch.bool)
+    local, full = model.partial(a_num, a_cat, none, b_num[:0], b_cat[:0])
+    assert full.shape == (0,) and torch.allclose(local, ref_local)
+
+
+def test_split_and_local_artifacts_round_trip(tmp_path: Path) -> None:
+    model = SplitModel(SCHEMAS, CONFIG).eval()
+    config = SplitConfig(
+        active=tmp_path / "a.csv", passive=tmp_path / "b.csv", out=tmp_path / "split.safetensors"
+    )
+    save_vfl(SPLIT, {n: getattr(model, n) for n in ("tower_a", "tower_b", "local_head", "fed_head")},
+             config, SCHEMAS, CONFIG, "test", {"val_auc": 0.5})  # fmt: skip
+    loaded, artifact = load_split(tmp_path / "split.safetensors")
+    batch = _batch()
+    assert torch.allclose(loaded(*batch)[1], model(*batch)[1])
+    assert artifact.extra["schema"]["passive"]["numeric"] == ["b1"] and artifact.extra["party"] == "both"
+
+    student = LocalModel(SCHEMAS["active"], CONFIG).eval()
+    config = SplitConfig(
+        active=tmp_path / "a.csv", passive=tmp_path / "b.csv", out=tmp_path / "local.safetensors"
+    )
+    save_vfl(LOCAL, {"tower_a": student.tower_a, "local_head": student.local_head}, config,
+             {"active": SCHEMAS["active"]}, CONFIG, "test", {})  # fmt: skip
+    loaded_student, artifact = load_local(tmp_path / "local.safetensors")
+    assert torch.allclose(loaded_student(*batch[:2]), student(*batch[:2]))
+    assert artifact.party == "active" and "passive" not in artifact.extra["schema"]
+    with pytest.raises(UserError, match="expected a vfl.split artifact, got vfl.local"):
+        load_split(tmp_path / "local.safetensors")
+
+
+def test_intercept_shift_calibrates_the_mean_prediction() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1000) - 3.0
+    labels = (torch.rand(1000) < 0.3).float()
+    shift = intercept_shift(logits, labels)
+    assert abs(torch.sigmoid(logits + shift).mean().item() - labels.mean().item()) < 1e-4
+
+
+def test_binary_metrics() -> None:
+    result = binary_metrics([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8])
+    assert result["auc"] == 1.0 and 0 < result["logloss"] < 0.25
+    assert binary_metrics([0, 0], [0.1, 0.2])["auc"] is None
