@@ -65,8 +65,8 @@ def _load(builder: str, files: list[Path], path: Path, role: str) -> pa.Table:
     from datasets.exceptions import DatasetsError
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    # Read failures become one UserError line below; datasets' own log lines would repeat them.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL + 1)
     try:
         dataset = datasets.load_dataset(
             builder,
