@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ from kedit_vfl.vfl.mpd import pretrain_mpd  # noqa: E402
 from kedit_vfl.vfl.score import score  # noqa: E402
 from kedit_vfl.vfl.split import train_split  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "vfl"
+SHARED = Path(os.environ.get("KVTOOL_SHARED_VFL", ROOT.parent / "shared" / "data" / "vfl"))
 PRESETS = {
     "embedded": {"label_col": "y", "categorical": ""},
     "give_credit": {
@@ -176,6 +177,8 @@ def run_seed(args: argparse.Namespace, paths: dict, seed: int, folder: Path) -> 
         if name == "VFed-SSD":
             evaluate("ablation: split local branch, no distillation", "local", split)
 
+    if args.no_ceiling:
+        return out
     pooled = folder / "pooled.safetensors"
     pooled_common = replace_paths(common, paths["pooled_active_train"], paths["pooled_passive_train"])
     train_split(SplitConfig(**pooled_common, aux_weight=0.0, out=pooled))
@@ -199,6 +202,8 @@ def summarise(results: list[dict], args: argparse.Namespace, seconds: float) -> 
         "| --- | --- | --- | --- |",
     ]
     for name, mode in METHODS:
+        if (name, mode) not in results[0]:
+            continue
         auc, auc_sd = stats(name, mode, "auc")
         ll, ll_sd = stats(name, mode, "logloss")
         lines.append(f"| {name} | {mode} | {auc:.4f} ± {auc_sd:.4f} | {ll:.4f} ± {ll_sd:.4f} |")
@@ -221,7 +226,10 @@ def summarise(results: list[dict], args: argparse.Namespace, seconds: float) -> 
 
 
 def settings(args: argparse.Namespace) -> str:
-    keys = ("objective", "negatives", "mpd_weight", "init_lr_scale", "aux_weight", "kd_weight", "temperature")
+    keys = (
+        "objective", "negatives", "mpd_weight", "init_lr_scale", "aux_weight", "kd_weight", "temperature",
+        "kd_local_rows",
+    )  # fmt: skip
     return ", ".join(f"{k}={getattr(args, k)}" for k in keys)
 
 
@@ -247,6 +255,10 @@ def main() -> None:
     parser.add_argument("--aux-weight", type=float, default=SplitConfig.aux_weight)
     parser.add_argument("--kd-weight", type=float, default=DistillConfig.kd_weight)
     parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
+    parser.add_argument(
+        "--kd-local-rows", action="store_true", help="distil the local branch on active-only rows"
+    )
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the pooled ceiling (quicker sweeps)")
     parser.add_argument(
         "--out", type=Path, help="markdown file [default: benchmarks/results/vfl_quality_NAME.md]"
     )

@@ -257,6 +257,12 @@ def distill_command(
     kd_weight: Annotated[
         float, typer.Option("--kd-weight", help="lambda: weight of KD against the label BCE.")
     ] = 0.5,
+    kd_local_rows: Annotated[
+        bool,
+        typer.Option(
+            "--kd-local-rows", help="Also distil the teacher's local branch on rows without the publisher."
+        ),
+    ] = False,
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
@@ -279,6 +285,7 @@ def distill_command(
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
         temperature=temperature,
         kd_weight=kd_weight,
+        kd_local_rows=kd_local_rows,
         val_fraction=val_fraction,
         seed=seed,
         device=device,

@@ -116,6 +116,7 @@ class DistillConfig(TrainOptions):
     model: ModelConfig = field(default_factory=ModelConfig)  # only used without a teacher
     temperature: float = 1.0
     kd_weight: float = 0.5
+    kd_local_rows: bool = False
     batch_size: int = 256
     out: Path = field(default_factory=lambda: default_output("local.safetensors"))
 

@@ -2,8 +2,9 @@
 
 The student (``f_A`` then ``l_L``, initialised from the teacher's local branch) trains
 on ALL the active party's rows: soft targets from the teacher in federated mode where
-the publisher holds the row, from the teacher's local branch elsewhere, and the hard
-label where one exists; loss ``kd_weight * KD + (1 - kd_weight) * BCE``.
+the publisher holds the row (with ``kd_local_rows``, from the teacher's local branch
+elsewhere too), and the hard label where one exists;
+loss ``kd_weight * KD + (1 - kd_weight) * BCE``.
 Without a teacher the same code trains the local-only baseline on the labelled rows.
 """
 
@@ -19,8 +20,8 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.config import DistillConfig
-from kedit_vfl.vfl.data import holdout_mask, load_two_party
-from kedit_vfl.vfl.model import LocalModel
+from kedit_vfl.vfl.data import TwoPartyData, holdout_mask, load_two_party
+from kedit_vfl.vfl.model import LocalModel, SplitModel
 from kedit_vfl.vfl.split import labelled_split
 from kedit_vfl.vfl.store import LOCAL, load_split, model_config_of, save_vfl, schemas_of
 from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, predict, shift_bias
@@ -33,10 +34,16 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 
 @torch.no_grad()
-def teacher_logits(teacher: torch.nn.Module, data: Any, device: torch.device) -> torch.Tensor:
-    """(N_active,) teacher logits: federated where the passive row exists, local branch elsewhere."""
+def teacher_logits(
+    teacher: SplitModel, data: TwoPartyData, device: torch.device, local_rows: bool
+) -> torch.Tensor:
+    """(N_active,) teacher logits: federated where the passive row exists; elsewhere the
+    teacher's local branch (``local_rows``) or NaN (no soft target)."""
     a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
-    out = predict(lambda i: teacher.local_logit(a_num[i], a_cat[i]), len(data.active))
+    if local_rows:
+        out = predict(lambda i: teacher.local_logit(a_num[i], a_cat[i]), len(data.active))
+    else:
+        out = torch.full((len(data.active),), float("nan"))
     rows_a = data.rows_a.to(device)
     b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
     fed = predict(lambda i: teacher(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1], len(rows_a))
@@ -68,8 +75,8 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         train_rows, soft = train_labelled, None
     else:
         teacher = teacher.to(device)
-        soft = teacher_logits(teacher, data, device)
-        keep = torch.ones(len(data.active), dtype=torch.bool)
+        soft = teacher_logits(teacher, data, device, config.kd_local_rows)
+        keep = ~torch.isnan(soft) | ~torch.isnan(data.labels)  # a soft target or a label
         keep[val_rows] = False
         train_rows = torch.nonzero(keep).squeeze(1)
     if len(train_rows) < 2:
@@ -99,7 +106,13 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         )
         if soft is None:
             return hard
-        return lam * kd_loss(logit, soft[rows], config.temperature) + (1 - lam) * hard
+        taught = ~torch.isnan(soft[rows])
+        kd = (
+            kd_loss(logit[taught], soft[rows][taught], config.temperature)
+            if taught.any()
+            else 0.0 * logit.sum()
+        )
+        return lam * kd + (1 - lam) * hard
 
     def evaluate() -> dict[str, float]:
         rows = val_rows.to(device)

@@ -53,17 +53,23 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     if config.mode == "local":
         artifact = load_artifact(model_path, (LOCAL, SPLIT))
         if artifact.kind == SPLIT:
-            local_fn, used = split_from(artifact).local_logit, "split local branch"
+            local_fn, used = split_from(artifact).to(device).local_logit, "split local branch"
         else:
-            local_fn, used = local_from(artifact), "student"
+            local_fn, used = local_from(artifact).to(device), "student"
         split = None
     else:
         split, artifact = load_split(model_path)
         fallback = _fallback_path(config, model_path, artifact.sha256)
+        split.to(device)
         local_fn, used = split.local_logit, "split local branch"
         if fallback is not None:
-            local_fn, _ = load_local(fallback)
-            used = f"student {fallback}"
+            student, student_artifact = load_local(fallback)
+            if student_artifact.extra["schema"]["active"] != artifact.extra["schema"]["active"]:
+                raise UserError(
+                    f"{fallback}: this fallback model's feature schema differs from {model_path}'s; "
+                    "use a student distilled from that split model"
+                )
+            local_fn, used = student.to(device), f"student {fallback}"
     passive = config.passive
     if config.mode == "federated" and passive is None:
         if config.active != embedded("active_test.csv"):
@@ -82,9 +88,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     federated = data.overlapped if split is not None else torch.zeros(n, dtype=torch.bool)
     local_rows = torch.nonzero(~federated).squeeze(1).to(device)
     with torch.no_grad(), reporter.task("scoring", total=None):
-        local_fn = local_fn.to(device) if isinstance(local_fn, torch.nn.Module) else local_fn
         if split is not None:
-            split.to(device)
             rows_a = data.rows_a.to(device)
             b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
             fed = predict(
