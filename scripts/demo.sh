@@ -4,7 +4,8 @@
 set -euo pipefail
 echo "== VFed-SSD on the embedded two-party demo data ==" >&2
 kvtool vfl pretrain-mpd
-kvtool vfl train-split
+# --init picks up the MPD towers (without it train-split starts from scratch: vanilla VFL).
+kvtool vfl train-split --init "${KVTOOL_RUNS:-runs}/vfl/mpd.safetensors"
 kvtool vfl distill
 kvtool vfl score --mode local
 kvtool vfl score --mode federated
