@@ -169,7 +169,12 @@ def run_seed(args: argparse.Namespace, paths: dict, seed: int, folder: Path) -> 
         train_split(SplitConfig(**common, aux_weight=args.aux_weight, out=split, **options))
         distill(
             DistillConfig(
-                **common, teacher=split, kd_weight=args.kd_weight, temperature=args.temperature, out=student
+                **common,
+                teacher=split,
+                kd_weight=args.kd_weight,
+                temperature=args.temperature,
+                kd_local_rows=args.kd_local_rows,
+                out=student,
             )
         )
         evaluate(name, "local", student)
