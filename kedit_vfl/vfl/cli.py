@@ -205,7 +205,7 @@ def train_split_command(
     ] = 0.0,
     init_lr_scale: Annotated[
         float, typer.Option("--init-lr-scale", help="Learning-rate factor for towers pretrained by MPD.")
-    ] = 1.0,
+    ] = 0.3,
     hidden: HiddenOption = 64,
     out_dim: EmbDimOption = 32,
     epochs: EpochsOption = None,

@@ -95,7 +95,7 @@ class SplitConfig(TrainOptions):
     model: ModelConfig = field(default_factory=ModelConfig)
     aux_weight: float = 0.5
     mpd_weight: float = 0.0
-    init_lr_scale: float = 1.0
+    init_lr_scale: float = 0.3
     batch_size: int = 64
     out: Path = field(default_factory=lambda: default_output("split.safetensors"))
 
