@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.csv as pacsv
 import torch
 import torch.nn.functional as F
@@ -129,11 +130,18 @@ def kvtool(*args: str, cache: Path, cwd: Path) -> tuple[float, dict]:
 
 
 def bench_scoring(rows: int, folder: Path) -> dict:
-    small = folder / "small"
+    big = folder / "big"
+    big.mkdir()
+    active, passive = write_tables(rows, big, labelled=0.5)
+    small = folder / "small"  # the models learn on the first 20,000 users of the same population
     small.mkdir()
-    train_a, train_p = write_tables(20_000, small, labelled=0.3)
+    head = pacsv.read_csv(active).slice(0, 20_000)
+    keep = pa.compute.is_in(pacsv.read_csv(passive)["id"], value_set=head["id"].combine_chunks())
+    pacsv.write_csv(head, small / "active.csv")
+    pacsv.write_csv(pacsv.read_csv(passive).filter(keep), small / "passive.csv")
+    train_a, train_p = small / "active.csv", small / "passive.csv"
     split = SplitConfig(
-        active=train_a, passive=train_p, epochs=2, out=small / "split.safetensors", device="cpu"
+        active=train_a, passive=train_p, epochs=5, out=small / "split.safetensors", device="cpu"
     )
     train_split(split)
     distill(
@@ -141,14 +149,11 @@ def bench_scoring(rows: int, folder: Path) -> dict:
             active=train_a,
             passive=train_p,
             teacher=split.out,
-            epochs=2,
+            epochs=5,
             out=small / "local.safetensors",
             device="cpu",
         )
     )
-    big = folder / "big"
-    big.mkdir()
-    active, passive = write_tables(rows, big, labelled=0.5)
     os.environ["KVTOOL_CACHE"] = str(folder / "cache_read")
     start = time.perf_counter()
     table = read_table(active)

@@ -87,7 +87,10 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     towers = [*model.tower_a.parameters(), *model.tower_b.parameters()]
     heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
-    groups = [{"params": towers, "lr": config.lr * scale}, {"params": heads, "lr": config.lr}]
+    # One group when nothing is pretrained: fewer optimizer passes per step.
+    groups = [{"params": towers + heads, "lr": config.lr}]
+    if scale != 1.0:
+        groups = [{"params": towers, "lr": config.lr * scale}, {"params": heads, "lr": config.lr}]
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -96,18 +99,22 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
 
     def logits(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local logits for ``rows`` (B,), full logits for their overlapped ones (B_ov,), the mask."""
-        overlapped = b_row[rows] >= 0
-        partner = b_row[rows[overlapped]]
+        partner = b_row[rows]
+        overlapped = partner >= 0
+        if bool(overlapped.all()):  # the common case: no masking needed
+            local, full = model(a_num[rows], a_cat[rows], b_num[partner], b_cat[partner])
+            return local, full, overlapped
+        partner = partner[overlapped]
         local, full = model.partial(a_num[rows], a_cat[rows], overlapped, b_num[partner], b_cat[partner])
         return local, full, overlapped
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         local, full, overlapped = logits(rows)
-        loss = (
-            F.binary_cross_entropy_with_logits(full, y[rows][overlapped]) if overlapped.any() else full.sum()
-        )
+        target = y[rows]
+        full_target = target if len(full) == len(target) else target[overlapped]
+        loss = F.binary_cross_entropy_with_logits(full, full_target) if len(full) else full.sum()
         if config.aux_weight > 0:
-            loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, y[rows])
+            loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, target)
         return loss
 
     def step_loss(index: torch.Tensor) -> torch.Tensor:
