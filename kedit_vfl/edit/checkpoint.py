@@ -99,21 +99,24 @@ def open_editor_base(
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Adam's state as flat tensors plus JSON (safetensors holds tensors only)."""
+    """Adam's state as flat 1-D+ tensors plus JSON (safetensors holds tensors only)."""
     state = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
     for index, entry in state["state"].items():
-        meta["state"][str(index)] = []
+        meta["state"][str(index)] = {}
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optim/{index}/{key}"] = value
-                meta["state"][str(index)].append(key)
+                tensors[f"optim/{index}/{key}"] = value.reshape(-1) if value.dim() == 0 else value
+                meta["state"][str(index)][key] = value.dim() == 0  # scalar: reshape back on restore
     return tensors, meta
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state = {
-        int(index): {key: tensors[f"optim/{index}/{key}"] for key in keys}
+        int(index): {
+            key: tensors[f"optim/{index}/{key}"].reshape(()) if scalar else tensors[f"optim/{index}/{key}"]
+            for key, scalar in keys.items()
+        }
         for index, keys in meta["state"].items()
     }
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -36,7 +36,7 @@ class RunningNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.float64))  # 1-D: artifacts hash bytes
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("m2", torch.zeros(dim))
 
@@ -48,18 +48,19 @@ class RunningNorm(nn.Module):
             return
         batch_mean = values.mean(0)
         batch_m2 = ((values - batch_mean) ** 2).sum(0)
-        total = self.count + n
+        count = float(self.count)
+        total = count + n
         diff = batch_mean - self.mean
-        self.mean += diff * float(n / total)
-        self.m2 += batch_m2 + diff**2 * float(self.count * n / total)
-        self.count.copy_(total)
+        self.mean += diff * (n / total)
+        self.m2 += batch_m2 + diff**2 * (count * n / total)
+        self.count.fill_(total)
 
     @property
     def std(self) -> torch.Tensor:
-        return (self.m2 / (self.count - 1).clamp(min=1)).sqrt().float()
+        return (self.m2 / max(float(self.count) - 1, 1.0)).sqrt()
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        if self.count < 2:  # no statistics yet: pass through (identity)
+        if float(self.count) < 2:  # no statistics yet: pass through (identity)
             return values
         return (values - self.mean) / (self.std + self.eps)
 
