@@ -108,7 +108,7 @@ def _content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -88,3 +88,12 @@ def test_not_an_artifact(tmp_path: Path) -> None:
         load_artifact(tmp_path / "x.safetensors")
     with pytest.raises(UserError, match="no such file"):
         load_artifact(tmp_path / "missing.safetensors")
+
+
+def test_scalar_and_bfloat16_tensors_round_trip(tmp_path: Path) -> None:
+    artifact = _artifact()
+    artifact.tensors["count"] = torch.tensor(3.0, dtype=torch.float64)
+    artifact.tensors["half"] = torch.ones(2, dtype=torch.bfloat16)
+    save_artifact(artifact, tmp_path / "s.safetensors")
+    loaded = load_artifact(tmp_path / "s.safetensors")
+    assert loaded.tensors["count"].item() == 3.0 and loaded.tensors["half"].dtype == torch.bfloat16
