@@ -273,6 +273,10 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, help="markdown file [default: benchmarks/results/vfl_quality_NAME.md]"
     )
+    parser.add_argument("--raw", type=Path, help="also write the per-seed results as JSON here")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", help="summarise earlier --raw files instead of running"
+    )
     args = parser.parse_args()
     for key, value in PRESETS.get(args.dataset, {}).items():
         if getattr(args, key, None) is None:
