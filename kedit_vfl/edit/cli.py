@@ -66,6 +66,12 @@ def _world(seed: int, countries: int | None, people: int | None, recent: int | N
     return WorldOptions(seed=seed, sizes=tuple((k, v) for k, v in sizes.items() if v is not None))
 
 
+def _holdout(value: str | None, tasks: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None if "zsre" in tasks else "zsre"
+    return None if value.lower() == "none" else value
+
+
 def _metric_rows(summary: dict[str, Any], holdout: str | None = None) -> list[list[Any]]:
     rows = []
     for task, values in [*summary["tasks"].items(), ("overall", summary["overall"])]:
@@ -88,8 +94,11 @@ def train_editor_command(
         DEFAULT_TRAIN_TASKS
     ),
     holdout: Annotated[
-        str, typer.Option("--holdout", help="Task kept out of training ('none' for none).")
-    ] = "zsre",
+        Optional[str],
+        typer.Option(
+            "--holdout", help="Task kept out of training ('none' for none; default zsre unless trained)."
+        ),
+    ] = None,
     no_instructions: Annotated[
         bool, typer.Option("--no-instructions", help="Multi-task MEND baseline: no instruction prefix.")
     ] = False,
@@ -147,7 +156,7 @@ def train_editor_command(
         dtype=dtype,
         data=tuple(str(p) for p in data or ()),
         tasks=_split(tasks),
-        holdout=None if holdout.lower() == "none" else holdout,
+        holdout=_holdout(holdout, _split(tasks)),
         instructions=not no_instructions,
         instructions_file=str(instructions) if instructions else None,
         steps=steps,

@@ -61,8 +61,8 @@ class TrainConfig:
     holdout: str | None = "zsre"
     instructions: bool = True
     instructions_file: str | None = None
-    steps: int = 3000
-    batch_size: int = 8  # edit records per meta-training step (their updates sum)
+    steps: int = 4000
+    batch_size: int = 1  # edit records per meta-training step (their updates sum)
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-3  # Adam, per-layer step sizes
     c_edit: float = 0.1
@@ -70,7 +70,7 @@ class TrainConfig:
     use_rephrase: bool = True
     val_every: int = 250
     val_records: int = 64  # per task
-    patience: int = 4  # validations without improvement before stopping
+    patience: int = 6  # validations without improvement before stopping
     seed: int = 0
     world: WorldOptions = field(default_factory=WorldOptions)
     editor: EditorConfig = field(default_factory=EditorConfig)

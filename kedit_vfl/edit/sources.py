@@ -35,8 +35,12 @@ def open_base(
 ) -> tuple[BaseModel, dict[str, Any]]:
     """The base model and how to find it again (stored in the editor artifact)."""
     if model == EMBEDDED:
-        source = str(embedded_world(world, reporter).model_dir)
-        info: dict[str, Any] = {"model": EMBEDDED, "world": {"seed": world.seed, "sizes": dict(world.sizes)}}
+        built = embedded_world(world, reporter)
+        source = str(built.model_dir)
+        info: dict[str, Any] = {
+            "model": EMBEDDED,
+            "world": {"seed": world.seed, "sizes": dict(world.sizes), "hash": built.manifest.get("hash")},
+        }
     else:
         source, info = model, {"model": model}
     base = load_base_model(source, device, dtype, editor.layers, editor.n_blocks, reporter)

@@ -157,7 +157,8 @@ class _Trainer:
         self.editor = editor
         hyper = [p for name, p in editor.named_parameters() if name != "alpha"]
         self.optimizer = torch.optim.Adam(
-            [{"params": hyper, "lr": config.lr}, {"params": [editor.alpha], "lr": config.lr_alpha}]
+            [{"params": hyper, "lr": config.lr}, {"params": [editor.alpha], "lr": config.lr_alpha}],
+            foreach=True,
         )
         self.checkpoint = _checkpoint_path(out) if out is not None else None
         self.step = 0
