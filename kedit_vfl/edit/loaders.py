@@ -111,6 +111,22 @@ def records_to_dataset(records: Sequence[EditRecord]):
     return Dataset.from_list(rows, features=features)
 
 
+def true_facts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
+    """What a base model should know before these edits: ``(prompt, answer)`` pairs, deduplicated.
+
+    The edit prompt and its rephrases with the ground truth (where known) and every
+    locality probe. Portability answers follow from the edit, so they are left out.
+    """
+    facts: dict[tuple[str, str], None] = {}
+    for record in records:
+        if record.ground_truth:
+            for prompt in (record.prompt, *record.rephrase):
+                facts[(prompt, record.ground_truth)] = None
+        for probe in record.locality:
+            facts[(probe.prompt, probe.answer)] = None
+    return list(facts)
+
+
 def _expand(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
@@ -351,6 +367,11 @@ def _from_normalised(item: dict, where: str, task: str | None, index: int) -> Ed
     data = dict(item)
     if task is not None:
         data["task"] = task
+    if isinstance(data.get("extra"), str):  # tables store it as JSON (see records_to_dataset)
+        try:
+            data["extra"] = json.loads(data["extra"] or "{}")
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: 'extra' is not valid JSON ({exc.msg})") from exc
     return EditRecord.from_dict(data, where=where)
 
 
