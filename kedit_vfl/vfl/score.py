@@ -95,9 +95,12 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
                 lambda i: split(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1], len(rows_a)
             )
             logits[data.rows_a] = fed
-        logits[local_rows.cpu()] = predict(
-            lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]), len(local_rows)
-        )
+        if len(local_rows) == n:  # every row local: contiguous slices, no gather
+            logits = predict(lambda i: local_fn(a_num[i], a_cat[i]), n)
+        else:
+            logits[local_rows.cpu()] = predict(
+                lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]), len(local_rows)
+            )
     probs = torch.sigmoid(logits).numpy()
     out = config.out or default_output(f"scores_{config.mode}.csv")
     mode_used = np.where(federated.numpy(), "federated", "local")

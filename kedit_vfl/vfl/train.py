@@ -77,11 +77,9 @@ def single_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 65_536) -> torch.Tensor:
-    """``fn(index)`` over ``range(n)`` in large batches; logits concatenated on the CPU."""
-    out = [
-        fn(torch.arange(start, min(start + batch_size, n))).float().cpu() for start in range(0, n, batch_size)
-    ]
+def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 65_536) -> torch.Tensor:
+    """``fn(rows)`` over ``range(n)`` in large slices; logits concatenated on the CPU."""
+    out = [fn(slice(start, min(start + batch_size, n))).float().cpu() for start in range(0, n, batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
