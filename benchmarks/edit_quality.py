@@ -180,31 +180,24 @@ def embedded_part(seeds: list[int], steps: int, workers: int) -> None:
     )
 
 
-def _real_records() -> dict[str, list[Any]]:
+def _real_records(per_task: int) -> dict[str, list[Any]]:
+    """The first ``per_task`` records of each sample file, in upstream order."""
     from kedit_vfl.edit.loaders import load_records
 
-    return {task: list(load_records([SHARED / name], task=task)) for task, name in REAL_FILES.items()}
+    return {
+        task: list(load_records([SHARED / name], task=task))[:per_task] for task, name in REAL_FILES.items()
+    }
 
 
-def _facts(records: dict[str, list[Any]]) -> list[tuple[str, str]]:
-    """The true facts of every record: prompt + ground truth, and the locality facts."""
-    facts = set()
-    for items in records.values():
-        for r in items:
-            if r.ground_truth:
-                facts.add((r.prompt, str(r.ground_truth)))
-            facts.update((p.prompt, p.answer) for p in r.locality)
-    return sorted(facts)
-
-
-def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int) -> None:
+def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, per_task: int) -> None:
     import torch
 
+    from kedit_vfl.edit.loaders import true_facts
     from kedit_vfl.edit.pretrain import PretrainConfig, pretrain_on_facts
 
     torch.set_num_threads(max(1, workers))
-    records = _real_records()
-    facts = _facts(records)
+    records = _real_records(per_task)
+    facts = true_facts([r for items in records.values() for r in items])
     root = Path(tempfile.mkdtemp(prefix="kvtool-real-"))
     started = time.perf_counter()
     _, _, pre = pretrain_on_facts(
@@ -230,7 +223,9 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int) 
     aggregate = _aggregate(runs)
     notes = [
         f"Base model: GPT-2 (pretrain.py defaults) pretrained from scratch on {len(facts)} true facts of the "
-        f"samples in ../shared/data/edit: {pre.accuracy:.3f} of them exactly right after {pre.epochs} epochs "
+        f"first {per_task} records per task of the samples in ../shared/data/edit: "
+        f"{pre.accuracy:.3f} of them "
+        f"exactly right after {pre.epochs} epochs "
         f"({pretrain_s:.0f} s).",
         f"Editor trained on {', '.join(TRAIN_TASKS)} ({len(train)} records, 80%; 10% of them for "
         f"validation), tested on the other 20% and on all {len(test[HOLDOUT])} ZsRE records (held out). "
@@ -259,6 +254,9 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel training processes")
     parser.add_argument("--pretrain-epochs", type=int, default=400)
+    parser.add_argument(
+        "--real-records", type=int, default=200, help="first N records per task of each sample"
+    )
     args = parser.parse_args()
     from kedit_vfl.edit.config import TrainConfig
 
@@ -266,7 +264,7 @@ def main() -> None:
     if args.part in ("embedded", "all"):
         embedded_part(args.seeds, steps, args.jobs)
     if args.part in ("real", "all"):
-        real_part(args.seeds, steps, args.jobs, args.pretrain_epochs)
+        real_part(args.seeds, steps, args.jobs, args.pretrain_epochs, args.real_records)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,9 @@ def evaluate_command(
     unseen_instruction: Annotated[
         bool, typer.Option("--unseen-instruction", help="Use each task's held-out description.")
     ] = False,
+    no_prefix: Annotated[
+        bool, typer.Option("--no-prefix", help="Ablation: edit without the instruction prefix.")
+    ] = False,
     sequential: Annotated[
         int, typer.Option("--sequential", help="Apply N edits in a row without rollback (0: one at a time).")
     ] = 0,
@@ -315,6 +318,7 @@ def evaluate_command(
         task=task,
         instruction_index=instruction_index,
         unseen_instruction=unseen_instruction,
+        no_prefix=no_prefix,
         sequential=sequential,
         limit=limit,
     )

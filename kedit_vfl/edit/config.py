@@ -108,6 +108,7 @@ class EvalConfig:
     task: str | None = None
     instruction_index: int = 0
     unseen_instruction: bool = False
+    no_prefix: bool = False  # ablation: edit inputs without the instruction prefix
     sequential: int = 0  # 0: one edit at a time with rollback
     limit: int | None = None  # records per task
     seed: int = 0
@@ -119,6 +120,8 @@ class EvalConfig:
             raise UserError(f"--instruction-index {self.instruction_index}: must be >= 0")
         if self.sequential < 0:
             raise UserError(f"--sequential {self.sequential}: must be >= 0")
+        if self.no_prefix and self.unseen_instruction:
+            raise UserError("--no-prefix and --unseen-instruction exclude each other")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"--limit {self.limit}: must be positive")
 

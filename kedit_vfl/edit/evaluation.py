@@ -153,7 +153,8 @@ def evaluate_editor(
     loaded = load_editor(editor_path)
     base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
     records = evaluation_records(config, loaded, reporter)
-    prompter = Prompter(loaded.pools, index=config.instruction_index, unseen=config.unseen_instruction)
+    pools = None if config.no_prefix else loaded.pools
+    prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
     seed_everything(config.seed)
     result = evaluate(loaded.editor, base, records, prompter, config.sequential, reporter)
     return {
@@ -165,5 +166,6 @@ def evaluate_editor(
             "sequential": config.sequential,
             "instruction_index": config.instruction_index,
             "unseen_instruction": config.unseen_instruction,
+            "no_prefix": config.no_prefix,
         },
     }

@@ -98,6 +98,9 @@ def test_evaluate_sequential_and_instruction_options(gpt2_editor: Path, edit_fil
     sequential = kvtool_json(*base, "--sequential", "3")
     unseen = kvtool_json(*base, "--unseen-instruction")
     other = kvtool_json(*base, "--instruction-index", "2")
+    plain = kvtool_json(*base, "--no-prefix")
+    assert plain["protocol"]["no_prefix"] is True
+    assert plain["overall"]["pre_locality"] == 1.0
     assert single["protocol"]["sequential"] == 0 and sequential["protocol"]["sequential"] == 3
     assert unseen["protocol"]["unseen_instruction"] is True
     assert list(single["tasks"]) == ["counterfact"]
