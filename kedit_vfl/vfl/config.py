@@ -139,7 +139,7 @@ class ScoreConfig:
     fallback: Path | None = None
     id_col: str = "id"
     label_col: str = "y"
-    batch_size: int = 65_536
+    batch_size: int = 4096
     device: str = "auto"
     out: Path | None = None
 

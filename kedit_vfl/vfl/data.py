@@ -111,6 +111,8 @@ def read_ids(table: pa.Table, id_col: str, path: Path | str) -> pa.ChunkedArray:
     ids = as_strings(require_column(table, id_col, path, "id"))
     if ids.null_count:
         raise UserError(f"{path}: {ids.null_count} rows have no id in column '{id_col}'")
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return ids
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):

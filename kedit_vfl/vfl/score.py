@@ -92,14 +92,18 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
             rows_a = data.rows_a.to(device)
             b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
             fed = predict(
-                lambda i: split(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1], len(rows_a)
+                lambda i: split(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1],
+                len(rows_a),
+                config.batch_size,
             )
             logits[data.rows_a] = fed
         if len(local_rows) == n:  # every row local: contiguous slices, no gather
-            logits = predict(lambda i: local_fn(a_num[i], a_cat[i]), n)
+            logits = predict(lambda i: local_fn(a_num[i], a_cat[i]), n, config.batch_size)
         else:
             logits[local_rows.cpu()] = predict(
-                lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]), len(local_rows)
+                lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]),
+                len(local_rows),
+                config.batch_size,
             )
     probs = torch.sigmoid(logits).numpy()
     out = config.out or default_output(f"scores_{config.mode}.csv")

@@ -77,9 +77,16 @@ def single_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 65_536) -> torch.Tensor:
-    """``fn(rows)`` over ``range(n)`` in large slices; logits concatenated on the CPU."""
-    out = [fn(slice(start, min(start + batch_size, n))).float().cpu() for start in range(0, n, batch_size)]
+def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 4096) -> torch.Tensor:
+    """``fn(rows)`` over ``range(n)`` in slices; logits concatenated on the CPU.
+
+    Slices of a few thousand rows keep these small networks' activations in cache, and
+    one thread avoids waking workers for matrices this size (both measured faster).
+    """
+    with single_thread():
+        out = [
+            fn(slice(start, min(start + batch_size, n))).float().cpu() for start in range(0, n, batch_size)
+        ]
     return torch.cat(out) if out else torch.zeros(0)
 
 
