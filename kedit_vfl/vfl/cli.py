@@ -21,7 +21,11 @@ from kedit_vfl.vfl.demo import DemoConfig, write_demo
 from kedit_vfl.vfl.model import ModelConfig
 
 app = typer.Typer(
-    help="Vertical federated learning (VFed-SSD): MPD pretraining, split training, distillation, scoring.",
+    help=(
+        "Vertical federated learning (VFed-SSD): MPD pretraining, split training, distillation, scoring.\n\n"
+        "Example: kvtool vfl pretrain-mpd && kvtool vfl train-split --init runs/vfl/mpd.safetensors "
+        "&& kvtool vfl distill && kvtool vfl score --mode federated"
+    ),
     no_args_is_help=True,
 )
 

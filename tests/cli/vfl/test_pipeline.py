@@ -109,8 +109,8 @@ def test_make_demo_and_help(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "active_test.csv", "active_train.csv", "passive_test.csv", "passive_train.csv",
     ]  # fmt: skip
-    for command in ("make-demo", "pretrain-mpd", "train-split", "distill", "score"):
-        help_text = kvtool("vfl", command, "--help")
+    for command in ("make-demo", "pretrain-mpd", "train-split", "distill", "score", None):
+        help_text = kvtool("vfl", *([command] if command else []), "--help")
         assert help_text.exit_code == 0 and "Example:" in help_text.stdout
 
 
