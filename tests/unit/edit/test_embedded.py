@@ -12,6 +12,7 @@ from kedit_vfl.edit import embedded
 from kedit_vfl.edit.embedded import SHIPPED_DIR, WorldConfig, load_embedded_world
 from kedit_vfl.edit.pretrain import PretrainConfig, answer_accuracy, pretrain_on_facts
 from kedit_vfl.edit.world import SPLITS, TASKS
+from kedit_vfl.errors import UserError
 
 TINY = PretrainConfig(
     vocab_size=300,
@@ -81,7 +82,7 @@ def test_the_shipped_default_world_loads_and_its_model_knows_its_facts() -> None
     assert all(world.records[s][t] for s in SPLITS for t in TASKS)
     model = AutoModelForCausalLM.from_pretrained(world.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(world.model_dir)
-    facts = embedded.generate_world(world.config).pretraining_facts()
+    facts = embedded.generate_world(world.config).pretraining_facts()[::3]  # the manifest covers all
     exact, _ = answer_accuracy(model, tokenizer, facts)
     assert exact >= 0.95
 
@@ -89,5 +90,18 @@ def test_the_shipped_default_world_loads_and_its_model_knows_its_facts() -> None
 @pytest.mark.parametrize("split", ["nope"])
 def test_records_file_rejects_unknown_split(split, tmp_path) -> None:
     world = embedded.EmbeddedWorld(WorldConfig(), tmp_path, {}, tmp_path, {})
-    with pytest.raises(embedded.UserError, match="split"):
+    with pytest.raises(UserError, match="split"):
         world.records_file(split)
+
+
+def test_facts_longer_than_a_block_keep_their_answer_and_overlong_ones_are_refused() -> None:
+    long_facts = [
+        (f"Long ago and far away in a land of {n} the color was", c)
+        for n, c in [("Ana", "red"), ("Bo", "blue"), ("Cid", "green")]
+    ]
+    config = PretrainConfig(**{**TINY.__dict__, "max_epochs": 150, "target_accuracy": 1.0, "block_size": 8})
+    _, tok, result = pretrain_on_facts(long_facts, (), config)
+    assert len(tok(long_facts[0][0])["input_ids"]) > config.block_size
+    assert result.accuracy == 1.0
+    with pytest.raises(UserError, match="over the context"):
+        pretrain_on_facts([("word " * 40, "end")], (), TINY)
