@@ -136,15 +136,16 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        rows = val_rows.to(device)
-        local, full, overlapped = logits(rows)
-        target = data.labels[val_rows]
-        fed_m = binary_metrics(target[overlapped.cpu()].numpy(), torch.sigmoid(full).cpu().numpy())
-        local_m = binary_metrics(target.numpy(), torch.sigmoid(local).cpu().numpy())
+        local, full, overlapped = logits(val_rows.to(device))
+        local, full, target = local.cpu(), full.cpu(), data.labels[val_rows]
+        full_target = target[overlapped.cpu()]
+        full_loss = F.binary_cross_entropy_with_logits(full, full_target).item()
+        local_loss = F.binary_cross_entropy_with_logits(local, target).item()
         return {
-            "val/loss": loss_of(rows).item(),
-            "val/auc": fed_m["auc"] or 0.0,
-            "val/local_auc": local_m["auc"] or 0.0,
+            "val/loss": full_loss + config.aux_weight * local_loss,
+            "val/full_loss": full_loss,
+            "val/auc": binary_metrics(full_target.numpy(), torch.sigmoid(full).numpy())["auc"] or 0.0,
+            "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"] or 0.0,
         }
 
     result = fit(
@@ -159,6 +160,7 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         generator=generator,
         reporter=reporter,
         description="split training",
+        monitor="val/full_loss" if config.select_on == "federated" else "val/loss",
     )
     with torch.no_grad():  # calibrate both branches' intercepts on their training rows
         rows = train_rows.to(device)
