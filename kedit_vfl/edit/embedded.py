@@ -31,7 +31,15 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.paths import PROJECT_DATA, cache_dir
 from kedit_vfl.progress import SILENT, Reporter
 
-__all__ = ["TASKS", "SPLITS", "WorldConfig", "EmbeddedWorld", "load_embedded_world", "world_hash"]
+__all__ = [
+    "TASKS",
+    "SPLITS",
+    "WorldConfig",
+    "EmbeddedWorld",
+    "load_embedded_world",
+    "build_world",
+    "world_hash",
+]
 
 # Bump when the generator, the base model recipe or the folder layout changes.
 WORLD_VERSION = 1
@@ -71,15 +79,14 @@ def world_hash(config: WorldConfig, pretrain: PretrainConfig = PRETRAIN) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretraining_texts(seed: int) -> list[str]:
+def pretraining_texts() -> list[str]:
     """Plain-language texts beside the facts: the training instruction descriptions.
 
     A real LLM has read ordinary English before it is edited; this gives the small model
-    the words of the instruction descriptions (placeholders filled with world topics
-    would tie them to entities, so generic fillers are used). Held-out descriptions are
-    left out so that they stay unseen.
+    the words of the instruction descriptions, with generic placeholder fillers (world
+    topics would tie them to entities). Held-out descriptions are left out so that they
+    stay unseen, and no text pairs an instruction with a fact.
     """
-    del seed  # the texts do not depend on the world; kept for a stable signature
     return [fill_placeholders(d) for pool in default_pools().pools.values() for d in pool]
 
 
@@ -101,8 +108,7 @@ def load_embedded_world(
             return _load(root, config, manifest)
     root = cache_dir() / "edit" / key
     reporter.log(f"Building the embedded world (seed {config.seed}) into {root}")
-    _build(config, pretrain, root, reporter, min_accuracy)
-    return _load(root, config, _read_manifest(root) or {})
+    return build_world(config, root, reporter, pretrain, min_accuracy)
 
 
 def _read_manifest(root: Path) -> dict | None:
@@ -133,6 +139,19 @@ def write_records(world: World, folder: Path) -> None:
                     handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
 
 
+def build_world(
+    config: WorldConfig,
+    root: str | Path,
+    reporter: Reporter = SILENT,
+    pretrain: PretrainConfig = PRETRAIN,
+    min_accuracy: float = MIN_FACT_ACCURACY,
+) -> EmbeddedWorld:
+    """Build a world folder at ``root`` (regenerates the shipped one with ``SHIPPED_DIR``)."""
+    root = Path(root)
+    _build(config, pretrain, root, reporter, min_accuracy)
+    return _load(root, config, _read_manifest(root) or {})
+
+
 def _build(
     config: WorldConfig, pretrain: PretrainConfig, root: Path, reporter: Reporter, min_accuracy: float
 ) -> None:
@@ -141,9 +160,7 @@ def _build(
     world = generate_world(config)
     facts = world.pretraining_facts()
     recipe = dataclasses.replace(pretrain, seed=config.seed)
-    model, tokenizer, result = pretrain_on_facts(
-        facts, pretraining_texts(config.seed), recipe, reporter=reporter
-    )
+    model, tokenizer, result = pretrain_on_facts(facts, pretraining_texts(), recipe, reporter=reporter)
     if result.accuracy < min_accuracy:
         raise RuntimeError(
             f"the embedded base model reached only {result.accuracy:.3f} fact accuracy "
@@ -171,9 +188,11 @@ def _build(
             "records": {s: {t: len(world.records[s][t]) for t in TASKS} for s in SPLITS},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if root.exists():  # a concurrent build finished first: keep one, identical by construction
-            shutil.rmtree(tmp)
-            return
+        if root.exists():  # an older or concurrent build: replace it only once this one is complete
+            stale = root.with_name(f".{root.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, root)
     finally:
         if tmp.exists():
