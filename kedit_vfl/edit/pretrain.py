@@ -128,7 +128,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: PretrainConfig) -> G
 def _encode(
     tokenizer: PreTrainedTokenizerFast, texts: list[str], starts: list[int]
 ) -> list[tuple[list, list]]:
-    """Token ids and a 0/1 label mask per text: tokens that start at or after ``starts[i]``."""
+    """Token ids and a 0/1 label mask per text: 1 for tokens that end past ``starts[i]``."""
     if not texts:
         return []
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

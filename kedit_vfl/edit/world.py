@@ -295,7 +295,9 @@ def _other_known_fact(
     return _fact_prompt(world, rng, s, r, question)
 
 
-def _portability(world: World, subject: str, relation: str, target: str, question: bool) -> tuple:
+def _portability(
+    world: World, subject: str, relation: str, target: str, question: bool
+) -> tuple[PromptAnswer, ...]:
     """Two-hop probe: after moving a person to another country, the capital follows."""
     if relation != "citizenship":
         return ()
@@ -303,7 +305,9 @@ def _portability(world: World, subject: str, relation: str, target: str, questio
     return (PromptAnswer(phrasing.format(subject), world.facts[(target, "capital")]),)
 
 
-def _make_records(world: World, rng: random.Random, pools: dict[str, list[str]]) -> dict:
+def _make_records(
+    world: World, rng: random.Random, pools: dict[str, list[str]]
+) -> dict[str, dict[str, list[EditRecord]]]:
     records: dict[str, dict[str, list[EditRecord]]] = {s: {t: [] for t in TASKS} for s in SPLITS}
     known = world.countries + world.people
     split_of = _split(rng, known)
