@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import torch
 
@@ -107,7 +108,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
             )
     probs = torch.sigmoid(logits).numpy()
     out = config.out or default_output(f"scores_{config.mode}.csv")
-    mode_used = np.where(federated.numpy(), "federated", "local")
+    mode_used = pc.if_else(pa.array(federated.numpy()), "federated", "local")
     table = pa.table(
         {"id": data.active.ids, "score": pa.array(probs.astype(np.float64)), "mode_used": mode_used}
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 from torch import nn
 
 from kedit_vfl.progress import SILENT, Reporter
@@ -30,11 +30,19 @@ class FitResult:
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     """AUC and log loss; AUC is None when only one class is present."""
     labels = np.asarray(labels, dtype=np.float64)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    scores = np.asarray(probs, dtype=np.float64)
+    clipped = np.clip(scores, 1e-7, 1 - 1e-7)
     logloss = (
-        float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))) if len(labels) else None
+        float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
+        if len(labels)
+        else None
     )
-    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    auc = None
+    if positives and negatives:  # Mann-Whitney U with tied scores sharing their mean rank
+        ranks = rankdata(scores)
+        auc = float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
     return {"auc": auc, "logloss": logloss}
 
 
