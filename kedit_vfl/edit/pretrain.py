@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
@@ -325,6 +326,12 @@ def pretrain_on_facts(
 def save_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
     """A Hugging Face folder (safetensors) that ``from_pretrained`` loads directly."""
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # library code never prints; the caller's Reporter shows progress
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return out_dir
