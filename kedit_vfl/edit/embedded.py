@@ -162,9 +162,9 @@ def _build(
     recipe = dataclasses.replace(pretrain, seed=config.seed)
     model, tokenizer, result = pretrain_on_facts(facts, pretraining_texts(), recipe, reporter=reporter)
     if result.accuracy < min_accuracy:
-        raise RuntimeError(
-            f"the embedded base model reached only {result.accuracy:.3f} fact accuracy "
-            f"(needs {min_accuracy}) after {result.epochs} epochs; raise PretrainConfig.max_epochs"
+        raise UserError(
+            f"--world-seed {config.seed}: the base model knows only {result.accuracy:.1%} of the world's "
+            f"facts after {result.epochs} epochs (needs {min_accuracy:.0%}); use smaller --world-* sizes"
         )
     held_out_exact, held_out_tokens = answer_accuracy(model, tokenizer, world.held_out_facts())
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,12 @@ def test_facts_longer_than_a_block_keep_their_answer_and_overlong_ones_are_refus
     assert result.accuracy == 1.0
     with pytest.raises(UserError, match="over the context"):
         pretrain_on_facts([("word " * 40, "end")], (), TINY)
+
+
+def test_a_world_whose_model_does_not_learn_its_facts_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KVTOOL_CACHE", str(tmp_path / "cache"))
+    recipe = PretrainConfig(**{**TINY.__dict__, "vocab_size": 600, "n_positions": 64, "block_size": 32})
+    with pytest.raises(UserError, match="knows only"):
+        load_embedded_world(WorldConfig(seed=6, countries=4, people=4, recent=2), pretrain=recipe)
+    cache = tmp_path / "cache" / "edit"
+    assert not cache.exists() or not list(cache.iterdir())  # nothing half-built is left behind
