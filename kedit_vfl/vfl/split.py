@@ -44,6 +44,8 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     device = resolve_device(config.device)
     init = load_artifact(config.init, MPD) if config.init is not None else None
     model_config = model_config_of(init) if init is not None else config.model
+    if init is not None and (config.features_active or config.features_passive or config.categorical):
+        reporter.warn("the feature columns and their transform come from --init; column options are ignored")
     data = load_two_party(
         config.active,
         config.passive,
