@@ -26,12 +26,13 @@ import random
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EDITORS = Path("runs") / "bench_editors"  # trained editors kept for ablations (not committed)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "edit"
 TRAIN_TASKS = ("counterfact", "recent", "convsent")
 HOLDOUT = "zsre"
@@ -79,6 +80,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         config = replace(config, **job["overrides"])
     started = time.perf_counter()
     result = train_editor(config)
+    seconds = time.perf_counter() - started
+    if job.get("save"):
+        _save_editor(result, config, Path(job["save"]))
     test = {t: [EditRecord.from_dict(r) for r in rs] for t, rs in job["test"].items()}
     scored = {t: test[t] for t in (*job["tasks"], HOLDOUT) if test.get(t)}
     summary = evaluate(result.editor, result.base, scored, Prompter(result.pools, index=0))
@@ -87,9 +91,29 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"],
         "steps": result.steps,
         "best_step": result.best.get("step"),
-        "seconds": time.perf_counter() - started,
+        "train_seconds": seconds,
         "tasks": summary["tasks"],
     }
+
+
+def _save_editor(result: Any, config: Any, path: Path) -> None:
+    """Keep an editor for the ablations (``evaluate --no-prefix``, ``--unseen-instruction``)."""
+    from kedit_vfl.artifacts import Artifact, config_to_dict, make_provenance, save_artifact
+    from kedit_vfl.edit.checkpoint import EDITOR_KIND, editor_extra
+
+    extra = editor_extra(
+        result.editor,
+        result.base,
+        result.pools,
+        result.base_info,
+        tasks=list(config.tasks),
+        holdout=config.holdout,
+        best=result.best,
+        history=result.history,
+    )
+    provenance = make_provenance("benchmarks/edit_quality.py", config_to_dict(config), seed=config.seed)
+    artifact = Artifact(EDITOR_KIND, result.editor.state_dict(), config_to_dict(config), provenance, extra)
+    save_artifact(artifact, path)
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,29 +170,45 @@ def _markdown(title: str, aggregate: dict[str, Any], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1:
-        return [run_one(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(run_one, jobs))
+def _run_all(jobs: list[dict[str, Any]], workers: int, log: Path) -> list[dict[str, Any]]:
+    """Run the jobs; each finished run is appended to ``log`` (JSON Lines) as it completes."""
+    runs = []
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
+            runs.append(future.result())
+            with open(log, "a") as handle:
+                handle.write(json.dumps(runs[-1]) + "\n")
+    return runs
 
 
-def embedded_part(seeds: list[int], steps: int, workers: int) -> None:
+def embedded_part(seeds: list[int], steps: int, workers: int, single_seeds: list[int]) -> None:
     from kedit_vfl.edit.config import WorldOptions
     from kedit_vfl.edit.sources import embedded_world
 
     world = embedded_world(WorldOptions())
     test = {t: [r.to_dict() for r in rs] for t, rs in world.records["test"].items()}
     jobs = [
-        {**v, "variant": name, "seed": seed, "model": "embedded", "test": test}
+        {
+            **v,
+            "variant": name,
+            "seed": seed,
+            "model": "embedded",
+            "test": test,
+            "save": str(EDITORS / f"{name}_seed{seed}.safetensors")
+            if not name.startswith("single_")
+            else None,
+        }
         for seed in seeds
         for name, v in _variants(steps).items()
+        if seed in single_seeds or not name.startswith("single_")
     ]
     started = time.perf_counter()
-    runs = _run_all(jobs, workers)
+    runs = _run_all(jobs, workers, RESULTS / "edit_quality_embedded_runs.jsonl")
     aggregate = _aggregate(runs)
     notes = [
-        f"Embedded world (seed 0), editor seeds {seeds}, up to {steps} steps with early stopping; "
+        f"Embedded world (seed 0), editor seeds {seeds} (single-task editors: {single_seeds}), up to {steps} "
+        "steps with early stopping; "
         f"test split: {', '.join(f'{t} {len(r)}' for t, r in test.items())} records. "
         "Cells: mean ± std over seeds, post-edit, one edit at a time with rollback, instruction index 0.",
         f"Wall time {time.perf_counter() - started:.0f} s with {workers} worker(s).",
@@ -219,7 +259,7 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
     jobs = [
         {**v, **base_job, "variant": name, "seed": seed} for seed in seeds for name, v in variants.items()
     ]
-    runs = _run_all(jobs, workers)
+    runs = _run_all(jobs, workers, RESULTS / "edit_quality_real_runs.jsonl")
     aggregate = _aggregate(runs)
     notes = [
         f"Base model: GPT-2 (pretrain.py defaults) pretrained from scratch on {len(facts)} true facts of the "
@@ -253,6 +293,9 @@ def main() -> None:
         "--steps", type=int, default=None, help="meta-training steps (default: train-editor's)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel training processes")
+    parser.add_argument(
+        "--single-seeds", type=int, nargs="+", default=None, help="seeds of single-task editors"
+    )
     parser.add_argument("--pretrain-epochs", type=int, default=400)
     parser.add_argument(
         "--real-records", type=int, default=200, help="first N records per task of each sample"
@@ -262,7 +305,7 @@ def main() -> None:
 
     steps = args.steps or TrainConfig.steps
     if args.part in ("embedded", "all"):
-        embedded_part(args.seeds, steps, args.jobs)
+        embedded_part(args.seeds, steps, args.jobs, args.single_seeds or args.seeds)
     if args.part in ("real", "all"):
         real_part(args.seeds, steps, args.jobs, args.pretrain_epochs, args.real_records)
 
