@@ -166,10 +166,8 @@ def run_seed(args: argparse.Namespace, paths: dict, seed: int, folder: Path) -> 
     mpd = folder / "mpd.safetensors"
     pretrain_mpd(MPDConfig(**common, objective=args.objective, negatives=args.negatives, out=mpd))
     arms = {
-        "VFed-SSD": dict(
-            init=mpd, mpd_weight=args.mpd_weight, init_lr_scale=args.init_lr_scale, select_on=args.select_on
-        ),
-        "ablation: no MPD": dict(init=None, select_on=args.select_on),
+        "VFed-SSD": dict(init=mpd, mpd_weight=args.mpd_weight, init_lr_scale=args.init_lr_scale),
+        "ablation: no MPD": dict(init=None),
     }
     for name, options in arms.items():
         split = folder / f"split_{len(out)}.safetensors"
@@ -241,7 +239,7 @@ def summarise(results: list[dict], args: argparse.Namespace, seconds: float) -> 
 def settings(args: argparse.Namespace) -> str:
     keys = (
         "objective", "negatives", "mpd_weight", "init_lr_scale", "aux_weight", "kd_weight", "temperature",
-        "kd_local_rows", "select_on",
+        "kd_local_rows",
     )  # fmt: skip
     return ", ".join(f"{k}={getattr(args, k)}" for k in keys)
 
@@ -266,7 +264,6 @@ def main() -> None:
     parser.add_argument("--mpd-weight", type=float, default=SplitConfig.mpd_weight)
     parser.add_argument("--init-lr-scale", type=float, default=SplitConfig.init_lr_scale)
     parser.add_argument("--aux-weight", type=float, default=SplitConfig.aux_weight)
-    parser.add_argument("--select-on", default=SplitConfig.select_on)
     parser.add_argument("--kd-weight", type=float, default=DistillConfig.kd_weight)
     parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
     parser.add_argument(

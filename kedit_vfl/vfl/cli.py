@@ -210,12 +210,6 @@ def train_split_command(
     init_lr_scale: Annotated[
         float, typer.Option("--init-lr-scale", help="Learning-rate factor for towers pretrained by MPD.")
     ] = 0.3,
-    select_on: Annotated[
-        str,
-        typer.Option(
-            "--select-on", help="Best epoch by validation loss of: all (both branches) or federated."
-        ),
-    ] = "all",
     hidden: HiddenOption = 64,
     out_dim: EmbDimOption = 32,
     epochs: EpochsOption = None,
@@ -243,7 +237,6 @@ def train_split_command(
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
-        select_on=select_on,
         val_fraction=val_fraction,
         seed=seed,
         device=device,

@@ -96,7 +96,6 @@ class SplitConfig(TrainOptions):
     aux_weight: float = 0.5
     mpd_weight: float = 0.0
     init_lr_scale: float = 0.3
-    select_on: str = "all"
     batch_size: int = 64
     out: Path = field(default_factory=lambda: default_output("split.safetensors"))
 
@@ -105,8 +104,6 @@ class SplitConfig(TrainOptions):
         if self.aux_weight < 0 or self.mpd_weight < 0:
             raise UserError("--aux-weight and --mpd-weight must not be negative")
         _positive(self, "init_lr_scale")
-        if self.select_on not in ("all", "federated"):
-            raise UserError(f"--select-on {self.select_on}: expected all or federated")
         if self.mpd_weight > 0 and self.init is None:
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
 

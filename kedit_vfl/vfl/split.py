@@ -145,7 +145,6 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         local_loss = F.binary_cross_entropy_with_logits(local, target).item()
         return {
             "val/loss": full_loss + config.aux_weight * local_loss,
-            "val/full_loss": full_loss,
             "val/auc": binary_metrics(full_target.numpy(), torch.sigmoid(full).numpy())["auc"] or 0.0,
             "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"] or 0.0,
         }
@@ -162,7 +161,6 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         generator=generator,
         reporter=reporter,
         description="split training",
-        monitor="val/full_loss" if config.select_on == "federated" else "val/loss",
     )
     with torch.no_grad():  # calibrate both branches' intercepts on their training rows
         rows = train_rows.to(device)
