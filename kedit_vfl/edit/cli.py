@@ -30,7 +30,8 @@ from kedit_vfl.edit.metrics import METRICS
 from kedit_vfl.paths import runs_dir
 
 app = typer.Typer(
-    help="Knowledge editing (InstructEdit): train one editor, apply edits, evaluate them.",
+    help="Knowledge editing (InstructEdit): train one editor, apply edits, evaluate them.\n\n"
+    "Example: kvtool edit train-editor && kvtool edit apply && kvtool edit evaluate",
     no_args_is_help=True,
 )
 
