@@ -142,8 +142,22 @@ def test_a_failed_run_keeps_the_previous_artifact(trained: dict[str, Path], tmp_
     assert out.read_bytes() == trained["split"].read_bytes()
 
 
+def test_federated_mode_needs_the_passive_table(
+    trained: dict[str, Path], tables: dict[str, Path], tmp_path: Path
+) -> None:
+    _fails(
+        ["score", "--model", trained["split"], "--mode", "federated", "--active", tables["active_test"]],
+        "--mode federated needs --passive",
+        tmp_path / "s.csv",
+    )
+
+
 def test_bad_options() -> None:
     result = kvtool("vfl", "score", "--mode", "sideways")
     assert result.exit_code == 2 and "--mode sideways: expected local or federated" in result.stderr
     result = kvtool("vfl", "pretrain-mpd", "--negatives", "600", "--batch-size", "512")
     assert result.exit_code == 2 and "must be smaller than --batch-size" in result.stderr
+    result = kvtool("vfl", "distill", "--kd-weight", "1.5")
+    assert result.exit_code == 2 and "--kd-weight 1.5" in result.stderr
+    result = kvtool("vfl", "make-demo", "--rows", "10")
+    assert result.exit_code == 2 and "--rows 10: need at least 50 rows" in result.stderr
