@@ -97,3 +97,14 @@ def test_scalar_and_bfloat16_tensors_round_trip(tmp_path: Path) -> None:
     save_artifact(artifact, tmp_path / "s.safetensors")
     loaded = load_artifact(tmp_path / "s.safetensors")
     assert loaded.tensors["count"].item() == 3.0 and loaded.tensors["half"].dtype == torch.bfloat16
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    save_artifact(_artifact(), tmp_path / "a.safetensors")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask
