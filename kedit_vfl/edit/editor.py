@@ -16,6 +16,7 @@ more tokens to the same sum.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.func import functional_call
 
 from kedit_vfl.edit.config import EditorConfig
 from kedit_vfl.edit.hooks import LayerGrads, capture
-from kedit_vfl.edit.metrics import nll_sum
+from kedit_vfl.edit.metrics import nll_at, nll_sum
 from kedit_vfl.edit.models import EditTarget
 from kedit_vfl.edit.tokens import TokenBatch
 
@@ -197,5 +198,17 @@ def edit_gradients(
     """Factors ``x``, ``delta`` of the editing loss's weight gradients, on target-predicting tokens."""
     detached = {k: v.detach() for k, v in params.items()} if params else None
     with torch.enable_grad(), capture(model, targets) as captured:
-        logits = forward_with(model, detached, batch.model_inputs())
-        return captured.backward(nll_sum(logits, batch), batch.predict_mask)
+        if _accepts_logits_to_keep(model):
+            # The LM head only where some row predicts a target token (the same loss, less work).
+            keep = batch.predict_mask.any(0).nonzero().flatten()  # (K,)
+            logits = forward_with(
+                model, detached, {**batch.model_inputs(), "logits_to_keep": keep}
+            )  # (B, K, V)
+            loss = nll_at(logits, batch.labels[:, keep + 1])
+        else:
+            loss = nll_sum(forward_with(model, detached, batch.model_inputs()), batch)
+        return captured.backward(loss, batch.predict_mask)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -48,9 +48,12 @@ class Capture:
         edit_index = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
         for name, delta, out in zip(self.names, deltas, outs, strict=False):
             delta = torch.zeros_like(out) if delta is None else delta
-            # (B, T, d) -> (N, d): only the selected token positions
+            x = self.inputs[name]
+            # Some architectures (OPT) run their MLP on (B*T, d): select with the flattened mask.
+            select = mask if x.dim() == 3 else mask.reshape(-1)
+            # (B, T, d) or (B*T, d) -> (N, d): only the selected token positions
             self.grads[name] = LayerGrads(
-                x=self.inputs[name][mask].detach(), delta=delta[mask].detach(), edit_index=edit_index
+                x=x[select].detach(), delta=delta[select].detach(), edit_index=edit_index
             )
         self.outputs.clear()
         self.inputs.clear()

@@ -23,6 +23,14 @@ def nll_sum(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return -logp.sum()
 
 
+def nll_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of ``labels`` (B, K; -100 = none) under logits already aligned to them (B, K, V)."""
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, K)
+    return -(picked * mask).sum()
+
+
 def nll_mean(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Mean NLL per target token over the batch (the meta-training edit loss)."""
     logp, mask = target_logprobs(logits, batch)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
+from kedit_vfl.edit.editor import edit_gradients
 from kedit_vfl.edit.hooks import capture
 from kedit_vfl.edit.metrics import nll_sum
 from kedit_vfl.edit.models import resolve_targets
@@ -49,3 +51,15 @@ def test_sum_of_rank_one_factors_is_the_weight_gradient_on_the_selected_tokens()
             full = g.delta.T @ g.x  # (d_out, d_in)
             full = full.T if target.transposed else full
             torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
+def test_edit_gradients_with_the_lm_head_on_target_positions_only_match_the_full_pass(arch: str) -> None:
+    """OPT runs its MLP on (B*T, d); logits_to_keep must not change the captured factors."""
+    model, batch, targets = _setup(arch)
+    fast = edit_gradients(model, targets, batch)
+    with capture(model, targets) as captured:
+        full = captured.backward(nll_sum(model(**batch.model_inputs()).logits, batch), batch.predict_mask)
+    for name, grads in full.items():
+        torch.testing.assert_close(fast[name].x, grads.x)
+        torch.testing.assert_close(fast[name].delta, grads.delta, rtol=1e-4, atol=1e-6)
