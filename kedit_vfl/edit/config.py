@@ -61,7 +61,7 @@ class TrainConfig:
     holdout: str | None = "zsre"
     instructions: bool = True
     instructions_file: str | None = None
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 1  # edit records per meta-training step (their updates sum)
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-3  # Adam, per-layer step sizes
