@@ -51,20 +51,72 @@ def train(out: Path, seed: int, steps: int, instructions: bool) -> Path:
     return out
 
 
+def raw_factor_separation(editor: Path, per_task: int) -> list[dict]:
+    """Diagnosis: do the base model's own gradient factors (before any editor) carry the task?
+
+    Mean over target tokens of each edited layer's input ``x`` and output gradient
+    ``delta``, with and without the instruction prefix: if the prefix leaves these nearly
+    unchanged, no editor can turn it into task-specific update directions.
+    """
+    import numpy as np
+    import torch
+
+    from kedit_vfl.edit.analysis import separation_report
+    from kedit_vfl.edit.batches import Prompter, edit_batch
+    from kedit_vfl.edit.checkpoint import load_editor, open_editor_base
+    from kedit_vfl.edit.editor import edit_gradients
+    from kedit_vfl.edit.gradients import AnalyzeConfig, analysis_records
+
+    loaded = load_editor(editor)
+    base = open_editor_base(loaded, None, "cpu", "float32", str(editor))
+    records = analysis_records(AnalyzeConfig(editor=str(editor), out="unused", per_task=per_task), loaded)
+    labels = [task for task, items in records.items() for _ in items]
+    rows = []
+    for prefix in (True, False):
+        prompter = Prompter(loaded.pools if prefix else None)
+        xs, deltas = [], []
+        for items in records.values():
+            for record in items:
+                batch = edit_batch([record], prompter, base.tokenizer, base.max_length)
+                grads = edit_gradients(base.model, base.targets, batch)
+                xs.append(torch.cat([grads[t.module].x.float().mean(0) for t in base.targets]).numpy())
+                deltas.append(
+                    torch.cat([grads[t.module].delta.float().mean(0) for t in base.targets]).numpy()
+                )
+        for factor, features in (("x (layer inputs)", xs), ("delta (output gradients)", deltas)):
+            report = separation_report(np.stack(features), labels, holdout="zsre")
+            rows.append(
+                {
+                    "factor": factor,
+                    "prefix": prefix,
+                    "silhouette_reduced": report["silhouette_reduced"],
+                    "cosine_ratio": report["cosine"]["ratio"],
+                }
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--per-task", type=int, default=100)
-    parser.add_argument("--editor", type=Path, help="reuse an InstructEdit editor (one seed)")
-    parser.add_argument("--compare", type=Path, help="reuse a no-instruction editor (one seed)")
+    parser.add_argument("--editor", type=Path, nargs="+", help="reuse InstructEdit editors (one per seed)")
+    parser.add_argument("--compare", type=Path, nargs="+", help="reuse no-instruction editors (one per seed)")
     args = parser.parse_args()
+    if args.editor or args.compare:
+        if not args.editor or not args.compare or len(args.editor) != len(args.compare):
+            parser.error("--editor and --compare take one editor per seed each, as many of both")
+        args.seeds = args.seeds[: len(args.editor)]
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in [args.seeds[0]] if args.editor else args.seeds:
-            instructed = args.editor or train(Path(tmp) / f"ie-{seed}.safetensors", seed, args.steps, True)
-            plain = args.compare or train(Path(tmp) / f"plain-{seed}.safetensors", seed, args.steps, False)
+        for index, seed in enumerate(args.seeds):
+            if args.editor:
+                instructed, plain = args.editor[index], args.compare[index]
+            else:
+                instructed = train(Path(tmp) / f"ie-{seed}.safetensors", seed, args.steps, True)
+                plain = train(Path(tmp) / f"plain-{seed}.safetensors", seed, args.steps, False)
             out = Path(tmp) / f"analysis-{seed}"
             result, seconds, peak = kvtool(
                 "edit", "analyze-gradients", "--editor", str(instructed), "--compare", str(plain),
@@ -74,6 +126,7 @@ def main() -> None:
             if seed == args.seeds[0]:
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "gradients.png", RESULTS / "edit_gradients.png")
+        diagnosis = raw_factor_separation(Path(runs[0]["result"]["settings"]["editor"]), args.per_task)
 
     names = ("InstructEdit (instructions)", "multi-task, no instructions")
     representation = runs[0]["result"]["representation"]
@@ -109,14 +162,24 @@ def main() -> None:
         "| --- | ---: | ---: |",
         *[f"| seed {r['seed']} | {r['seconds']:.1f} | {r['peak_mib']} |" for r in runs],
         "",
+        "Diagnosis: the base model's own gradient factors (mean over target tokens, before any editor),",
+        "for the same records with and without the instruction prefix:",
+        "",
+        "| factor | instruction prefix | silhouette 90% | between/within cos |",
+        "| --- | --- | ---: | ---: |",
+        *[
+            f"| {d['factor']} | {'yes' if d['prefix'] else 'no'} | {d['silhouette_reduced']:.3f} "
+            f"| {d['cosine_ratio']:.3f} |"
+            for d in diagnosis
+        ],
+        "",
         "![update directions](edit_gradients.png)",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     (RESULTS / "edit_gradients.md").write_text(text)
     (RESULTS / "edit_gradients.json").write_text(
-        json.dumps({"summary": summary, "runs": [{k: v for k, v in r.items()} for r in runs]}, indent=2)
-        + "\n"
+        json.dumps({"summary": summary, "diagnosis": diagnosis, "runs": runs}, indent=2) + "\n"
     )
 
 
