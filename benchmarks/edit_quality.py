@@ -241,7 +241,10 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
     root = Path(tempfile.mkdtemp(prefix="kvtool-real-"))
     started = time.perf_counter()
     _, _, pre = pretrain_on_facts(
-        facts, config=PretrainConfig(max_epochs=pretrain_epochs), out_dir=root / "base"
+        facts,
+        config=PretrainConfig(
+            max_epochs=pretrain_epochs, n_positions=256
+        ),  # long ConvSent replies, out_dir=root / "base"
     )
     pretrain_s = time.perf_counter() - started
     train, test = [], {}
