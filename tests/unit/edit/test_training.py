@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from kedit_vfl.edit.batches import Prompter
+from kedit_vfl.edit.config import EditorConfig, TrainConfig
+from kedit_vfl.edit.editor import Editor
+from kedit_vfl.edit.instructions import default_pools
+from kedit_vfl.edit.models import load_base_model
+from kedit_vfl.edit.sources import split_validation
+from kedit_vfl.edit.training import meta_step, sample_records
+from tests.unit.edit.tiny import records, save_tiny
+
+
+def test_task_sampling_is_uniform_over_tasks() -> None:
+    data = {"counterfact": records("counterfact", 6) * 50, "recent": records("recent", 2)}
+    counts = Counter(r.task for r in sample_records(data, 2000, random.Random(0)))
+    assert abs(counts["counterfact"] - counts["recent"]) < 200
+
+
+def test_validation_split_is_seeded_and_not_the_tail() -> None:
+    data = {"counterfact": records("counterfact", 6) + records("counterfact", 6)[::-1]}
+    data["counterfact"] = [
+        r.__class__(**{**r.__dict__, "prompt": f"{r.prompt} {i}"}) for i, r in enumerate(data["counterfact"])
+    ]
+    train, val = split_validation(data, 0.25, seed=0)
+    again, val_again = split_validation(data, 0.25, seed=0)
+    assert [r.prompt for r in val["counterfact"]] == [r.prompt for r in val_again["counterfact"]]
+    assert len(val["counterfact"]) == 3 and len(train["counterfact"]) == 9
+    assert [r.prompt for r in val["counterfact"]] != [r.prompt for r in data["counterfact"][-3:]]
+
+
+def test_meta_training_lowers_the_loss_on_repeated_edits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = load_base_model(str(save_tiny("gpt2", tmp_path / "gpt2")), torch.device("cpu"), n_blocks=2)
+    config = TrainConfig(model=str(tmp_path), tasks=("counterfact",), holdout=None, batch_size=2, lr=1e-3)
+    editor = Editor(base.targets, EditorConfig(edit_lr=0.05)).train()
+    optimizer = torch.optim.Adam(editor.parameters(), lr=1e-3)
+    batch = records("counterfact", 2)
+    prompter = Prompter(default_pools())
+    losses = []
+    for _ in range(25):
+        loss, logs = meta_step(editor, base, batch, prompter, config, random.Random(0), [])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(logs["loss"])
+        assert set(logs) >= {"loss", "loss/edit", "loss/loc", "edit/acc"}
+    assert losses[-1] < losses[0] - 0.02 and all(
+        b <= a + 1e-3 for a, b in zip(losses, losses[1:], strict=False)
+    )
+    assert float(editor.x_norms[0].count[0]) > 0  # running statistics were updated
