@@ -210,6 +210,14 @@ def train_split_command(
     init_lr_scale: Annotated[
         float, typer.Option("--init-lr-scale", help="Learning-rate factor for towers pretrained by MPD.")
     ] = 0.3,
+    self_train_weight: Annotated[
+        float,
+        typer.Option(
+            "--self-train-weight",
+            help="Weight of the self-training round's soft targets on the unlabelled overlapped rows "
+            "(0 = no round).",
+        ),
+    ] = SplitConfig.self_train_weight,
     hidden: HiddenOption = 64,
     out_dim: EmbDimOption = 32,
     epochs: EpochsOption = None,
@@ -237,6 +245,7 @@ def train_split_command(
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
+        self_train_weight=self_train_weight,
         val_fraction=val_fraction,
         seed=seed,
         device=device,

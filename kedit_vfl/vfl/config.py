@@ -96,13 +96,14 @@ class SplitConfig(TrainOptions):
     aux_weight: float = 0.5
     mpd_weight: float = 0.0
     init_lr_scale: float = 0.3
-    batch_size: int = 64
+    self_train_weight: float = 1.0
+    batch_size: int = 128
     out: Path = field(default_factory=lambda: default_output("split.safetensors"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.aux_weight < 0 or self.mpd_weight < 0:
-            raise UserError("--aux-weight and --mpd-weight must not be negative")
+        if self.aux_weight < 0 or self.mpd_weight < 0 or self.self_train_weight < 0:
+            raise UserError("--aux-weight, --mpd-weight and --self-train-weight must not be negative")
         _positive(self, "init_lr_scale")
         if self.mpd_weight > 0 and self.init is None:
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")

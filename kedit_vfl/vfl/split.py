@@ -7,10 +7,15 @@ publisher lacks train it too, and the federated branch learns only what the
 publisher's features add), plus, optionally, ``mpd_weight`` x
 the MPD loss on batches of all overlapped rows (labelled or not), which keeps the
 towers anchored to what the unlabelled pairs taught them while the few labels pull.
+
+Then, with ``self_train_weight`` > 0, one self-training round: the model's own
+federated predictions on the unlabelled overlapped rows become soft targets for the
+publisher's tower and the federated head (see ``self_train_round``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,15 @@ from kedit_vfl.vfl.data import holdout_mask, load_two_party
 from kedit_vfl.vfl.model import MatchingHead, SplitModel, load_prefixed
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.store import MPD, SPLIT, model_config_of, save_vfl, schemas_of
-from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, shift_bias
+from kedit_vfl.vfl.train import (
+    FitResult,
+    FlatAdamW,
+    base_rate_logit,
+    binary_metrics,
+    fit,
+    intercept_shift,
+    shift_bias,
+)
 
 
 def labelled_split(labels: torch.Tensor, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +102,12 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     towers = [*model.tower_a.parameters(), *model.tower_b.parameters()]
     heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
-    # One group when nothing is pretrained: fewer optimizer passes per step.
     groups = [{"params": towers + heads, "lr": config.lr}]
     if scale != 1.0:
         groups = [{"params": towers, "lr": config.lr * scale}, {"params": heads, "lr": config.lr}]
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     negatives = init.config.get("negatives", 16) if init is not None else 0
     objective = init.config.get("objective", "infonce") if init is not None else "infonce"
 
@@ -162,6 +174,10 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         reporter=reporter,
         description="split training",
     )
+    speed, self_train_rows = result.rows_per_s, 0
+    if config.self_train_weight > 0:
+        args = (config, model, logits, y, b_row, train_rows, val_rows, evaluate, generator, reporter)
+        result, self_train_rows = self_train_round(*args)
     with torch.no_grad():  # calibrate both branches' intercepts on their training rows
         rows = train_rows.to(device)
         local, full, overlapped = logits(rows)
@@ -178,7 +194,8 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         "epochs_run": result.epochs_run,
         "val_auc": result.best.get("val/auc"),
         "val_local_auc": result.best.get("val/local_auc"),
-        "train_rows_per_s": round(result.rows_per_s, 1),
+        "train_rows_per_s": round(speed, 1),
+        "self_train_rows": self_train_rows,
     }
     modules = {name: getattr(model, name) for name in ("tower_a", "tower_b", "local_head", "fed_head")}
     artifact = save_vfl(
@@ -193,3 +210,75 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         data=data_fingerprint([config.active, config.passive]),
     )
     return artifact, {"out": str(config.out), "kind": SPLIT, "init": "mpd" if init else "scratch", **metrics}
+
+
+def self_train_round(
+    config: SplitConfig,
+    model: SplitModel,
+    logits: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    y: torch.Tensor,
+    b_row: torch.Tensor,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    evaluate: Callable[[], dict[str, float]],
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> tuple[FitResult, int]:
+    """One round of self-training on the unlabelled overlapped rows.
+
+    The trained split model's federated predictions on every overlapped row become soft
+    targets (weight ``self_train_weight``) for a further fit of the publisher's tower and
+    the federated head, over the labelled rows plus every unlabelled overlapped row
+    outside validation, with dropout as the noise and the labels keeping their loss. The
+    local branch (``f_A``, ``l_L``) stays what the labels taught it: the student starts
+    from it, and the round only refines what the publisher's features add.
+    Returns the round's FitResult and the number of rows it trained on.
+    """
+    model.eval()
+    overlapped = torch.nonzero(b_row >= 0).squeeze(1)
+    with torch.no_grad():
+        _, teacher, _ = logits(overlapped)
+    soft = torch.full((len(b_row),), float("nan"), device=y.device)  # active row -> teacher probability
+    soft[overlapped] = torch.sigmoid(teacher)
+    keep = torch.zeros(len(b_row), dtype=torch.bool, device=y.device)
+    keep[train_rows] = True
+    keep[overlapped] = True
+    keep[val_rows] = False
+    rows_all = torch.nonzero(keep).squeeze(1)  # (R,) active rows: labelled or overlapped, not validation
+    frozen = [*model.tower_a.parameters(), *model.local_head.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def step_loss(index: torch.Tensor) -> torch.Tensor:
+        local, full, overlapped_rows = logits(rows_all[index])
+        target = y[rows_all[index]][overlapped_rows]  # (B_ov,) label or NaN
+        loss = config.self_train_weight * F.binary_cross_entropy_with_logits(
+            full, soft[rows_all[index]][overlapped_rows]
+        )
+        labelled = ~torch.isnan(target)
+        if bool(labelled.any()):
+            loss = loss + F.binary_cross_entropy_with_logits(full[labelled], target[labelled])
+        return loss
+
+    trained = [*model.tower_b.parameters(), *model.fed_head.parameters()]
+    optimizer = FlatAdamW(
+        [{"params": trained}], lr=config.lr * config.init_lr_scale, weight_decay=config.weight_decay
+    )
+    try:
+        result = fit(
+            model,
+            optimizer,
+            step_loss,
+            len(rows_all),
+            evaluate,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            patience=config.patience,
+            generator=generator,
+            reporter=reporter,
+            description="self-training",
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return result, len(rows_all)
