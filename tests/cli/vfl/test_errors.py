@@ -161,3 +161,5 @@ def test_bad_options() -> None:
     assert result.exit_code == 2 and "--kd-weight 1.5" in result.stderr
     result = kvtool("vfl", "make-demo", "--rows", "10")
     assert result.exit_code == 2 and "--rows 10: need at least 50 rows" in result.stderr
+    result = kvtool("vfl", "train-split", "--self-train-weight", "-1")
+    assert result.exit_code == 2 and "--self-train-weight must not be negative" in result.stderr

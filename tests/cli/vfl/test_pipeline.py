@@ -119,3 +119,23 @@ def test_table_output_without_json(trained: dict[str, Path], tables: dict[str, P
                     "--out", tmp_path / "s.csv")  # fmt: skip
     assert result.exit_code == 0 and "rows_federated" in result.stdout
     json.loads(kvtool("vfl", "make-demo", "--rows", "100", "--out", tmp_path / "x", "--json").stdout)
+
+
+def test_train_split_self_training_round_is_on_by_default(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    data = (
+        "--active",
+        tables["active_train"],
+        "--passive",
+        tables["passive_train"],
+        "--init",
+        trained["mpd"],
+    )
+    split = load_artifact(trained["split"], "vfl.split")  # trained with the defaults
+    assert split.extra["metrics"]["self_train_rows"] > split.extra["metrics"]["rows_labelled_train"]
+    off = kvtool_json(
+        "vfl", "train-split", *data, "--self-train-weight", "0", "--out", tmp_path / "s.safetensors", *FAST
+    )
+    assert off["self_train_rows"] == 0
+    assert load_artifact(tmp_path / "s.safetensors", "vfl.split").config["self_train_weight"] == 0.0
