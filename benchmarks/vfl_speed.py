@@ -268,7 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="overlapped labelled rows for training")
     parser.add_argument(
-        "--batches", default="64,512", help="batch sizes to time ('' skips the training part)"
+        "--batches", default="64,128,512", help="batch sizes to time ('' skips the training part)"
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop; best kept")
