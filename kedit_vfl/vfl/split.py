@@ -228,8 +228,9 @@ def self_train_round(
 
     The trained split model's federated predictions on every overlapped row become soft
     targets (weight ``self_train_weight``) for a further fit of the publisher's tower and
-    the federated head, over the labelled rows plus every unlabelled overlapped row
-    outside validation, with dropout as the noise and the labels keeping their loss. The
+    the federated head, over the training rows of the first fit plus every unlabelled
+    overlapped row outside validation, with dropout as the noise and the labelled
+    overlapped rows keeping their label loss. The
     local branch (``f_A``, ``l_L``) stays what the labels taught it: the student starts
     from it, and the round only refines what the publisher's features add.
     Returns the round's FitResult and the number of rows it trained on.
@@ -250,7 +251,9 @@ def self_train_round(
         p.requires_grad_(False)
 
     def step_loss(index: torch.Tensor) -> torch.Tensor:
-        local, full, overlapped_rows = logits(rows_all[index])
+        _, full, overlapped_rows = logits(rows_all[index])
+        if len(full) == 0:  # only labelled rows the publisher lacks: nothing to learn here
+            return torch.zeros((), device=full.device, requires_grad=True)
         target = y[rows_all[index]][overlapped_rows]  # (B_ov,) label or NaN
         loss = config.self_train_weight * F.binary_cross_entropy_with_logits(
             full, soft[rows_all[index]][overlapped_rows]

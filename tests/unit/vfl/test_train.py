@@ -91,6 +91,20 @@ def test_self_training_round_uses_the_unlabelled_overlapped_rows(
             assert torch.equal(mine, theirs)
 
 
+def test_self_training_survives_batches_without_an_overlapped_row(
+    small_tables: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Batches of one row: many hold only a labelled row the publisher lacks."""
+    active, passive = small_tables
+    config = SplitConfig(
+        active=active, passive=passive, epochs=1, batch_size=1, device="cpu", out=tmp_path / "s.safetensors"
+    )
+    _, result = train_split(config)
+    assert result["self_train_rows"] > 0
+    split, _ = load_split(tmp_path / "s.safetensors")
+    assert all(torch.isfinite(p).all() for p in split.parameters())
+
+
 def test_self_train_weight_must_not_be_negative() -> None:
     with pytest.raises(UserError, match="self-train-weight"):
         SplitConfig(self_train_weight=-1.0)
