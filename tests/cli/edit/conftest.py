@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli.runner import kvtool
 from tests.unit.edit.tiny import records, save_tiny, write_jsonl
@@ -14,6 +15,12 @@ from tests.unit.edit.tiny import records, save_tiny, write_jsonl
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    # Tiny models: one thread is as fast, and avoids oversubscribing a shared CI runner.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
