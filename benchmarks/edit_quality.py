@@ -233,19 +233,18 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
     import torch
 
     from kedit_vfl.edit.loaders import true_facts
-    from kedit_vfl.edit.pretrain import PretrainConfig, pretrain_on_facts
+    from kedit_vfl.edit.pretrain import PretrainConfig, pretrain_on_facts, save_model
 
-    torch.set_num_threads(max(1, workers))
+    torch.set_num_threads(1)
     records = _real_records(per_task)
     facts = true_facts([r for items in records.values() for r in items])
     root = Path(tempfile.mkdtemp(prefix="kvtool-real-"))
     started = time.perf_counter()
-    _, _, pre = pretrain_on_facts(
+    model, tokenizer, pre = pretrain_on_facts(
         facts,
-        config=PretrainConfig(
-            max_epochs=pretrain_epochs, n_positions=256
-        ),  # long ConvSent replies, out_dir=root / "base"
+        config=PretrainConfig(max_epochs=pretrain_epochs, n_positions=256),  # long ConvSent replies
     )
+    save_model(model, tokenizer, root / "base")
     pretrain_s = time.perf_counter() - started
     train, test = [], {}
     for task, items in records.items():
