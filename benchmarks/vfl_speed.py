@@ -83,9 +83,13 @@ def plain_loop(
     return epochs * len(y) / (time.perf_counter() - start)
 
 
-def bench_training(rows: int, batch: int, epochs: int, folder: Path, repeats: int = 1) -> dict:
+def bench_training(
+    rows: int, batch: int, epochs: int, folder: Path, repeats: int = 1, default_threads: bool = True
+) -> dict:
     """Best of ``repeats`` alternating runs of each loop (on a shared machine the best run
-    is the one least disturbed by other jobs; every loop gets the same chances)."""
+    is the one least disturbed by other jobs; every loop gets the same chances).
+    ``default_threads=False`` skips the plain loop at PyTorch's default thread count (on a
+    machine whose cores are busy, its threads wait for each other and it is far slower)."""
     active, passive = write_tables(rows, folder)
     config = SplitConfig(
         active=active, passive=passive, batch_size=batch, epochs=epochs, patience=epochs, val_fraction=0.02,
@@ -107,8 +111,9 @@ def bench_training(rows: int, batch: int, epochs: int, folder: Path, repeats: in
         torch.set_num_threads(1)
         plain_one = max(plain_one, plain_loop(net, num, cat, y, batch, epochs))
         torch.set_num_threads(threads)
-        net = pooled_network(data.schemas, split_params)
-        plain_default = max(plain_default, plain_loop(net, num, cat, y, batch, epochs))
+        if default_threads:
+            net = pooled_network(data.schemas, split_params)
+            plain_default = max(plain_default, plain_loop(net, num, cat, y, batch, epochs))
     plain = max(plain_one, plain_default)
     return {
         "rows": len(y),
@@ -120,7 +125,7 @@ def bench_training(rows: int, batch: int, epochs: int, folder: Path, repeats: in
         "train_split_rows_per_s": split_rate,
         "train_split_wall_s": round(wall, 2),
         "plain_rows_per_s_1_thread": round(plain_one, 1),
-        f"plain_rows_per_s_{threads}_threads": round(plain_default, 1),
+        f"plain_rows_per_s_{threads}_threads": round(plain_default, 1) if default_threads else None,
         "ratio": round(split_rate / plain, 3),
     }
 
@@ -231,7 +236,8 @@ def report(training: list[dict], scoring: dict) -> str:
         default = next(v for k, v in t.items() if k.startswith("plain_rows_per_s_") and "1_thread" not in k)
         lines.append(
             f"| {t['rows']:,} | {t['batch_size']} | {t['train_split_rows_per_s']:,.0f} | "
-            f"{t['plain_rows_per_s_1_thread']:,.0f} | {default:,.0f} | {t['ratio']:.2f}x |"
+            f"{t['plain_rows_per_s_1_thread']:,.0f} | {'skipped' if default is None else f'{default:,.0f}'} "
+            f"| {t['ratio']:.2f}x |"
         )
     if training:
         lines += [
@@ -272,6 +278,11 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop; best kept")
+    parser.add_argument(
+        "--no-default-threads",
+        action="store_true",
+        help="time the plain loop on 1 thread only (for a machine whose cores other jobs keep busy)",
+    )
     parser.add_argument("--score-rows", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vfl_speed.md")
     args = parser.parse_args()
@@ -281,7 +292,9 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",") if b):
             run = folder / f"train_{batch}"
             run.mkdir()
-            training.append(bench_training(args.rows, batch, args.epochs, run, args.repeats))
+            training.append(
+                bench_training(args.rows, batch, args.epochs, run, args.repeats, not args.no_default_threads)
+            )
             print(json.dumps(training[-1]), file=sys.stderr, flush=True)
         scoring = bench_scoring(args.score_rows, folder)
         print(json.dumps(scoring), file=sys.stderr, flush=True)
