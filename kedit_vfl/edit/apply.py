@@ -25,7 +25,7 @@ from kedit_vfl.edit.config import ApplyConfig
 from kedit_vfl.edit.editor import apply_updates_, edited_params, forward_with, merge_updates
 from kedit_vfl.edit.evaluation import compute_update
 from kedit_vfl.edit.metrics import target_probability, token_accuracy
-from kedit_vfl.edit.models import BaseModel
+from kedit_vfl.edit.models import BaseModel, quiet_transformers
 from kedit_vfl.edit.records import EditRecord
 from kedit_vfl.edit.sources import EMBEDDED, embedded_world, read_records, world_options_of
 from kedit_vfl.errors import UserError
@@ -75,8 +75,9 @@ def _save_model(base: BaseModel, out: Path, report: dict[str, Any], overwrite: b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        base.model.save_pretrained(tmp, safe_serialization=True)
-        base.tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            base.model.save_pretrained(tmp, safe_serialization=True)
+            base.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         if out.exists() and overwrite:
             shutil.rmtree(out) if out.is_dir() else out.unlink()

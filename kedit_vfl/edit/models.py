@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,20 @@ def fingerprint(model: nn.Module, targets: Sequence[EditTarget]) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (library code never prints; the Reporter shows progress)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_model(
     source: str,
     device: torch.device,
@@ -206,8 +221,9 @@ def load_base_model(
         raise UserError(f"--model {source}: not a Hugging Face model folder (no config.json)")
     reporter.log(f"loading base model {source}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {source}: cannot load a causal language model ({first})") from exc
