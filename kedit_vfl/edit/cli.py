@@ -30,7 +30,7 @@ from kedit_vfl.edit.metrics import METRICS
 from kedit_vfl.paths import runs_dir
 
 app = typer.Typer(
-    help="Knowledge editing (InstructEdit): train one editor, apply edits, evaluate them.\n\n"
+    help="Knowledge editing (InstructEdit): one editor: train, apply, evaluate, analyse its updates.\n\n"
     "Example: kvtool edit train-editor && kvtool edit apply && kvtool edit evaluate",
     no_args_is_help=True,
 )
@@ -333,3 +333,86 @@ def evaluate_command(
         ["task", *METRICS, "n_records"],
         _metric_rows(result, result.get("holdout")),
     )
+
+
+@app.command("analyze-gradients")
+def analyze_gradients_command(
+    editor: Annotated[Optional[Path], typer.Option("--editor", help="Editor artifact (edit.editor).")] = None,
+    compare: Annotated[
+        Optional[Path],
+        typer.Option("--compare", help="A second editor for the same base model, shown side by side."),
+    ] = None,
+    data: DataOption = None,
+    tasks: Annotated[
+        Optional[str], typer.Option("--tasks", help="Only these tasks (comma-separated).")
+    ] = None,
+    per_task: Annotated[int, typer.Option("--per-task", help="Records per task.")] = 100,
+    sketch_dim: Annotated[
+        int,
+        typer.Option("--sketch-dim", help="Size of the random projection used when updates are large."),
+    ] = 4096,
+    exact_limit: Annotated[
+        int, typer.Option("--exact-limit", help="Flatten updates exactly up to this many entries.")
+    ] = 65536,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Base model (default: the editor's own).")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Folder for analysis.json and gradients.png.")
+    ] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
+    seed: SeedOption = 0,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """How the editor's update directions cluster by task: PCA, silhouette, hold-out neighbour.
+
+    Example: kvtool edit analyze-gradients --editor runs/edit/editor.safetensors --compare plain.safetensors
+    """
+    from kedit_vfl.edit.gradients import AnalyzeConfig, analyze_gradients
+
+    config = AnalyzeConfig(
+        editor=str(editor or _default_editor()),
+        compare=str(compare) if compare else None,
+        out=str(out or runs_dir() / "edit" / "analysis"),
+        data=tuple(str(p) for p in data or ()),
+        tasks=_split(tasks),
+        per_task=per_task,
+        exact_limit=exact_limit,
+        sketch_dim=sketch_dim,
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+    )
+    result = analyze_gradients(config, RichReporter(quiet))
+    if json_output:
+        emit_json(result)
+        return
+    rows = []
+    for panel in result["panels"]:
+        holdout = panel.get("holdout") or {}
+        rows.append(
+            [
+                panel["name"],
+                panel["silhouette_2d"],
+                panel["silhouette_reduced"],
+                panel["n_components_90"],
+                panel["cosine"]["ratio"],
+                f"{holdout['task']} -> {holdout['nearest']}" if holdout else "-",
+            ]
+        )
+    print_table(
+        f"task separation of editor updates ({result['mode']}; {result['representation']['kind']})",
+        [
+            "panel",
+            "silhouette 2-D",
+            "silhouette 90%",
+            "PCs for 90%",
+            "between/within cos",
+            "hold-out nearest",
+        ],
+        rows,
+    )
+    print_kv("written", result["files"])

@@ -114,9 +114,11 @@ def analysis_records(config: AnalyzeConfig, loaded: LoadedEditor) -> dict[str, l
     if config.data:
         grouped = by_task(read_records(config.data))
     elif (config.model or loaded.base.get("model")) == EMBEDDED:
+        # Test records first, then validation and train ones to reach N per task: the
+        # analysis looks at update directions, not at how well the edits generalise.
         world = embedded_world(world_options_of(loaded.base))
         grouped = {
-            task: list(world.records["test"].get(task, [])) + list(world.records["validation"].get(task, []))
+            task: [r for split in ("test", "validation", "train") for r in world.records[split].get(task, [])]
             for task in world.records["test"]
         }
     else:

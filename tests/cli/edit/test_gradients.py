@@ -90,3 +90,20 @@ def test_unwritable_output_folder(gpt2_editor: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match="cannot create the output folder"):
         analyze_gradients(config)
+
+
+def test_cli_analyze_gradients_json_and_table(gpt2_editor: Path, tmp_path: Path) -> None:
+    from tests.cli.runner import kvtool
+
+    data = _data(tmp_path)
+    out = tmp_path / "cli-analysis"
+    result = kvtool(
+        "edit", "analyze-gradients", "--editor", gpt2_editor, "--data", data, "--out", out, "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    analysis = json.loads(result.stdout)
+    assert analysis["mode"].startswith("one editor") and (out / "gradients.png").exists()
+    table = kvtool("edit", "analyze-gradients", "--editor", gpt2_editor, "--data", data, "--out", out)
+    assert table.exit_code == 0 and "silhouette" in table.stdout
+    bad = kvtool("edit", "analyze-gradients", "--editor", gpt2_editor, "--data", data, "--per-task", "2")
+    assert bad.exit_code == 2 and "at least 3" in bad.stderr
