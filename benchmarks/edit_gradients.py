@@ -130,10 +130,12 @@ def main() -> None:
 
     names = ("InstructEdit (instructions)", "multi-task, no instructions")
     representation = runs[0]["result"]["representation"]
+    origin = "given with --editor/--compare" if args.editor else f"trained {args.steps} steps"
     lines = [
         "## Editor update directions by task (embedded world, zsre held out)",
         "",
-        f"{args.per_task} test records per task, editors trained {args.steps} steps on {TASKS};"
+        f"Up to {args.per_task} records per task (test, then validation and train records), "
+        f"editors {origin} on {TASKS};"
         f" seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std). Representation: "
         f"{representation['kind']} ({representation['size']} dims).",
         "",
