@@ -107,3 +107,15 @@ def test_cli_analyze_gradients_json_and_table(gpt2_editor: Path, tmp_path: Path)
     assert table.exit_code == 0 and "silhouette" in table.stdout
     bad = kvtool("edit", "analyze-gradients", "--editor", gpt2_editor, "--data", data, "--per-task", "2")
     assert bad.exit_code == 2 and "at least 3" in bad.stderr
+
+
+def test_data_without_task_labels_is_refused(gpt2_editor: Path, tmp_path: Path) -> None:
+    from tests.cli.runner import kvtool
+
+    rows = [{"prompt": f"The capital of Zorvia{i} is", "target_new": "Bel"} for i in range(6)]
+    data = tmp_path / "untagged.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = kvtool(
+        "edit", "analyze-gradients", "--editor", gpt2_editor, "--data", data, "--out", tmp_path / "o"
+    )
+    assert result.exit_code == 2 and "at least 2 tasks" in result.stderr
