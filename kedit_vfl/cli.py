@@ -14,12 +14,13 @@ from kedit_vfl import __version__
 from kedit_vfl.artifacts import describe
 from kedit_vfl.console import JsonOption, debug_enabled, emit_json, error_line, print_kv, print_table
 from kedit_vfl.edit.cli import app as edit_app
-from kedit_vfl.errors import UserError
+from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.vfl.cli import app as vfl_app
 
 
 class _ErrorBoundary(TyperGroup):
-    """User errors become one line and exit 2; bugs exit 1 (``--debug`` shows tracebacks)."""
+    """User errors become one line and exit 2; a failed peer one line and exit 1; bugs exit 1
+    with a pointer to ``--debug`` (which shows tracebacks)."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -29,6 +30,11 @@ class _ErrorBoundary(TyperGroup):
                 traceback.print_exc()
             error_line(str(exc))
             raise typer.Exit(2) from exc
+        except PeerError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            error_line(str(exc))
+            raise typer.Exit(1) from exc
         except KeyboardInterrupt as exc:
             error_line("interrupted; no partial output was written")
             raise typer.Exit(130) from exc

@@ -17,3 +17,18 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class PeerError(Exception):
+    """The other party vanished, timed out or broke the protocol (one line, exit code 1).
+
+    Not the user's input at fault, and not a bug in this process: the message says what
+    happened on the wire and how to continue (usually ``--resume`` on both sides).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

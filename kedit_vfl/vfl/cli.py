@@ -16,7 +16,7 @@ from kedit_vfl.console import (
     emit_json,
     print_kv,
 )
-from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig
+from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig, default_output
 from kedit_vfl.vfl.demo import DemoConfig, write_demo
 from kedit_vfl.vfl.model import ModelConfig
 
@@ -76,6 +76,57 @@ HiddenOption = Annotated[int, typer.Option("--hidden", help="Hidden width of eac
 EmbDimOption = Annotated[int, typer.Option("--out-dim", help="Size of each tower's output embedding.")]
 
 
+PartyOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--party",
+        help="Run one party of a two-party run: active (advertiser, holds labels) or passive (publisher). "
+        "[default: both parties in this process]",
+        show_default=False,
+    ),
+]
+RendezvousOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rendezvous",
+        help="tcp://HOST:PORT: the active party listens there, the passive party connects to it.",
+    ),
+]
+TimeoutOption = Annotated[
+    float,
+    typer.Option("--timeout", help="Seconds to wait for the other party (connecting, and each answer)."),
+]
+SecretOption = Annotated[
+    Optional[Path],
+    typer.Option("--secret-file", help="File with a secret both parties must hold (never sent)."),
+]
+ResumeOption = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue from the last checkpoint (two-party: the last one both hold)."),
+]
+
+
+def _party_options(
+    party: str | None, rendezvous: str | None, timeout: float, secret_file: Path | None, **more: Any
+) -> dict[str, Any]:
+    return {
+        "party": party or "both",
+        "rendezvous": rendezvous,
+        "timeout": timeout,
+        "secret_file": secret_file,
+        **more,
+    }
+
+
+def _out_for(out: Path | None, party: str | None, name: str) -> dict[str, Path]:
+    """The passive party's default output gets its own name, so both can share a folder."""
+    if out is not None:
+        return {"out": out}
+    if party == "passive":
+        return {"out": default_output(f"{name}_passive.safetensors")}
+    return {}
+
+
 def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
@@ -102,8 +153,25 @@ def _data_options(
 def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
     if json_output:
         emit_json(result)
-    else:
-        print_kv(title, result)
+        return
+    shown = {k: v for k, v in result.items() if k != "traffic"}
+    traffic = result.get("traffic")
+    if traffic and "bytes_to_passive" in traffic:
+        shown["traffic active -> passive"] = f"{traffic['bytes_to_passive']:,} bytes"
+        shown["traffic passive -> active"] = f"{traffic['bytes_to_active']:,} bytes"
+        if traffic.get("bytes_per_trained_row") is not None:
+            shown["bytes per row per epoch"] = (
+                f"{traffic['bytes_per_trained_row']:.1f} (floor {traffic['floor_bytes_per_row']})"
+            )
+        if "wire" in traffic:
+            shown["on the wire (all messages)"] = (
+                f"{traffic['wire']['bytes_sent']:,} sent, {traffic['wire']['bytes_received']:,} received"
+            )
+    elif traffic:  # the passive party counts its own wire
+        shown["on the wire (all messages)"] = (
+            f"{traffic['bytes_sent']:,} sent, {traffic['bytes_received']:,} received"
+        )
+    print_kv(title, shown)
 
 
 @app.command("make-demo")
@@ -161,18 +229,29 @@ def pretrain_mpd_command(
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     out: OutOption = None,
+    party: PartyOption = None,
+    rendezvous: RendezvousOption = None,
+    timeout: TimeoutOption = 60.0,
+    secret_file: SecretOption = None,
+    resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Pretrain both towers with Matched Pair Detection on the overlapped rows (labels unused).
 
     Example: kvtool vfl pretrain-mpd --active a.csv --passive b.csv --negatives 16 --out mpd.safetensors
+
+    Two parties: kvtool vfl pretrain-mpd --party active --active a.csv --rendezvous tcp://0.0.0.0:29500
+    and, on the publisher's host, kvtool vfl pretrain-mpd --party passive --passive b.csv
+    --rendezvous tcp://ADVERTISER_HOST:29500
     """
     from kedit_vfl.vfl.mpd import pretrain_mpd
 
     config = MPDConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+        **_out_for(out, party, "mpd"),
+        **_party_options(party, rendezvous, timeout, secret_file, resume=resume),
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         negatives=negatives,
         objective=objective,
@@ -218,6 +297,17 @@ def train_split_command(
             "(0 = no round).",
         ),
     ] = SplitConfig.self_train_weight,
+    clip: Annotated[
+        float,
+        typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
+    ] = 0.0,
+    embedding_noise: Annotated[
+        float, typer.Option("--embedding-noise", help="Gaussian noise std added to the passive embeddings.")
+    ] = 0.0,
+    gradient_noise: Annotated[
+        float,
+        typer.Option("--gradient-noise", help="Gaussian noise std added to each row's returned gradient."),
+    ] = 0.0,
     hidden: HiddenOption = 64,
     out_dim: EmbDimOption = 32,
     epochs: EpochsOption = None,
@@ -228,24 +318,37 @@ def train_split_command(
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     out: OutOption = None,
+    party: PartyOption = None,
+    rendezvous: RendezvousOption = None,
+    timeout: TimeoutOption = 60.0,
+    secret_file: SecretOption = None,
+    resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the split model (local + federated branches) on the labelled overlapped rows.
 
     Example: kvtool vfl train-split --active a.csv --passive b.csv --init runs/vfl/mpd.safetensors
+
+    --clip, --embedding-noise and --gradient-noise defend against label inference from
+    the gradients the active party returns (at some cost in AUC; see the README).
     """
     from kedit_vfl.vfl.split import train_split
 
     config = SplitConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+        **_out_for(out, party, "split"),
+        **_party_options(party, rendezvous, timeout, secret_file, resume=resume),
         init=init,
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
         self_train_weight=self_train_weight,
+        clip=clip,
+        embedding_noise=embedding_noise,
+        gradient_noise=gradient_noise,
         val_fraction=val_fraction,
         seed=seed,
         device=device,
@@ -284,10 +387,17 @@ def distill_command(
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     out: OutOption = None,
+    party: PartyOption = None,
+    rendezvous: RendezvousOption = None,
+    timeout: TimeoutOption = 60.0,
+    secret_file: SecretOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Distil the split teacher into a local model over ALL active rows (SplitKD).
+
+    Two parties: the passive party (--party passive --teacher its split artifact) serves
+    its embeddings for the teacher's soft targets; the student trains on the active side.
 
     Example: kvtool vfl distill --teacher split.safetensors --active a.csv --passive b.csv
     """
@@ -296,6 +406,7 @@ def distill_command(
     config = DistillConfig(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        **_party_options(party, rendezvous, timeout, secret_file),
         temperature=temperature,
         kd_weight=kd_weight,
         kd_local_rows=kd_local_rows,
@@ -334,10 +445,17 @@ def score_command(
         Optional[Path],
         typer.Option("--out", help="CSV of id,score,mode_used. [default: runs/vfl/scores_MODE.csv]"),
     ] = None,
+    party: PartyOption = None,
+    rendezvous: RendezvousOption = None,
+    timeout: TimeoutOption = 60.0,
+    secret_file: SecretOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score the active party's rows; AUC and log loss when labels exist.
+
+    Two parties (federated mode): the passive party (--party passive --model its split
+    artifact --passive its table) serves embeddings for the overlapping rows.
 
     Example: kvtool vfl score --model split.safetensors --active a.csv --passive b.csv --mode federated --json
     """
@@ -349,6 +467,7 @@ def score_command(
         id_col=id_col,
         label_col=label_col,
         device=device,
+        **_party_options(party, rendezvous, timeout, secret_file),
     )
     result = score(config, RichReporter(quiet or json_output))
     _render(f"score ({mode} mode)", result, json_output)

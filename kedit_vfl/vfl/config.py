@@ -13,8 +13,10 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.paths import runs_dir
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.model import ModelConfig
+from kedit_vfl.vfl.party import Protection
 
 MODES = ("local", "federated")
+PARTIES = ("both", "active", "passive")
 OBJECTIVES = ("infonce", "bce")
 
 
@@ -33,6 +35,20 @@ def _fraction(owner: object, name: str, low: float = 0.0, high: float = 1.0) -> 
     value = getattr(owner, name)
     if not low <= value <= high:
         raise UserError(f"--{name.replace('_', '-')} {value}: expected a value between {low} and {high}")
+
+
+def _check_party(owner: TrainOptions | ScoreConfig) -> None:
+    party, rendezvous = owner.party, owner.rendezvous
+    if party not in PARTIES:
+        raise UserError(f"--party {party}: expected active or passive (or leave it out to run both here)")
+    if party != "both" and not rendezvous:
+        raise UserError(f"--party {party} needs --rendezvous tcp://HOST:PORT (the active party's address)")
+    if party == "both" and rendezvous:
+        raise UserError("--rendezvous needs --party active or --party passive")
+    if owner.timeout <= 0:
+        raise UserError(f"--timeout {owner.timeout}: must be positive")
+    if party == "both" and owner.secret_file is not None:
+        raise UserError("--secret-file is for two-party runs (with --party)")
 
 
 @dataclass(frozen=True)
@@ -54,8 +70,14 @@ class TrainOptions:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    party: str = "both"  # both = the in-process simulation
+    rendezvous: str | None = None
+    timeout: float = 60.0
+    secret_file: Path | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
+        _check_party(self)
         _positive(self, "epochs", "batch_size", "lr", "patience")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay {self.weight_decay}: must not be negative")
@@ -97,6 +119,9 @@ class SplitConfig(TrainOptions):
     mpd_weight: float = 0.0
     init_lr_scale: float = 0.3
     self_train_weight: float = 1.0
+    clip: float = 0.0
+    embedding_noise: float = 0.0
+    gradient_noise: float = 0.0
     batch_size: int = 128
     out: Path = field(default_factory=lambda: default_output("split.safetensors"))
 
@@ -107,6 +132,11 @@ class SplitConfig(TrainOptions):
         _positive(self, "init_lr_scale")
         if self.mpd_weight > 0 and self.init is None:
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
+        self.protection  # noqa: B018 - validates the three options
+
+    @property
+    def protection(self) -> Protection:
+        return Protection(self.clip, self.embedding_noise, self.gradient_noise)
 
 
 @dataclass(frozen=True)
@@ -143,8 +173,19 @@ class ScoreConfig:
     batch_size: int = 4096
     device: str = "auto"
     out: Path | None = None
+    party: str = "both"
+    rendezvous: str | None = None
+    timeout: float = 60.0
+    secret_file: Path | None = None
 
     def __post_init__(self) -> None:
+        _check_party(self)
+        if self.party != "both" and self.mode != "federated":
+            raise UserError("--party is for --mode federated (local mode needs no publisher)")
+        if self.party == "passive" and self.passive is None:
+            raise UserError("--party passive needs --passive (the publisher's table)")
+        if self.party == "passive" and self.model is None:
+            raise UserError("--party passive needs --model (the passive party's vfl.split artifact)")
         if self.mode not in MODES:
             raise UserError(f"--mode {self.mode}: expected local or federated")
         _positive(self, "batch_size")

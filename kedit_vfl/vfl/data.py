@@ -341,6 +341,43 @@ class TwoPartyData:
         return mask
 
 
+@dataclass
+class PartyTable:
+    """One party's table after reading and the transform: what a party holds alone."""
+
+    rows: Party
+    labels: torch.Tensor | None  # (N,) float32, NaN = unlabelled; None = no label column
+    schema: PartySchema
+    path: Path
+
+
+def load_party(
+    path: Path,
+    role: str,
+    id_col: str,
+    label_col: str,
+    features: Sequence[str] | None = None,
+    categorical: Sequence[str] = (),
+    schema: PartySchema | None = None,
+    require_labels: bool = False,
+) -> PartyTable:
+    """Read, check and transform one party's table (fitting its transform unless given).
+
+    A two-party run calls this on each side with only that side's table; columns named
+    in ``categorical`` that this table lacks are the other party's and are ignored.
+    """
+    table = read_table(path, role)
+    ids = read_ids(table, id_col, path)
+    labels = None
+    if role == "active" and (require_labels or label_col in table.column_names):
+        labels = torch.from_numpy(read_labels(table, label_col, path, ids))
+    if schema is None:
+        chosen = select_features(table, features, (id_col, label_col), path, role)
+        schema = fit_schema(table, chosen, categorical, path, ids)
+    num, cat = encode(table, schema, path, ids, role)
+    return PartyTable(Party(ids, num, cat), labels, schema, Path(path))
+
+
 def load_two_party(
     active_path: Path,
     passive_path: Path | None,

@@ -20,10 +20,22 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.config import DistillConfig
-from kedit_vfl.vfl.data import TwoPartyData, holdout_mask, load_two_party
-from kedit_vfl.vfl.model import LocalModel, SplitModel
+from kedit_vfl.vfl.data import PartyTable, holdout_mask, load_party
+from kedit_vfl.vfl.model import ActiveSplit, LocalModel
+from kedit_vfl.vfl.party import PassiveTraining, Protection
+from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, serve_passive
 from kedit_vfl.vfl.split import labelled_split
-from kedit_vfl.vfl.store import LOCAL, load_split, model_config_of, save_vfl, schemas_of
+from kedit_vfl.vfl.store import (
+    LOCAL,
+    SPLIT,
+    load_for_party,
+    model_config_of,
+    run_id_of,
+    save_vfl,
+    schemas_of,
+    split_from,
+    two_party_extra,
+)
 from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, predict, shift_bias
 
 
@@ -33,66 +45,110 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.binary_cross_entropy_with_logits(student / temperature, soft) * temperature**2
 
 
+COMMAND = "distill"
+
+
 @torch.no_grad()
 def teacher_logits(
-    teacher: SplitModel, data: TwoPartyData, device: torch.device, local_rows: bool
+    teacher: ActiveSplit, table: PartyTable, side: ActiveSide, device: torch.device, local_rows: bool
 ) -> torch.Tensor:
     """(N_active,) teacher logits: federated where the passive row exists; elsewhere the
     teacher's local branch (``local_rows``) or NaN (no soft target)."""
-    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
+    a_num, a_cat = table.rows.num.to(device), table.rows.cat.to(device)
     if local_rows:
-        out = predict(lambda i: teacher.local_logit(a_num[i], a_cat[i]), len(data.active))
+        out = predict(lambda i: teacher.local_logit(a_num[i], a_cat[i]), len(table.rows))
     else:
-        out = torch.full((len(data.active),), float("nan"))
-    rows_a = data.rows_a.to(device)
-    b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
-    fed = predict(lambda i: teacher(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1], len(rows_a))
-    out[data.rows_a] = fed
+        out = torch.full((len(table.rows),), float("nan"))
+    rows_a = side.rows_a.to(device)
+    h_b = side.link.embed(torch.arange(len(rows_a)), train=False)  # (N_overlap, d), sliced on the wire
+    fed = predict(
+        lambda i: teacher.with_embedding(a_num[rows_a[i]], a_cat[rows_a[i]], h_b[i])[1], len(rows_a)
+    )
+    out[side.rows_a] = fed
     return out
 
 
-def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifact, dict[str, Any]]:
-    """Train the local student (or, with no teacher, the local-only baseline); write ``vfl.local``."""
+def serving_protection(artifact: Artifact) -> Protection:
+    """What of a split model's protection applies when it only scores: the clip."""
+    return Protection(clip=float(artifact.extra.get("protection", {}).get("clip", 0.0)))
+
+
+def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifact | None, dict[str, Any]]:
+    """Train the local student (or, with no teacher, the local-only baseline); write ``vfl.local``.
+
+    In a two-party run the passive party only serves its embeddings for the teacher's
+    soft targets; the student trains on the active side alone.
+    """
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
-    teacher, parent = (None, None) if config.teacher is None else load_split(config.teacher)
-    data = load_two_party(
+    if config.teacher is None and config.party != "both":
+        raise UserError("distill without --teacher trains the local-only baseline; it needs no --party")
+    parent = load_for_party(config.teacher, SPLIT, config.party, "--teacher") if config.teacher else None
+    schemas = schemas_of(parent) if parent is not None else {}
+    if config.party == "passive":
+        assert parent is not None
+        return None, serve_embeddings(config, COMMAND, parent, reporter, device)
+    table = load_party(
         config.active,
-        config.passive if teacher is not None else None,
+        "active",
         config.id_col,
         config.label_col,
         config.features_active,
-        (),
         config.categorical,
-        schemas=schemas_of(parent) if parent is not None else None,
+        schema=schemas.get("active"),
+        require_labels=True,
     )
-    assert data.labels is not None
-    train_labelled, val_rows = labelled_split(data.labels, holdout_mask(data.active.ids, config.val_fraction))
+    soft, traffic, teacher_extra, n_overlap = None, None, {}, 0
+    if parent is not None:
+        teacher = split_from(parent).to(device)
+        side = open_active(
+            config,
+            COMMAND,
+            table,
+            model_config=model_config_of(parent),
+            passive_schema=schemas.get("passive"),
+            passive_init=parent,
+            partner=run_id_of(parent),
+            protection=serving_protection(parent),
+            training=PassiveTraining(),
+            store=None,
+            device=device,
+            shared={"model": model_config_of(parent).to_dict()},
+        )
+        try:
+            with reporter.task("teacher's soft targets", total=None):
+                soft = teacher_logits(teacher, table, side, device, config.kd_local_rows)
+            side.link.finish()
+            traffic, teacher_extra = side.traffic(), two_party_extra(side)
+        finally:
+            side.close()
+        n_overlap = len(side.rows_a)
+    labels = table.labels
+    assert labels is not None
+    train_labelled, val_rows = labelled_split(labels, holdout_mask(table.rows.ids, config.val_fraction))
     if len(val_rows) == 0:
         reporter.warn("no labelled row left for validation; the last epoch is kept")
         val_rows = train_labelled
-    if teacher is None:
-        train_rows, soft = train_labelled, None
+    if soft is None:
+        train_rows = train_labelled
     else:
-        teacher = teacher.to(device)
-        soft = teacher_logits(teacher, data, device, config.kd_local_rows)
-        keep = ~torch.isnan(soft) | ~torch.isnan(data.labels)  # a soft target or a label
+        keep = ~torch.isnan(soft) | ~torch.isnan(labels)  # a soft target or a label
         keep[val_rows] = False
         train_rows = torch.nonzero(keep).squeeze(1)
     if len(train_rows) < 2:
         raise UserError(f"{config.active}: too few rows to train on ({len(train_rows)}); label some rows")
     model_config = model_config_of(parent) if parent is not None else config.model
-    student = LocalModel(data.schemas["active"], model_config).to(device)
-    if teacher is not None:
+    student = LocalModel(table.schema, model_config).to(device)
+    if parent is not None:
         student.tower_a.load_state_dict(teacher.tower_a.state_dict())
         student.local_head.load_state_dict(teacher.local_head.state_dict())
     else:  # start at the base rate instead of spending the first epochs on the intercept
-        shift_bias(student.local_head, base_rate_logit(data.labels[train_labelled]))
+        shift_bias(student.local_head, base_rate_logit(labels[train_labelled]))
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
-    y = data.labels.to(device)
+    a_num, a_cat = table.rows.num.to(device), table.rows.cat.to(device)
+    y = labels.to(device)
     soft = soft.to(device) if soft is not None else None
-    lam = config.kd_weight if teacher is not None else 0.0
+    lam = config.kd_weight if parent is not None else 0.0
 
     def step_loss(index: torch.Tensor) -> torch.Tensor:
         rows = train_rows[index].to(device)
@@ -117,7 +173,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     def evaluate() -> dict[str, float]:
         rows = val_rows.to(device)
         logit = predict(lambda i: student(a_num[rows[i]], a_cat[rows[i]]), len(rows))
-        target = data.labels[val_rows]
+        target = labels[val_rows]
         auc = binary_metrics(target.numpy(), torch.sigmoid(logit).numpy())["auc"]
         return {"val/loss": F.binary_cross_entropy_with_logits(logit, target).item(), "val/auc": auc or 0.0}
 
@@ -132,31 +188,59 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         patience=config.patience,
         generator=generator,
         reporter=reporter,
-        description="SplitKD" if teacher is not None else "local only",
+        description="SplitKD" if parent is not None else "local only",
     )
-    labelled = train_rows[~torch.isnan(data.labels[train_rows])]
+    labelled = train_rows[~torch.isnan(labels[train_rows])]
     with torch.no_grad():
         fitted = predict(lambda i: student(a_num[labelled[i]], a_cat[labelled[i]]), len(labelled))
-    shift_bias(student.local_head, intercept_shift(fitted, data.labels[labelled]))
+    shift_bias(student.local_head, intercept_shift(fitted, labels[labelled]))
     metrics = {
-        "rows_active": len(data.active),
+        "rows_active": len(table.rows),
         "rows_train": len(train_rows),
-        "rows_with_teacher_federated": int(len(data.rows_a)) if teacher is not None else 0,
+        "rows_with_teacher_federated": n_overlap if parent is not None else 0,
         "rows_labelled_val": len(val_rows),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "val_auc": result.best.get("val/auc"),
     }
-    paths = [config.active] + ([config.passive] if teacher is not None else [])
+    paths = [config.active] + ([config.passive] if parent is not None and config.party == "both" else [])
     artifact = save_vfl(
         LOCAL,
         {"tower_a": student.tower_a, "local_head": student.local_head},
         config,
-        {"active": data.schemas["active"]},
+        {"active": table.schema},
         model_config,
         "vfl distill",
         metrics,
         parents=(parent,) if parent is not None else (),
         data=data_fingerprint(paths),
+        party="active",
+        extra=teacher_extra,
     )
-    return artifact, {"out": str(config.out), "kind": LOCAL, **metrics}
+    result = {"out": str(config.out), "kind": LOCAL, "party": config.party, **metrics}
+    return artifact, {**result, "traffic": traffic} if traffic is not None else result
+
+
+def serve_embeddings(
+    config: Any, command: str, parent: Artifact, reporter: Reporter, device: torch.device
+) -> dict[str, Any]:
+    """The passive party of ``distill`` and ``score``: serve the tower's embeddings, train nothing."""
+    model_config = model_config_of(parent)
+    table = load_party(
+        config.passive, "passive", config.id_col, config.label_col, schema=schemas_of(parent)["passive"]
+    )
+    return serve_passive(
+        config,
+        command,
+        table,
+        passive_tower(table.schema, model_config, getattr(config, "seed", 0), parent),
+        model_config=model_config,
+        partner=run_id_of(parent),
+        protection=serving_protection(parent),
+        training=PassiveTraining(),
+        resumable=False,
+        save=None,
+        reporter=reporter,
+        device=device,
+        shared={"model": model_config.to_dict()},
+    )

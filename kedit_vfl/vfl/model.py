@@ -54,6 +54,23 @@ class CategoricalEmbedding(nn.Module):
         return emb.flatten(1)  # (B, n_cat, dim) -> (B, n_cat * dim)
 
 
+class SeededDropout(nn.Dropout):
+    """Dropout that may draw its masks from its own generator.
+
+    The passive party's tower draws from the passive party's generator, so that its
+    masks are the same whether it runs in its own process or inside the in-process
+    simulation (where the global generator also serves the active party).
+    """
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or not self.training or self.p == 0:
+            return super().forward(x)
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
 class Tower(nn.Module):
     """One party's bottom model: numbers and category embeddings -> MLP -> ``h``."""
 
@@ -65,9 +82,15 @@ class Tower(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, config.hidden),
             nn.ReLU(),
-            nn.Dropout(config.dropout),
+            SeededDropout(config.dropout),
             nn.Linear(config.hidden, config.out_dim),
         )
+
+    def use_generator(self, generator: torch.Generator | None) -> None:
+        """Draw dropout masks from ``generator`` (None: the global one)."""
+        for module in self.modules():
+            if isinstance(module, SeededDropout):
+                module.generator = generator
 
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         x = num if self.embed is None else torch.cat([num, self.embed(cat)], dim=1)
@@ -87,13 +110,16 @@ class Head(nn.Module):
         return self.net(torch.cat(h, dim=1)).squeeze(1)  # (B, d) -> (B,)
 
 
-class SplitModel(nn.Module):
-    """``logit = l_L(h_A) + l_F(h_A, h_B)``: a local branch plus what the publisher adds."""
+class ActiveSplit(nn.Module):
+    """The active party's part of the split model: ``f_A``, ``l_L`` and ``l_F``.
+
+    ``logit = l_L(h_A) + l_F(h_A, h_B)``, where ``h_B`` is the embedding the passive
+    party sends: a local branch plus what the publisher adds.
+    """
 
     def __init__(self, schemas: dict[str, PartySchema], config: ModelConfig) -> None:
         super().__init__()
         self.tower_a = Tower(schemas["active"], config)
-        self.tower_b = Tower(schemas["passive"], config)
         self.local_head = Head(config.out_dim, config)
         self.fed_head = Head(2 * config.out_dim, config)
 
@@ -101,34 +127,41 @@ class SplitModel(nn.Module):
         """The local branch: needs the active party's columns only."""
         return self.local_head(self.tower_a(a_num, a_cat))
 
-    def forward(
-        self, a_num: torch.Tensor, a_cat: torch.Tensor, b_num: torch.Tensor, b_cat: torch.Tensor
+    def with_embedding(
+        self, a_num: torch.Tensor, a_cat: torch.Tensor, h_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local logit, full federated logit), each (B,)."""
+        """(local logit, full federated logit), each (B,), given the passive rows' ``h_b``."""
         h_a = self.tower_a(a_num, a_cat)
-        h_b = self.tower_b(b_num, b_cat)  # computed by the passive party; only h_b crosses
         local = self.local_head(h_a)
         return local, local + self.fed_head(h_a, h_b)
 
     def partial(
-        self,
-        a_num: torch.Tensor,
-        a_cat: torch.Tensor,
-        overlapped: torch.Tensor,
-        b_num: torch.Tensor,
-        b_cat: torch.Tensor,
+        self, a_num: torch.Tensor, a_cat: torch.Tensor, overlapped: torch.Tensor, h_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch where only some rows have the publisher's features.
+        """A batch where only some rows have the publisher's embedding.
 
         Returns the local logit of every row (B,) and the full logit of the ``overlapped``
-        ones (B_ov,); ``b_num``/``b_cat`` hold the publisher's rows for those, in order.
+        ones (B_ov,); ``h_b`` holds the publisher's embeddings for those, in order.
         """
         h_a = self.tower_a(a_num, a_cat)
         local = self.local_head(h_a)
         if not bool(overlapped.any()):
             return local, local[:0]
-        h_a_ov = h_a[overlapped]  # (B, d) -> (B_ov, d)
-        return local, local[overlapped] + self.fed_head(h_a_ov, self.tower_b(b_num, b_cat))
+        return local, local[overlapped] + self.fed_head(h_a[overlapped], h_b)
+
+
+class SplitModel(ActiveSplit):
+    """Both parties' parts in one module (the in-process simulation and its artifacts)."""
+
+    def __init__(self, schemas: dict[str, PartySchema], config: ModelConfig) -> None:
+        super().__init__(schemas, config)
+        self.tower_b = Tower(schemas["passive"], config)
+
+    def forward(
+        self, a_num: torch.Tensor, a_cat: torch.Tensor, b_num: torch.Tensor, b_cat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local logit, full federated logit), each (B,)."""
+        return self.with_embedding(a_num, a_cat, self.tower_b(b_num, b_cat))
 
 
 class LocalModel(nn.Module):

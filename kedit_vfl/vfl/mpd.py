@@ -17,11 +17,15 @@ from kedit_vfl.artifacts import Artifact, data_fingerprint
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
+from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, checkpoint_dir
 from kedit_vfl.vfl.config import MPDConfig
-from kedit_vfl.vfl.data import holdout_mask, load_two_party
+from kedit_vfl.vfl.data import holdout_mask, load_party
 from kedit_vfl.vfl.model import MatchingHead, Tower
-from kedit_vfl.vfl.store import MPD, save_vfl
-from kedit_vfl.vfl.train import fit
+from kedit_vfl.vfl.party import PassiveParty, PassiveTraining, Protection
+from kedit_vfl.vfl.protocol import Session
+from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, resume_tag_in_process, serve_passive
+from kedit_vfl.vfl.store import MPD, save_vfl, two_party_extra
+from kedit_vfl.vfl.train import FlatAdamW, fit
 
 
 def derangements(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,60 +61,95 @@ def mpd_loss(scores: torch.Tensor, objective: str) -> torch.Tensor:
 
 
 def pair_scores(
-    tower_a: Tower,
-    tower_b: Tower,
     head: MatchingHead,
-    a: tuple[torch.Tensor, torch.Tensor],
-    b: tuple[torch.Tensor, torch.Tensor],
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
     k: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """(B, 1 + k) matching scores for a batch of aligned rows."""
-    negatives = derangements(len(a[0]), min(k, len(a[0]) - 1), generator).to(a[0].device)
-    return head(tower_a(*a), tower_b(*b), negatives)
+    """(B, 1 + k) matching scores for a batch of aligned rows' embeddings."""
+    negatives = derangements(len(h_a), min(k, len(h_a) - 1), generator).to(h_a.device)
+    return head(h_a, h_b, negatives)
 
 
-def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifact, dict[str, Any]]:
-    """Pretrain both towers and the matching head on the overlapped rows; write ``vfl.mpd``."""
+def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifact | None, dict[str, Any]]:
+    """Pretrain both towers and the matching head on the overlapped rows; write ``vfl.mpd``.
+
+    In a two-party run each side writes its own ``vfl.mpd``: the active party's tower and
+    matching head, the passive party's tower.
+    """
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
-    data = load_two_party(
-        config.active,
-        config.passive,
-        config.id_col,
-        config.label_col,
-        config.features_active,
-        config.features_passive,
-        config.categorical,
-        require_labels=False,
+    training = PassiveTraining((config.lr,), config.weight_decay)
+    if config.party == "passive":
+        return None, _serve_passive(config, training, reporter, device)
+    table = load_party(
+        config.active, "active", config.id_col, config.label_col, config.features_active, config.categorical
     )
-    assert data.passive is not None
-    a = data.active.take(data.rows_a)
+    store = CheckpointStore(checkpoint_dir(config.out))
+    side = open_active(
+        config,
+        COMMAND,
+        table,
+        model_config=config.model,
+        passive_schema=None,
+        passive_init=None,
+        partner=None,
+        protection=Protection(),
+        training=training,
+        store=store,
+        device=device,
+    )
+    try:
+        return _train_active(config, side, store, generator, reporter, device)
+    finally:
+        side.close()
+
+
+COMMAND = "pretrain-mpd"
+
+
+def _train_active(
+    config: MPDConfig,
+    side: ActiveSide,
+    store: CheckpointStore,
+    generator: torch.Generator,
+    reporter: Reporter,
+    device: torch.device,
+) -> tuple[Artifact, dict[str, Any]]:
+    a = side.table.rows.take(side.rows_a)  # overlap position i -> its active row
     if len(a) < 4:
         raise UserError(
-            f"{config.active}: only {len(a)} ids overlap with {config.passive}; MPD needs at least 4"
+            f"{config.active}: only {len(a)} ids overlap with the passive table; MPD needs at least 4"
         )
     valid = torch.from_numpy(holdout_mask(a.ids, config.val_fraction))
     train_rows, val_rows = torch.nonzero(~valid).squeeze(1), torch.nonzero(valid).squeeze(1)
     if len(val_rows) < 2:
         val_rows = train_rows
-    tensors = [t.to(device) for t in (a.num, a.cat, data.passive.num, data.passive.cat)]
-
-    tower_a = Tower(data.schemas["active"], config.model).to(device)
-    tower_b = Tower(data.schemas["passive"], config.model).to(device)
+    a_num, a_cat = a.num.to(device), a.cat.to(device)
+    tower_a = Tower(side.table.schema, config.model).to(device)
     head = MatchingHead(config.model, config.mpd_temperature).to(device)
-    modules = torch.nn.ModuleDict({"tower_a": tower_a, "tower_b": tower_b, "matcher": head})
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    modules = torch.nn.ModuleDict({"tower_a": tower_a, "matcher": head})
+    optimizer = FlatAdamW(
+        [{"params": list(modules.parameters())}], lr=config.lr, weight_decay=config.weight_decay
+    )
+    link = side.link
+    resume_from = side.resume_from or resume_tag_in_process(config, store)
+    if side.passive is not None and resume_from is not None:
+        side.passive.resume(resume_from)
+    state = TrainingState(store, {"sampling": generator}, resume_from)
 
-    def scores_for(rows: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        a_num, a_cat, b_num, b_cat = (t[rows.to(device)] for t in tensors)
-        return pair_scores(tower_a, tower_b, head, (a_num, a_cat), (b_num, b_cat), config.negatives, gen)
+    def scores_for(rows: torch.Tensor, gen: torch.Generator | None, train: bool) -> torch.Tensor:
+        h_b = link.embed(rows, train)
+        return pair_scores(
+            head, tower_a(a_num[rows.to(device)], a_cat[rows.to(device)]), h_b, config.negatives, gen
+        )
 
     def step_loss(index: torch.Tensor) -> torch.Tensor:
         rows = train_rows[index]
         if len(rows) < 2:  # a last batch of one row has no negative
             rows = train_rows[torch.randint(len(train_rows), (2,), generator=generator)]
-        return mpd_loss(scores_for(rows, generator), config.objective)
+        return mpd_loss(scores_for(rows, generator, train=True), config.objective)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -119,7 +158,7 @@ def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifa
         for rows in val_rows.split(config.batch_size):
             if len(rows) < 2:
                 continue
-            scores = scores_for(rows, fixed)
+            scores = scores_for(rows, fixed, train=False)
             losses.append(mpd_loss(scores, config.objective).item() * len(rows))
             hits.append((scores.argmax(1) == 0).float().sum().item())
         n = sum(len(r) for r in val_rows.split(config.batch_size) if len(r) >= 2)
@@ -137,7 +176,10 @@ def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifa
         generator=generator,
         reporter=reporter,
         description="MPD pretraining",
+        peer=link,
+        state=state,
     )
+    link.finish()
     metrics = {
         "rows_overlapped": len(a),
         "rows_train": len(train_rows),
@@ -146,15 +188,79 @@ def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifa
         "val_loss": result.best.get("val/loss"),
         "val_match_acc": result.best.get("val/match_acc"),
         "chance_match_acc": 1.0 / (1 + min(config.negatives, config.batch_size - 1)),
+        "train_rows_per_s": round(result.rows_per_s, 1),
     }
+    modules_out: dict[str, torch.nn.Module] = {"tower_a": tower_a, "matcher": head}
+    schemas = {"active": side.table.schema}
+    paths = [config.active]
+    if side.passive is not None:  # in process: one artifact holds both parties' parts
+        modules_out["tower_b"] = side.passive.tower
+        schemas["passive"] = side.passive_schema
+        paths.append(config.passive)
     artifact = save_vfl(
         MPD,
-        {"tower_a": tower_a, "tower_b": tower_b, "matcher": head},
+        modules_out,
         config,
-        data.schemas,
+        schemas,
         config.model,
         "vfl pretrain-mpd",
         metrics,
-        data=data_fingerprint([config.active, config.passive]),
+        data=data_fingerprint(paths),
+        party=config.party,
+        extra=two_party_extra(side),
     )
-    return artifact, {"out": str(config.out), "kind": MPD, **metrics}
+    store.clear()
+    if side.passive is not None and side.passive.checkpoints is not None:
+        side.passive.checkpoints.clear()
+    traffic = side.traffic()
+    return artifact, {
+        "out": str(config.out),
+        "kind": MPD,
+        "party": config.party,
+        **metrics,
+        "traffic": traffic,
+    }
+
+
+def _serve_passive(
+    config: MPDConfig, training: PassiveTraining, reporter: Reporter, device: torch.device
+) -> dict[str, Any]:
+    table = load_party(
+        config.passive,
+        "passive",
+        config.id_col,
+        config.label_col,
+        config.features_passive,
+        config.categorical,
+    )
+    tower = passive_tower(table.schema, config.model, config.seed)
+
+    def save(party: PassiveParty, session: Session) -> dict[str, Any]:
+        artifact = save_vfl(
+            MPD,
+            {"tower_b": party.tower},
+            config,
+            {"passive": table.schema},
+            config.model,
+            "vfl pretrain-mpd",
+            {"rows_overlapped": len(party.overlap_rows), "rows_embedded": party.rows_embedded},
+            data=data_fingerprint([config.passive]),
+            party="passive",
+            extra={"run_id": session.run_id},
+        )
+        return {"out": str(config.out), "kind": MPD, "sha256": artifact.sha256}
+
+    return serve_passive(
+        config,
+        COMMAND,
+        table,
+        tower,
+        model_config=config.model,
+        partner=None,
+        protection=Protection(),
+        training=training,
+        resumable=True,
+        save=save,
+        reporter=reporter,
+        device=device,
+    )

@@ -22,10 +22,25 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device
 from kedit_vfl.vfl.config import ScoreConfig, default_output
-from kedit_vfl.vfl.data import load_two_party
+from kedit_vfl.vfl.data import load_party
 from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, local_from, schemas_of, split_from
+from kedit_vfl.vfl.distill import serve_embeddings, serving_protection
+from kedit_vfl.vfl.party import PassiveTraining
+from kedit_vfl.vfl.session import open_active
+from kedit_vfl.vfl.store import (
+    LOCAL,
+    SPLIT,
+    load_for_party,
+    load_local,
+    local_from,
+    model_config_of,
+    run_id_of,
+    schemas_of,
+    split_from,
+)
 from kedit_vfl.vfl.train import binary_metrics, predict
+
+COMMAND = "score"
 
 
 def _model_path(config: ScoreConfig) -> Path:
@@ -47,10 +62,17 @@ def _fallback_path(config: ScoreConfig, split_path: Path, split_sha: str | None)
 
 
 def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
-    """Score the active table; write ``id,score,mode_used``; report counts and metrics."""
+    """Score the active table; write ``id,score,mode_used``; report counts and metrics.
+
+    In a two-party run (federated mode) the passive party serves its embeddings for the
+    overlapping rows and writes nothing; the active party writes the scores.
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
     model_path = _model_path(config)
+    if config.party == "passive":
+        artifact = load_for_party(model_path, SPLIT, "passive", "--model")
+        return {"mode": config.mode, **serve_embeddings(config, COMMAND, artifact, reporter, device)}
     if config.mode == "local":
         artifact = load_artifact(model_path, (LOCAL, SPLIT))
         if artifact.kind == SPLIT:
@@ -59,9 +81,9 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
             local_fn, used = local_from(artifact).to(device), "student"
         split = None
     else:
-        split, artifact = load_split(model_path)
+        artifact = load_for_party(model_path, SPLIT, config.party, "--model")
+        split = split_from(artifact).to(device)
         fallback = _fallback_path(config, model_path, artifact.sha256)
-        split.to(device)
         local_fn, used = split.local_logit, "split local branch"
         if fallback is not None:
             student, student_artifact = load_local(fallback)
@@ -72,32 +94,50 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
                 )
             local_fn, used = student.to(device), f"student {fallback}"
     passive = config.passive
-    if config.mode == "federated" and passive is None:
+    if config.mode == "federated" and passive is None and config.party == "both":
         if config.active != embedded("active_test.csv"):
             raise UserError("--mode federated needs --passive (the publisher's table for these rows)")
         passive = embedded("passive_test.csv")
     schemas = schemas_of(artifact)
-    if config.mode == "local":
-        schemas, passive = {"active": schemas["active"]}, None
-    with reporter.task("reading and transforming the tables", total=None):
-        data = load_two_party(
-            config.active, passive, config.id_col, config.label_col, schemas=schemas, require_labels=False
-        )
-    n = len(data.active)
-    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
+    with reporter.task("reading and transforming the table", total=None):
+        table = load_party(config.active, "active", config.id_col, config.label_col, schema=schemas["active"])
+    n = len(table.rows)
+    a_num, a_cat = table.rows.num.to(device), table.rows.cat.to(device)
     logits = torch.empty(n)
-    federated = data.overlapped if split is not None else torch.zeros(n, dtype=torch.bool)
+    federated = torch.zeros(n, dtype=torch.bool)
+    traffic = None
+    if split is not None:
+        side = open_active(
+            config,
+            COMMAND,
+            table,
+            model_config=model_config_of(artifact),
+            passive_schema=schemas.get("passive"),
+            passive_init=artifact,
+            partner=run_id_of(artifact),
+            protection=serving_protection(artifact),
+            training=PassiveTraining(),
+            store=None,
+            device=device,
+            passive_path=passive,
+            shared={"model": model_config_of(artifact).to_dict()},
+        )
+        try:
+            with torch.no_grad(), reporter.task("scoring with the publisher's embeddings", total=None):
+                rows_a = side.rows_a.to(device)
+                h_b = side.link.embed(torch.arange(len(rows_a)), train=False)
+                logits[side.rows_a] = predict(
+                    lambda i: split.with_embedding(a_num[rows_a[i]], a_cat[rows_a[i]], h_b[i])[1],
+                    len(rows_a),
+                    config.batch_size,
+                )
+            side.link.finish()
+            traffic = side.traffic()
+        finally:
+            side.close()
+        federated[side.rows_a] = True
     local_rows = torch.nonzero(~federated).squeeze(1).to(device)
     with torch.no_grad(), reporter.task("scoring", total=None):
-        if split is not None:
-            rows_a = data.rows_a.to(device)
-            b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
-            fed = predict(
-                lambda i: split(a_num[rows_a[i]], a_cat[rows_a[i]], b_num[i], b_cat[i])[1],
-                len(rows_a),
-                config.batch_size,
-            )
-            logits[data.rows_a] = fed
         if len(local_rows) == n:  # every row local: contiguous slices, no gather
             logits = predict(lambda i: local_fn(a_num[i], a_cat[i]), n, config.batch_size)
         else:
@@ -109,15 +149,16 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     probs = torch.sigmoid(logits).numpy()
     out = config.out or default_output(f"scores_{config.mode}.csv")
     mode_used = pc.if_else(pa.array(federated.numpy()), "federated", "local")
-    table = pa.table(
-        {"id": data.active.ids, "score": pa.array(probs.astype(np.float64)), "mode_used": mode_used}
+    output = pa.table(
+        {"id": table.rows.ids, "score": pa.array(probs.astype(np.float64)), "mode_used": mode_used}
     )
-    atomic_write(out, lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write(out, lambda tmp: pacsv.write_csv(output, tmp))
     result: dict[str, Any] = {
         "out": str(out),
         "model": str(model_path),
         "model_kind": artifact.kind,
         "mode": config.mode,
+        "party": config.party,
         "local_scorer": used,
         "rows": n,
         "rows_federated": int(federated.sum()),
@@ -126,10 +167,12 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         "auc": None,
         "logloss": None,
     }
-    if data.labels is not None:
-        labelled = ~np.isnan(data.labels.numpy())
+    if table.labels is not None:
+        labelled = ~np.isnan(table.labels.numpy())
         result["rows_labelled"] = int(labelled.sum())
         if labelled.any():
-            result.update(binary_metrics(data.labels.numpy()[labelled], probs[labelled]))
+            result.update(binary_metrics(table.labels.numpy()[labelled], probs[labelled]))
+    if traffic is not None:
+        result["traffic"] = traffic
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result

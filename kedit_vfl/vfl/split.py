@@ -16,21 +16,35 @@ publisher's tower and the federated head (see ``self_train_round``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kedit_vfl.artifacts import Artifact, data_fingerprint, load_artifact
+from kedit_vfl.artifacts import Artifact, data_fingerprint
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
+from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, checkpoint_dir
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.data import holdout_mask, load_two_party
-from kedit_vfl.vfl.model import MatchingHead, SplitModel, load_prefixed
+from kedit_vfl.vfl.data import holdout_mask, load_party
+from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig, load_prefixed
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
-from kedit_vfl.vfl.store import MPD, SPLIT, model_config_of, save_vfl, schemas_of
+from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining
+from kedit_vfl.vfl.protocol import Session
+from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, resume_tag_in_process, serve_passive
+from kedit_vfl.vfl.store import (
+    MPD,
+    SPLIT,
+    load_for_party,
+    model_config_of,
+    run_id_of,
+    save_vfl,
+    schemas_of,
+    two_party_extra,
+)
 from kedit_vfl.vfl.train import (
     FitResult,
     FlatAdamW,
@@ -51,75 +65,128 @@ def labelled_split(labels: torch.Tensor, valid: np.ndarray) -> tuple[torch.Tenso
     return train, val
 
 
-def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artifact, dict[str, Any]]:
-    """Train the split model (towers from MPD or from scratch); write ``vfl.split``."""
+COMMAND = "train-split"
+
+
+def passive_phase_lrs(config: SplitConfig, initialised: bool) -> tuple[float, ...]:
+    """The passive tower's learning rate in the fit and in the self-training round."""
+    first = config.lr * (config.init_lr_scale if initialised else 1.0)
+    return (first, config.lr * config.init_lr_scale) if config.self_train_weight > 0 else (first,)
+
+
+def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artifact | None, dict[str, Any]]:
+    """Train the split model (towers from MPD or from scratch); write ``vfl.split``.
+
+    In a two-party run the active party writes its towers and heads, the passive party
+    its tower; both artifacts carry the same run id.
+    """
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
-    init = load_artifact(config.init, MPD) if config.init is not None else None
+    init = load_for_party(config.init, MPD, config.party, "--init") if config.init is not None else None
     model_config = model_config_of(init) if init is not None else config.model
     if init is not None and (config.features_active or config.features_passive or config.categorical):
         reporter.warn("the feature columns and their transform come from --init; column options are ignored")
-    data = load_two_party(
+    training = PassiveTraining(passive_phase_lrs(config, init is not None), config.weight_decay)
+    init_schemas = schemas_of(init) if init is not None else {}
+    if config.party == "passive":
+        return None, _serve_passive(config, init, model_config, training, reporter, device)
+    table = load_party(
         config.active,
-        config.passive,
+        "active",
         config.id_col,
         config.label_col,
         config.features_active,
-        config.features_passive,
         config.categorical,
-        schemas=schemas_of(init) if init is not None else None,
+        schema=init_schemas.get("active"),
+        require_labels=True,
     )
-    assert data.passive is not None and data.labels is not None
-    n_active, n_overlap = len(data.active), len(data.rows_a)
-    b_row = torch.full((n_active,), -1, dtype=torch.long)  # active row -> its passive row, -1 if none
-    b_row[data.rows_a] = torch.arange(n_overlap)
-    usable = data.labels.clone()
+    store = CheckpointStore(checkpoint_dir(config.out))
+    side = open_active(
+        config,
+        COMMAND,
+        table,
+        model_config=model_config,
+        passive_schema=init_schemas.get("passive"),
+        passive_init=init,
+        partner=run_id_of(init),
+        protection=config.protection,
+        training=training,
+        store=store,
+        device=device,
+    )
+    try:
+        return _train_active(config, side, init, model_config, store, generator, reporter, device)
+    finally:
+        side.close()
+
+
+def _train_active(
+    config: SplitConfig,
+    side: ActiveSide,
+    init: Artifact | None,
+    model_config: ModelConfig,
+    store: CheckpointStore,
+    generator: torch.Generator,
+    reporter: Reporter,
+    device: torch.device,
+) -> tuple[Artifact, dict[str, Any]]:
+    labels = side.table.labels
+    assert labels is not None
+    n_active, n_overlap = len(side.table.rows), len(side.rows_a)
+    b_row = torch.full((n_active,), -1, dtype=torch.long)  # active row -> its overlap position, -1 if none
+    b_row[side.rows_a] = torch.arange(n_overlap)
+    usable = labels.clone()
     if config.aux_weight == 0:  # no local loss: only the labelled overlapped rows teach anything
         usable[b_row < 0] = float("nan")
-    train_rows, val_rows = labelled_split(usable, holdout_mask(data.active.ids, config.val_fraction))
+    train_rows, val_rows = labelled_split(usable, holdout_mask(side.table.rows.ids, config.val_fraction))
     if int((b_row[train_rows] >= 0).sum()) < 2:
         raise UserError(
-            f"{config.active}: fewer than 2 labelled rows overlap with {config.passive}; "
+            f"{config.active}: fewer than 2 labelled rows overlap with the passive party's table; "
             f"train-split needs labels (column '{config.label_col}') on overlapped rows"
         )
     if len(val_rows) == 0 or int((b_row[val_rows] >= 0).sum()) == 0:
         reporter.warn("no labelled overlapped row left for validation; validating on training rows")
         val_rows = train_rows
-    a_num, a_cat = data.active.num.to(device), data.active.cat.to(device)
-    b_num, b_cat = data.passive.num.to(device), data.passive.cat.to(device)
-    y, b_row = data.labels.to(device), b_row.to(device)
-    rows_a = data.rows_a.to(device)
+    a_num, a_cat = side.table.rows.num.to(device), side.table.rows.cat.to(device)
+    y, b_row = labels.to(device), b_row.to(device)
+    rows_a = side.rows_a.to(device)
+    link = side.link
 
-    model = SplitModel(data.schemas, model_config).to(device)
+    model = ActiveSplit({"active": side.table.schema}, model_config).to(device)
     matcher = None
     if init is not None:
         load_prefixed(model.tower_a, init.tensors, "tower_a")
-        load_prefixed(model.tower_b, init.tensors, "tower_b")
         if config.mpd_weight > 0:
             matcher = MatchingHead(model_config, init.config.get("mpd_temperature", 0.2)).to(device)
             load_prefixed(matcher, init.tensors, "matcher")
-    shift_bias(model.local_head, base_rate_logit(data.labels[train_rows]))  # start at the base rate
-    towers = [*model.tower_a.parameters(), *model.tower_b.parameters()]
+    shift_bias(model.local_head, base_rate_logit(labels[train_rows]))  # start at the base rate
     heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
-    groups = [{"params": towers + heads, "lr": config.lr}]
-    if scale != 1.0:
-        groups = [{"params": towers, "lr": config.lr * scale}, {"params": heads, "lr": config.lr}]
+    groups = [
+        {"params": list(model.tower_a.parameters()), "lr": config.lr * scale},
+        {"params": heads, "lr": config.lr},
+    ]
+    trained = model if matcher is None else torch.nn.ModuleDict({"split": model, "matcher": matcher})
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     negatives = init.config.get("negatives", 16) if init is not None else 0
     objective = init.config.get("objective", "infonce") if init is not None else "infonce"
+    resume_from = side.resume_from or resume_tag_in_process(config, store)
+    if side.passive is not None and resume_from is not None:
+        side.passive.resume(resume_from)
+    state = TrainingState(store, {"sampling": generator, "gradient_noise": link.generator}, resume_from)
 
     def logits(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local logits for ``rows`` (B,), full logits for their overlapped ones (B_ov,), the mask."""
         partner = b_row[rows]
         overlapped = partner >= 0
         if bool(overlapped.all()):  # the common case: no masking needed
-            local, full = model(a_num[rows], a_cat[rows], b_num[partner], b_cat[partner])
+            h_b = link.embed(partner, model.training)
+            local, full = model.with_embedding(a_num[rows], a_cat[rows], h_b)
             return local, full, overlapped
-        partner = partner[overlapped]
-        local, full = model.partial(a_num[rows], a_cat[rows], overlapped, b_num[partner], b_cat[partner])
+        h_b = link.embed(partner[overlapped], model.training)
+        local, full = model.partial(a_num[rows], a_cat[rows], overlapped, h_b)
         return local, full, overlapped
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
@@ -136,22 +203,15 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         if matcher is not None:
             pairs = torch.randint(n_overlap, (config.batch_size,), generator=generator).to(device)
             a_rows = rows_a[pairs]
-            scores = pair_scores(
-                model.tower_a,
-                model.tower_b,
-                matcher,
-                (a_num[a_rows], a_cat[a_rows]),
-                (b_num[pairs], b_cat[pairs]),
-                negatives,
-                generator,
-            )
+            h_a = model.tower_a(a_num[a_rows], a_cat[a_rows])
+            scores = pair_scores(matcher, h_a, link.embed(pairs, True), negatives, generator)
             loss = loss + config.mpd_weight * mpd_loss(scores, objective)
         return loss
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         local, full, overlapped = logits(val_rows.to(device))
-        local, full, target = local.cpu(), full.cpu(), data.labels[val_rows]
+        local, full, target = local.cpu(), full.cpu(), labels[val_rows]
         full_target = target[overlapped.cpu()]
         full_loss = F.binary_cross_entropy_with_logits(full, full_target).item()
         local_loss = F.binary_cross_entropy_with_logits(local, target).item()
@@ -161,23 +221,29 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
             "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"] or 0.0,
         }
 
-    result = fit(
-        model,
-        optimizer,
-        step_loss,
-        len(train_rows),
-        evaluate,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        patience=config.patience,
-        generator=generator,
-        reporter=reporter,
-        description="split training",
-    )
+    if state.skip(0):
+        result = FitResult(**state.extra["fit0"])
+    else:
+        result = fit(
+            trained,
+            optimizer,
+            step_loss,
+            len(train_rows),
+            evaluate,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            patience=config.patience,
+            generator=generator,
+            reporter=reporter,
+            description="split training",
+            peer=link,
+            state=state,
+        )
+        state.extra["fit0"] = asdict(result)
     speed, self_train_rows = result.rows_per_s, 0
     if config.self_train_weight > 0:
         args = (config, model, logits, y, b_row, train_rows, val_rows, evaluate, generator, reporter)
-        result, self_train_rows = self_train_round(*args)
+        result, self_train_rows = self_train_round(*args, link=link, state=state)
     with torch.no_grad():  # calibrate both branches' intercepts on their training rows
         rows = train_rows.to(device)
         local, full, overlapped = logits(rows)
@@ -185,6 +251,7 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         full_shift = intercept_shift(full, y[rows][overlapped])
     shift_bias(model.local_head, local_shift)
     shift_bias(model.fed_head, full_shift - local_shift)
+    link.finish()
     metrics = {
         "rows_overlapped": n_overlap,
         "rows_labelled_train": len(train_rows),
@@ -197,24 +264,96 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         "train_rows_per_s": round(speed, 1),
         "self_train_rows": self_train_rows,
     }
-    modules = {name: getattr(model, name) for name in ("tower_a", "tower_b", "local_head", "fed_head")}
+    modules: dict[str, torch.nn.Module] = {
+        name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")
+    }
+    schemas = {"active": side.table.schema}
+    paths = [config.active]
+    if side.passive is not None:  # in process: one artifact holds both parties' parts
+        modules["tower_b"] = side.passive.tower
+        schemas["passive"] = side.passive_schema
+        paths.append(config.passive)
     artifact = save_vfl(
         SPLIT,
         modules,
         config,
-        data.schemas,
+        schemas,
         model_config,
         "vfl train-split",
         metrics,
         parents=(init,) if init is not None else (),
-        data=data_fingerprint([config.active, config.passive]),
+        data=data_fingerprint(paths),
+        party=config.party,
+        extra={"protection": config.protection.to_dict(), **two_party_extra(side)},
     )
-    return artifact, {"out": str(config.out), "kind": SPLIT, "init": "mpd" if init else "scratch", **metrics}
+    store.clear()
+    if side.passive is not None and side.passive.checkpoints is not None:
+        side.passive.checkpoints.clear()
+    return artifact, {
+        "out": str(config.out),
+        "kind": SPLIT,
+        "party": config.party,
+        "init": "mpd" if init else "scratch",
+        **metrics,
+        "traffic": side.traffic(),
+    }
+
+
+def _serve_passive(
+    config: SplitConfig,
+    init: Artifact | None,
+    model_config: ModelConfig,
+    training: PassiveTraining,
+    reporter: Reporter,
+    device: torch.device,
+) -> dict[str, Any]:
+    schema = schemas_of(init)["passive"] if init is not None else None
+    table = load_party(
+        config.passive,
+        "passive",
+        config.id_col,
+        config.label_col,
+        config.features_passive,
+        config.categorical,
+        schema=schema,
+    )
+    tower = passive_tower(table.schema, model_config, config.seed, init)
+
+    def save(party: PassiveParty, session: Session) -> dict[str, Any]:
+        artifact = save_vfl(
+            SPLIT,
+            {"tower_b": party.tower},
+            config,
+            {"passive": table.schema},
+            model_config,
+            "vfl train-split",
+            {"rows_overlapped": len(party.overlap_rows), "rows_embedded": party.rows_embedded},
+            parents=(init,) if init is not None else (),
+            data=data_fingerprint([config.passive]),
+            party="passive",
+            extra={"protection": config.protection.to_dict(), "run_id": session.run_id},
+        )
+        return {"out": str(config.out), "kind": SPLIT, "sha256": artifact.sha256}
+
+    return serve_passive(
+        config,
+        COMMAND,
+        table,
+        tower,
+        model_config=model_config,
+        partner=run_id_of(init),
+        protection=config.protection,
+        training=training,
+        resumable=True,
+        save=save,
+        reporter=reporter,
+        device=device,
+    )
 
 
 def self_train_round(
     config: SplitConfig,
-    model: SplitModel,
+    model: ActiveSplit,
     logits: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     y: torch.Tensor,
     b_row: torch.Tensor,
@@ -223,6 +362,9 @@ def self_train_round(
     evaluate: Callable[[], dict[str, float]],
     generator: torch.Generator,
     reporter: Reporter,
+    *,
+    link: PassiveLink,
+    state: TrainingState,
 ) -> tuple[FitResult, int]:
     """One round of self-training on the unlabelled overlapped rows.
 
@@ -237,10 +379,13 @@ def self_train_round(
     """
     model.eval()
     overlapped = torch.nonzero(b_row >= 0).squeeze(1)
-    with torch.no_grad():
-        _, teacher, _ = logits(overlapped)
-    soft = torch.full((len(b_row),), float("nan"), device=y.device)  # active row -> teacher probability
-    soft[overlapped] = torch.sigmoid(teacher)
+    if "soft" not in state.extra:  # a resumed round keeps the targets it started with
+        with torch.no_grad():
+            _, teacher, _ = logits(overlapped)
+        soft = torch.full((len(b_row),), float("nan"), device=y.device)  # active row -> teacher probability
+        soft[overlapped] = torch.sigmoid(teacher)
+        state.extra["soft"] = soft.cpu()
+    soft = state.extra["soft"].to(y.device)
     keep = torch.zeros(len(b_row), dtype=torch.bool, device=y.device)
     keep[train_rows] = True
     keep[overlapped] = True
@@ -263,9 +408,10 @@ def self_train_round(
             loss = loss + F.binary_cross_entropy_with_logits(full[labelled], target[labelled])
         return loss
 
-    trained = [*model.tower_b.parameters(), *model.fed_head.parameters()]
     optimizer = FlatAdamW(
-        [{"params": trained}], lr=config.lr * config.init_lr_scale, weight_decay=config.weight_decay
+        [{"params": list(model.fed_head.parameters())}],
+        lr=config.lr * config.init_lr_scale,
+        weight_decay=config.weight_decay,
     )
     try:
         result = fit(
@@ -280,6 +426,9 @@ def self_train_round(
             generator=generator,
             reporter=reporter,
             description="self-training",
+            peer=link,
+            state=state,
+            phase=1,
         )
     finally:
         for p in frozen:

@@ -10,11 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, make_provenance, save_artifact
+from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.data import PartySchema, schemas_from_dict, schemas_to_dict
-from kedit_vfl.vfl.model import LocalModel, ModelConfig, SplitModel, load_prefixed, state_with_prefix
+from kedit_vfl.vfl.model import (
+    ActiveSplit,
+    LocalModel,
+    ModelConfig,
+    SplitModel,
+    load_prefixed,
+    state_with_prefix,
+)
 
 MPD, SPLIT, LOCAL = "vfl.mpd", "vfl.split", "vfl.local"
 
@@ -30,8 +39,13 @@ def save_vfl(
     parents: tuple[Artifact, ...] = (),
     data: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
+    party: str | None = None,
 ) -> Artifact:
-    """Write one VFL artifact atomically to ``config.out``."""
+    """Write one VFL artifact atomically to ``config.out``.
+
+    ``party`` says whose weights it holds: ``both`` (the in-process simulation),
+    ``active`` or ``passive`` (one side of a two-party run).
+    """
     tensors = {}
     for prefix, module in modules.items():
         tensors.update(state_with_prefix(module, prefix))
@@ -42,7 +56,7 @@ def save_vfl(
         config=settings,
         provenance=make_provenance(command, settings, parents=parents, data=data, seed=settings.get("seed")),
         extra={
-            "party": "both" if "passive" in schemas else "active",
+            "party": party or ("both" if "passive" in schemas and "active" in schemas else "active"),
             "schema": schemas_to_dict(schemas),
             "model": model_config.to_dict(),
             "metrics": metrics,
@@ -61,23 +75,60 @@ def model_config_of(artifact: Artifact) -> ModelConfig:
     return ModelConfig(**artifact.extra["model"])
 
 
-def split_from(artifact: Artifact) -> SplitModel:
-    """The split model a ``vfl.split`` artifact holds, in eval mode."""
-    model = SplitModel(schemas_of(artifact), model_config_of(artifact))
-    for prefix in ("tower_a", "tower_b", "local_head", "fed_head"):
+def split_from(artifact: Artifact) -> ActiveSplit:
+    """The split model a ``vfl.split`` artifact holds, in eval mode: with the passive
+    tower (a :class:`SplitModel`) when the artifact has it, else the active part."""
+    schemas, config = schemas_of(artifact), model_config_of(artifact)
+    both = "passive" in schemas
+    with torch.random.fork_rng(devices=[]):  # loading draws no random numbers a run depends on
+        model = SplitModel(schemas, config) if both else ActiveSplit(schemas, config)
+    for prefix in ("tower_a", "local_head", "fed_head", *(("tower_b",) if both else ())):
         load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
     return model.eval()
 
 
+def load_for_party(path: Path, kinds: str | tuple[str, ...], party: str, option: str) -> Artifact:
+    """Load an artifact and check it belongs to this process's party."""
+    artifact = load_artifact(path, kinds)
+    holds = artifact.extra.get("party", "both")
+    if holds == party:
+        return artifact
+    if holds == "both":
+        raise UserError(
+            f"{option} {path}: an in-process artifact (both parties' weights in one file); "
+            "a two-party run starts from the artifacts each party wrote in an earlier two-party run"
+        )
+    if party == "both":
+        raise UserError(
+            f"{option} {path}: holds only the {holds} party's part of a two-party run; "
+            f"use it with --party {holds} (and the other party's file on the other side)"
+        )
+    raise UserError(f"{option} {path}: belongs to the {holds} party, but this process is the {party} party")
+
+
+def two_party_extra(side: Any) -> dict[str, Any]:
+    """What an artifact of a two-party run records about the pairing: the run id both
+    parties' artifacts share, and the other party's artifact checksum."""
+    if side.session is None:
+        return {}
+    peer = getattr(side.link.endpoint, "result", {}) or {}
+    return {"run_id": side.run_id, "peer_sha256": peer.get("sha256")}
+
+
+def run_id_of(artifact: Artifact | None) -> str | None:
+    return artifact.extra.get("run_id") if artifact is not None else None
+
+
 def local_from(artifact: Artifact) -> LocalModel:
     """The student a ``vfl.local`` artifact holds, in eval mode."""
-    model = LocalModel(schemas_of(artifact)["active"], model_config_of(artifact))
+    with torch.random.fork_rng(devices=[]):
+        model = LocalModel(schemas_of(artifact)["active"], model_config_of(artifact))
     for prefix in ("tower_a", "local_head"):
         load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
     return model.eval()
 
 
-def load_split(path: Path) -> tuple[SplitModel, Artifact]:
+def load_split(path: Path) -> tuple[ActiveSplit, Artifact]:
     artifact = load_artifact(path, SPLIT)
     return split_from(artifact), artifact
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +15,10 @@ from scipy.stats import rankdata
 from torch import nn
 
 from kedit_vfl.progress import SILENT, Reporter
+
+if TYPE_CHECKING:
+    from kedit_vfl.vfl.checkpoint import TrainingState
+    from kedit_vfl.vfl.party import PassiveLink
 
 
 @dataclass
@@ -111,6 +116,16 @@ class FlatAdamW:
         self.m = torch.zeros_like(self.flat)
         self.v = torch.zeros_like(self.flat)
 
+    def state_dict(self) -> dict:
+        return {"flat": self.flat.clone(), "m": self.m.clone(), "v": self.v.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.flat.copy_(state["flat"])
+            self.m.copy_(state["m"])
+            self.v.copy_(state["v"])
+        self.steps = int(state["steps"])
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
@@ -169,19 +184,43 @@ def fit(
     reporter: Reporter = SILENT,
     description: str = "training",
     monitor: str = "val/loss",
+    peer: PassiveLink | None = None,
+    state: TrainingState | None = None,
+    phase: int = 0,
 ) -> FitResult:
     """Minimise ``step_loss(batch_index)`` over shuffled batches; keep the best epoch.
 
     After each epoch ``evaluate()`` gives validation metrics; training stops when
     ``monitor`` (lower is better) has not improved for ``patience`` epochs and the
     weights of the best epoch are restored.
+
+    With a ``peer`` (the passive party's link) its tower trains alongside: it steps after
+    every batch, snapshots with every new best and restores the best at the end. With a
+    ``state`` every epoch ends in a checkpoint, and a resumed run continues after the
+    checkpoint's epoch exactly as the uninterrupted run would have.
     """
-    best_value, best_epoch, best_metrics = math.inf, 0, {}
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history: list[dict[str, float]] = []
-    rows_seen, train_time, epoch = 0, 0.0, 0
+    loop: dict[str, Any] = {
+        "epoch": 0,
+        "best_value": math.inf,
+        "best_epoch": 0,
+        "best_metrics": {},
+        "best_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "history": [],
+        "rows_seen": 0,
+        "train_time": 0.0,
+        "stopped": False,
+    }
+    if peer is not None:
+        peer.phase(phase)
+    if state is not None:
+        state.register("model", model)
+        state.register("optimizer", optimizer)
+        loop = state.resume(phase) or loop
     with single_thread(), reporter.task(description, total=epochs) as task:
-        for epoch in range(1, epochs + 1):
+        task.advance(loop["epoch"])
+        for epoch in range(loop["epoch"] + 1, epochs + 1):
+            if loop["stopped"]:
+                break
             model.train()
             start, total, steps = time.perf_counter(), 0.0, 0
             for index in torch.randperm(n_rows, generator=generator).split(batch_size):
@@ -189,18 +228,36 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if peer is not None:
+                    peer.step()
                 total, steps = total + loss.detach(), steps + 1  # no per-step sync: one read an epoch
-            train_time += time.perf_counter() - start
-            rows_seen += n_rows
+            loop["train_time"] += time.perf_counter() - start
+            loop["rows_seen"] += n_rows
             model.eval()
             metrics = {"epoch": epoch, "train/loss": float(total) / max(steps, 1), **evaluate()}
-            history.append(metrics)
+            loop["history"].append(metrics)
+            loop["epoch"] = epoch
             task.advance(1, loss=metrics["train/loss"], val=metrics[monitor])
-            if metrics[monitor] < best_value - 1e-6:
-                best_value, best_epoch, best_metrics = metrics[monitor], epoch, metrics
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch - best_epoch >= patience:
-                break
-    model.load_state_dict(best_state)
+            if metrics[monitor] < loop["best_value"] - 1e-6:
+                loop["best_value"], loop["best_epoch"], loop["best_metrics"] = (
+                    metrics[monitor],
+                    epoch,
+                    metrics,
+                )
+                loop["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if peer is not None:
+                    peer.snapshot()
+            elif epoch - loop["best_epoch"] >= patience:
+                loop["stopped"] = True
+            if peer is not None:
+                peer.end_epoch(f"{phase}.{epoch}")
+            if state is not None:
+                state.save((phase, epoch), loop)
+                if peer is not None:
+                    peer.checkpoint((phase, epoch))
+    model.load_state_dict(loop["best_state"])
     model.eval()
-    return FitResult(best_epoch, epoch, best_metrics, history, rows_seen / max(train_time, 1e-9))
+    if peer is not None:
+        peer.restore()
+    rows_per_s = loop["rows_seen"] / max(loop["train_time"], 1e-9)
+    return FitResult(loop["best_epoch"], loop["epoch"], loop["best_metrics"], loop["history"], rows_per_s)

@@ -47,11 +47,11 @@ def test_partial_batch_matches_the_full_forward_on_overlapped_rows() -> None:
     model = SplitModel(SCHEMAS, CONFIG).eval()
     a_num, a_cat, b_num, b_cat = _batch()
     overlapped = torch.tensor([True, False, True, True, False, False])
-    local, full = model.partial(a_num, a_cat, overlapped, b_num[overlapped], b_cat[overlapped])
+    local, full = model.partial(a_num, a_cat, overlapped, model.tower_b(b_num[overlapped], b_cat[overlapped]))
     ref_local, ref_full = model(a_num, a_cat, b_num, b_cat)
     assert torch.allclose(local, ref_local) and torch.allclose(full, ref_full[overlapped])
     none = torch.zeros(6, dtype=torch.bool)
-    local, full = model.partial(a_num, a_cat, none, b_num[:0], b_cat[:0])
+    local, full = model.partial(a_num, a_cat, none, torch.zeros(0, CONFIG.out_dim))
     assert full.shape == (0,) and torch.allclose(local, ref_local)
 
 

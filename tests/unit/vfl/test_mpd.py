@@ -54,7 +54,7 @@ def test_pair_scores_shape_and_learning_signal() -> None:
     optimizer = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for step in range(60):
-        scores = pair_scores(tower_a, tower_b, head, a, b, 4, torch.Generator().manual_seed(step))
+        scores = pair_scores(head, tower_a(*a), tower_b(*b), 4, torch.Generator().manual_seed(step))
         assert scores.shape == (32, 5)
         loss = mpd_loss(scores, "infonce")
         optimizer.zero_grad()

@@ -1,0 +1,319 @@
+"""The boundary between the parties: what the passive party computes, and what crosses.
+
+:class:`PassiveParty` is the publisher's side of every stage: its encoded rows, its
+tower and that tower's optimizer. It answers exactly three kinds of request: embed these
+rows, take a step with these gradients, and bookkeeping (phase, best snapshot,
+checkpoint). The in-process simulation calls it directly; in a two-party run the
+passive process serves the same object over the wire (``vfl.protocol``), so both modes
+run the same arithmetic.
+
+:class:`PassiveLink` is the active party's view of that boundary. It turns each
+embedding it receives into a leaf tensor, so the active party's backward pass stops at
+``h_B`` and yields exactly the gradients that are sent back, applies the optional
+protection, and counts what crosses.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.checkpoint import CheckpointStore, Tag
+from kedit_vfl.vfl.data import Party
+from kedit_vfl.vfl.model import Tower
+from kedit_vfl.vfl.train import FlatAdamW, single_thread
+
+KEY_DTYPE = torch.int32  # rows are addressed by their position in the overlap
+EMBEDDING_DTYPE = torch.float32
+EVAL_SLICE = 8192  # rows per embedding request when nothing trains
+
+
+def passive_seed(seed: int) -> int:
+    """The passive party's own stream, distinct from the active party's ``seed``."""
+    return (seed * 1_000_003 + 7919) % (2**63)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Optional defences of what crosses, against label inference from gradients.
+
+    ``clip`` bounds the L2 norm of each row's embedding and of each row's own gradient
+    (the gradient of that row's loss, i.e. batch size x the batch-mean gradient);
+    ``embedding_noise`` and ``gradient_noise`` add Gaussian noise of that standard
+    deviation to every element, during training. The clip also applies when scoring, as
+    it is part of the function the model learned; noise does not.
+    """
+
+    clip: float = 0.0
+    embedding_noise: float = 0.0
+    gradient_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "embedding_noise", "gradient_noise"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale each row of ``x`` (B, d) down to L2 norm at most ``max_norm`` (0: unchanged)."""
+    if max_norm <= 0 or x.numel() == 0:
+        return x
+    norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (B, 1)
+    return x * (max_norm / norms).clamp(max=1.0)
+
+
+def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    if std <= 0 or x.numel() == 0:
+        return x
+    return x + std * torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+
+
+class Endpoint(Protocol):
+    """The passive party as the active party sees it, local or over the wire."""
+
+    width: int
+
+    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor: ...
+    def step(self, grads: list[torch.Tensor]) -> None: ...
+    def phase(self, index: int) -> None: ...
+    def snapshot(self) -> None: ...
+    def restore(self) -> None: ...
+    def checkpoint(self, tag: Tag) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class PassiveTraining:
+    """How the passive party trains its tower, per phase (the same table on both sides)."""
+
+    phase_lrs: tuple[float, ...] = ()  # learning rate of the tower in phase 0, 1, ...
+    weight_decay: float = 0.0
+
+
+class PassiveParty:
+    """The publisher: its encoded rows, its tower, its optimizer; answers requests."""
+
+    def __init__(
+        self,
+        rows: Party,
+        overlap_rows: torch.Tensor,
+        tower: Tower,
+        seed: int,
+        protection: Protection = Protection(),
+        training: PassiveTraining = PassiveTraining(),
+        checkpoints: CheckpointStore | None = None,
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
+        self.num, self.cat = rows.num.to(device), rows.cat.to(device)
+        self.overlap_rows = overlap_rows.to(device)  # (N_overlap,) overlap position -> own row
+        self.tower = tower.to(device)
+        self.generator = torch.Generator(device=device).manual_seed(passive_seed(seed))
+        self.tower.use_generator(self.generator)
+        self.protection, self.training = protection, training
+        self.checkpoints, self.device = checkpoints, device
+        self.width = int(tower.mlp[-1].out_features)
+        self.optimizer: FlatAdamW | None = None
+        self.phase_index = -1
+        self.pending: list[torch.Tensor] = []
+        self.best: dict[str, torch.Tensor] | None = None
+        self.rows_embedded = 0
+
+    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+        with single_thread():  # as in the training loop: the same arithmetic in every deployment
+            return self._embed(keys, train)
+
+    def _embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+        keys = keys.to(self.device, torch.long)
+        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= len(self.overlap_rows)):
+            raise UserError("the active party asked for a row outside the agreed overlap")
+        rows = self.overlap_rows[keys]
+        self.rows_embedded += len(rows)
+        if not train:
+            self.tower.eval()
+            with torch.no_grad():
+                return clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
+        self.tower.train()
+        h = clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
+        self.pending.append(h)
+        return add_noise(h.detach(), self.protection.embedding_noise, self.generator)
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        if len(grads) != len(self.pending):
+            raise UserError(f"expected {len(self.pending)} gradients, got {len(grads)}")
+        if self.optimizer is None:
+            raise UserError("a training step arrived before a training phase began")
+        with single_thread():
+            self.optimizer.zero_grad()
+            if self.pending:
+                torch.autograd.backward(self.pending, [g.to(self.device) for g in grads])
+            self.optimizer.step()
+        self.pending = []
+
+    def phase(self, index: int) -> None:
+        """Start training phase ``index`` (a fresh optimizer); a no-op if already in it."""
+        if index == self.phase_index:
+            return
+        if not 0 <= index < len(self.training.phase_lrs):
+            raise UserError(f"phase {index} is not part of this run's plan")
+        lr = self.training.phase_lrs[index]
+        self.optimizer = FlatAdamW(
+            [{"params": list(self.tower.parameters())}], lr=lr, weight_decay=self.training.weight_decay
+        )
+        self.phase_index = index
+
+    def snapshot(self) -> None:
+        self.best = {k: v.detach().clone() for k, v in self.tower.state_dict().items()}
+
+    def restore(self) -> None:
+        if self.best is not None:
+            self.tower.load_state_dict(self.best)
+        self.tower.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tower": copy.deepcopy(self.tower.state_dict()),
+            "phase": self.phase_index,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "generator": self.generator.get_state(),
+            "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tower.load_state_dict(state["tower"])
+        self.phase_index = -1
+        if state["phase"] >= 0:
+            self.phase(state["phase"])
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.best = state["best"]
+
+    def checkpoint(self, tag: Tag) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(tag, self.state_dict())
+
+    def resume(self, tag: Tag) -> None:
+        assert self.checkpoints is not None
+        self.load_state_dict(self.checkpoints.load(tag))
+
+    def finish(self) -> None:
+        self.tower.eval()
+
+
+@dataclass
+class Traffic:
+    """What crossed, counted by payload: row keys and gradients one way, embeddings back."""
+
+    key_bytes: int = KEY_DTYPE.itemsize
+    width: int = 0
+    bytes_to_passive: int = 0
+    bytes_to_active: int = 0
+    rows_trained: int = 0
+    rows_scored: int = 0
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    _mark: tuple[int, int, int] = (0, 0, 0)
+
+    def end_epoch(self, label: str) -> None:
+        to_p, to_a, rows = self._mark
+        self.epochs.append(
+            {
+                "epoch": label,
+                "bytes_to_passive": self.bytes_to_passive - to_p,
+                "bytes_to_active": self.bytes_to_active - to_a,
+                "rows_trained": self.rows_trained - rows,
+            }
+        )
+        self._mark = (self.bytes_to_passive, self.bytes_to_active, self.rows_trained)
+
+    def summary(self) -> dict[str, Any]:
+        floor = 2 * self.width * EMBEDDING_DTYPE.itemsize + self.key_bytes
+        trained = [e for e in self.epochs if e["rows_trained"]]
+        per_row = [(e["bytes_to_passive"] + e["bytes_to_active"]) / e["rows_trained"] for e in trained]
+        return {
+            "bytes_to_passive": self.bytes_to_passive,
+            "bytes_to_active": self.bytes_to_active,
+            "rows_trained": self.rows_trained,
+            "rows_scored": self.rows_scored,
+            "bytes_per_trained_row": round(sum(per_row) / len(per_row), 2) if per_row else None,
+            "floor_bytes_per_row": floor,
+            "epochs": self.epochs,
+        }
+
+
+class PassiveLink:
+    """The active party's side of the boundary (see the module docstring)."""
+
+    def __init__(self, endpoint: Endpoint, protection: Protection, seed: int, device: torch.device) -> None:
+        self.endpoint, self.protection, self.device = endpoint, protection, device
+        self.generator = torch.Generator(device=device).manual_seed(seed + 104_729)
+        self.pending: list[torch.Tensor] = []
+        self.traffic = Traffic(width=endpoint.width)
+
+    @property
+    def width(self) -> int:
+        return self.endpoint.width
+
+    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+        """``h_B`` (B, d) for overlap positions ``keys``; with ``train``, a leaf whose
+        gradient the next :meth:`step` sends back."""
+        keys = keys.to(KEY_DTYPE)
+        if not train and len(keys) > EVAL_SLICE:  # bounded messages for large evaluations
+            return torch.cat([self.embed(part, False) for part in keys.split(EVAL_SLICE)])
+        h = self.endpoint.embed(keys, train).to(self.device)
+        n = len(keys)
+        self.traffic.bytes_to_passive += n * KEY_DTYPE.itemsize
+        self.traffic.bytes_to_active += n * self.width * EMBEDDING_DTYPE.itemsize
+        if not train:
+            self.traffic.rows_scored += n
+            return h
+        self.traffic.rows_trained += n
+        h = h.detach().requires_grad_(True)
+        self.pending.append(h)
+        return h
+
+    def step(self) -> None:
+        """Send the gradients of the embeddings used since the last step; the passive
+        party backpropagates them through its tower and steps its optimizer."""
+        grads = []
+        for h in self.pending:
+            grad = h.grad if h.grad is not None else torch.zeros_like(h)
+            grads.append(self._protect(grad))
+            self.traffic.bytes_to_passive += grad.numel() * EMBEDDING_DTYPE.itemsize
+        self.pending = []
+        self.endpoint.step(grads)
+
+    def _protect(self, grad: torch.Tensor) -> torch.Tensor:
+        p = self.protection
+        if p.clip <= 0 and p.gradient_noise <= 0:
+            return grad
+        rows = len(grad)  # per-row gradients of the batch-mean loss are 1/B of each row's own
+        own = add_noise(clip_rows(grad * rows, p.clip), p.gradient_noise, self.generator)
+        return own / rows
+
+    def drop_pending(self) -> None:
+        self.pending = []
+
+    def phase(self, index: int) -> None:
+        self.endpoint.phase(index)
+
+    def snapshot(self) -> None:
+        self.endpoint.snapshot()
+
+    def restore(self) -> None:
+        self.endpoint.restore()
+
+    def checkpoint(self, tag: Tag) -> None:
+        self.endpoint.checkpoint(tag)
+
+    def end_epoch(self, label: str) -> None:
+        self.traffic.end_epoch(label)
+
+    def finish(self) -> None:
+        self.endpoint.finish()

@@ -1,0 +1,227 @@
+"""The two-party protocol: handshake, id alignment, and the request loop.
+
+After the rendezvous, the parties exchange, in order:
+
+1. ``hello``: protocol version, party, command and a random nonce each. A second
+   active party, another command or another version is refused on both sides.
+2. ``details``: the run configuration both sides must share (seeds, epochs, sizes...),
+   a summary of each table, the run id of the artifacts each side starts from, the
+   checkpoints each holds (with ``--resume``), and, with ``--secret-file``, an HMAC of
+   both nonces under the shared secret (the secret itself never crosses). Each side
+   checks everything and refuses a mismatch, naming it, so both fail the same way.
+3. alignment: the passive party's ids go to the active party, which finds the overlap
+   and returns, for each overlap position, the passive row it refers to. From then on
+   rows are addressed by overlap position only.
+4. requests, driven by the active party: ``EMBED`` (row keys -> embeddings), ``STEP``
+   (gradients for the embeddings since the last step), ``PHASE``, ``SNAPSHOT``,
+   ``RESTORE``, ``CHECKPOINT`` and ``FINISH`` (answered with the passive party's result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from kedit_vfl.errors import PeerError, UserError
+from kedit_vfl.vfl.checkpoint import Tag, latest_common
+from kedit_vfl.vfl.data import align
+from kedit_vfl.vfl.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
+from kedit_vfl.vfl.transport import Channel
+
+PROTOCOL_VERSION = 1
+EMBED, STEP, PHASE, SNAPSHOT, RESTORE, CHECKPOINT, FINISH = range(1, 8)
+
+
+@dataclass
+class Session:
+    """An open, checked connection to the other party."""
+
+    channel: Channel
+    party: str
+    run_id: str  # the same on both sides; stored in both parties' artifacts
+    resume_from: Tag | None
+    peer: dict[str, Any]  # the other party's table summary
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _mac(secret: bytes, nonces: tuple[str, str], party: str) -> str:
+    message = f"kvtool-vfl|{PROTOCOL_VERSION}|{party}|{nonces[0]}|{nonces[1]}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def _exchange(channel: Channel, mine: dict[str, Any], what: str) -> dict[str, Any]:
+    """Active sends first, passive answers: no side waits on a send."""
+    if channel.party == "active":
+        channel.send_json(mine, what)
+        return channel.recv_json(what)
+    theirs = channel.recv_json(what)
+    channel.send_json(mine, what)
+    return theirs
+
+
+def handshake(
+    channel: Channel,
+    command: str,
+    shared: dict[str, Any],
+    summary: dict[str, Any],
+    secret: bytes | None,
+    checkpoints: list[Tag] | None,
+    partner: str | None,
+) -> Session:
+    """Agree on everything before the first row crosses; refuse any mismatch on both sides."""
+    me, peer = channel.party, channel.peer_party
+    hello = {"protocol": PROTOCOL_VERSION, "party": me, "command": command, "nonce": secrets.token_hex(16)}
+    theirs = _exchange(channel, hello, "handshake")
+    if theirs.get("protocol") != PROTOCOL_VERSION:
+        raise UserError(
+            f"the {peer} party speaks protocol version {theirs.get('protocol')}, "
+            f"this one {PROTOCOL_VERSION}; run the same kvtool version on both sides"
+        )
+    if theirs.get("party") != peer:
+        raise UserError(
+            f"both processes were started with --party {me}; start the other one with --party {peer}"
+        )
+    if theirs.get("command") != command:
+        raise UserError(
+            f"the {peer} party runs 'kvtool vfl {theirs.get('command')}', this one 'kvtool vfl {command}'; "
+            "both parties must run the same command"
+        )
+    nonces = (hello["nonce"], theirs["nonce"]) if me == "active" else (theirs["nonce"], hello["nonce"])
+    details = {
+        "shared": shared,
+        "summary": summary,
+        "mac": _mac(secret, nonces, me) if secret is not None else None,
+        "resume": [list(t) for t in checkpoints] if checkpoints is not None else None,
+        "partner": partner,
+    }
+    other = _exchange(channel, details, "run details")
+    problems = []
+    if (secret is None) != (other["mac"] is None):
+        who = me if secret is not None else peer
+        problems.append(f"the {who} party requires a shared secret (--secret-file) and the other gave none")
+    elif secret is not None and not hmac.compare_digest(other["mac"], _mac(secret, nonces, peer)):
+        problems.append("the parties' shared secrets (--secret-file) differ")
+    keys = sorted(set(shared) | set(other["shared"]))
+    differ = [k for k in keys if shared.get(k) != other["shared"].get(k)]
+    if differ:
+        shown = ", ".join(
+            f"{_option(k)} ({me} {shared.get(k)!r}, {peer} {other['shared'].get(k)!r})" for k in differ[:6]
+        )
+        problems.append(f"the parties disagree on {shown}")
+    if partner != other["partner"]:
+        if partner is None or other["partner"] is None:
+            who = me if partner is not None else peer
+            problems.append(f"only the {who} party starts from a two-party artifact of an earlier stage")
+        else:
+            problems.append(
+                "the parties start from artifacts of different two-party runs "
+                f"(run {partner} here, {other['partner']} there); use the pair one run wrote"
+            )
+    resume_from = None
+    if (checkpoints is None) != (other["resume"] is None):
+        who = me if checkpoints is not None else peer
+        problems.append(f"only the {who} party was started with --resume")
+    elif checkpoints is not None:
+        resume_from = latest_common(checkpoints, [tuple(t) for t in other["resume"]])
+        if resume_from is None:
+            problems.append("--resume: the parties hold no checkpoint in common; start both without --resume")
+    if problems:
+        raise UserError("two-party handshake refused: " + "; ".join(problems))
+    run_id = hashlib.sha256(f"{nonces[0]}|{nonces[1]}".encode()).hexdigest()[:16]
+    return Session(channel, me, run_id, resume_from, other["summary"])
+
+
+def align_in_clear(session: Session, ids: pa.ChunkedArray) -> torch.Tensor:
+    """The overlap, found by sending the passive party's ids to the active party.
+
+    Returns this party's own row for each overlap position (in the active party's row
+    order). The ids cross in the clear; ``kvtool vfl align`` is the private alternative.
+    """
+    channel, what = session.channel, "ids for alignment"
+    if session.party == "passive":
+        channel.send_json(ids.to_pylist(), what)
+        (n,) = channel.recv((1,), torch.int64, what).tolist()
+        rows = channel.recv((n,), torch.int64, what)
+    else:
+        peer_ids = pa.chunked_array([pa.array(channel.recv_json(what), pa.string())])
+        rows, peer_rows = align(ids, peer_ids)
+        channel.send(torch.tensor([len(rows)], dtype=torch.int64), what)
+        channel.send(peer_rows, what)
+        n = len(rows)
+    if n == 0:
+        raise UserError("no id appears in both parties' tables; the parties must key the same users")
+    return rows
+
+
+class RemotePassive:
+    """The passive party over the wire (the active party's :class:`Endpoint`)."""
+
+    def __init__(self, channel: Channel, width: int) -> None:
+        self.channel, self.width = channel, width
+        self.result: dict[str, Any] = {}
+
+    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+        self.channel.send_header(EMBED, len(keys), int(train))
+        self.channel.send(keys.to(KEY_DTYPE), "row keys")
+        return self.channel.recv((len(keys), self.width), EMBEDDING_DTYPE, "embeddings")
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.channel.send_header(STEP, len(grads))
+        for grad in grads:
+            self.channel.send(grad.to(EMBEDDING_DTYPE), "gradients")
+
+    def phase(self, index: int) -> None:
+        self.channel.send_header(PHASE, index)
+
+    def snapshot(self) -> None:
+        self.channel.send_header(SNAPSHOT)
+
+    def restore(self) -> None:
+        self.channel.send_header(RESTORE)
+
+    def checkpoint(self, tag: Tag) -> None:
+        self.channel.send_header(CHECKPOINT, *tag)
+
+    def finish(self) -> None:
+        self.channel.send_header(FINISH)
+        self.result = self.channel.recv_json("the passive party's result")
+        if not self.result.get("ok"):
+            raise PeerError(f"the passive party failed at the end: {self.result.get('error')}")
+
+
+def serve(channel: Channel, party: PassiveParty) -> None:
+    """Answer the active party's requests until it says ``FINISH``."""
+    while True:
+        op, a, b, c = channel.recv_header()
+        if op == EMBED:
+            keys = channel.recv((a,), KEY_DTYPE, "row keys")
+            channel.send(party.embed(keys, bool(b)).to(EMBEDDING_DTYPE), "embeddings")
+        elif op == STEP:
+            if a != len(party.pending):
+                raise PeerError(
+                    f"protocol error: {a} gradients announced for {len(party.pending)} embeddings"
+                )
+            grads = [channel.recv(tuple(h.shape), EMBEDDING_DTYPE, "gradients") for h in party.pending]
+            party.step(grads)
+        elif op == PHASE:
+            party.phase(a)
+        elif op == SNAPSHOT:
+            party.snapshot()
+        elif op == RESTORE:
+            party.restore()
+        elif op == CHECKPOINT:
+            party.checkpoint((a, b))
+        elif op == FINISH:
+            party.finish()
+            return
+        else:
+            raise PeerError(f"protocol error: unknown request {op} from the active party")

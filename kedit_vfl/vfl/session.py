@@ -1,0 +1,244 @@
+"""Setting up a stage's two sides, whichever way the parties run.
+
+- ``party="both"`` (the in-process simulation): both tables are read here and the
+  passive party is a :class:`PassiveParty` called directly.
+- ``party="active"``: this process holds the active table; the passive party is a
+  :class:`RemotePassive` behind a checked session.
+- ``party="passive"``: this process holds the passive table and serves the active
+  party's requests until it finishes (:func:`serve_passive`).
+
+The active side of every stage sees the same :class:`PassiveLink` in the first two
+cases, so the training code has one path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit_vfl.artifacts import Artifact, config_to_dict
+from kedit_vfl.errors import UserError
+from kedit_vfl.progress import Reporter
+from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
+from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party
+from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
+from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, passive_seed
+from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
+from kedit_vfl.vfl.transport import open_channel
+
+# Options each party sets for itself; every other option must agree across the parties.
+PARTY_LOCAL = {
+    "active", "passive", "features_active", "features_passive", "categorical", "id_col", "label_col",
+    "out", "device", "init", "teacher", "fallback", "model", "party", "rendezvous", "timeout",
+    "secret_file", "resume",
+}  # fmt: skip
+
+
+def shared_settings(config: Any, model_config: ModelConfig | None) -> dict[str, Any]:
+    """What both parties' configs must agree on (the model sizes in effect included)."""
+    settings = config_to_dict(config)
+    shared = {k: v for k, v in settings.items() if k not in PARTY_LOCAL}
+    if model_config is not None:
+        shared["model"] = model_config.to_dict()
+    return shared
+
+
+def read_secret(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise UserError(f"--secret-file {path}: cannot read it ({exc.strerror})") from exc
+    if not secret:
+        raise UserError(f"--secret-file {path}: the file is empty")
+    return secret
+
+
+def table_summary(table: PartyTable, id_col: str) -> dict[str, Any]:
+    """What each party tells the other about its table: size and id column, no values."""
+    return {"rows": len(table.rows), "id_col": id_col, "columns": len(table.schema.columns)}
+
+
+def passive_tower(
+    schema: PartySchema, model_config: ModelConfig, seed: int, init: Artifact | None = None
+) -> Tower:
+    """The passive party's tower, initialised from its own random stream (or ``init``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(passive_seed(seed))
+        tower = Tower(schema, model_config)
+    if init is not None:
+        load_prefixed(tower, init.tensors, "tower_b")
+    return tower
+
+
+def connect(
+    config: Any,
+    command: str,
+    table: PartyTable,
+    shared: dict[str, Any],
+    partner: str | None,
+    store: CheckpointStore | None,
+) -> tuple[Session, torch.Tensor]:
+    """Rendezvous, handshake and alignment; returns the session and own rows per overlap position."""
+    secret = read_secret(config.secret_file)
+    channel = open_channel(config.party, config.rendezvous, config.timeout)
+    try:
+        session = handshake(
+            channel,
+            command,
+            shared,
+            table_summary(table, config.id_col),
+            secret,
+            store.tags() if (store is not None and config.resume) else None,
+            partner,
+        )
+        return session, align_in_clear(session, table.rows.ids)
+    except BaseException:
+        channel.close()
+        raise
+
+
+@dataclass
+class ActiveSide:
+    """What the active side of a stage works with."""
+
+    table: PartyTable
+    link: PassiveLink
+    rows_a: torch.Tensor  # (N_overlap,) active row of each overlap position
+    passive_schema: PartySchema | None  # in-process only: stored in the "both" artifact
+    session: Session | None
+    passive: PassiveParty | None  # in-process only
+
+    @property
+    def run_id(self) -> str | None:
+        return self.session.run_id if self.session is not None else None
+
+    @property
+    def resume_from(self) -> tuple[int, int] | None:
+        return self.session.resume_from if self.session is not None else None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.channel.close()
+
+    def traffic(self) -> dict[str, Any]:
+        summary = self.link.traffic.summary()
+        if self.session is not None:
+            summary["wire"] = self.session.channel.traffic()
+        return summary
+
+
+def open_active(
+    config: Any,
+    command: str,
+    table: PartyTable,
+    *,
+    model_config: ModelConfig,
+    passive_schema: PartySchema | None,
+    passive_init: Artifact | None,
+    partner: str | None,
+    protection: Protection,
+    training: PassiveTraining,
+    store: CheckpointStore | None,
+    device: torch.device,
+    passive_path: Path | None = None,
+    shared: dict[str, Any] | None = None,
+) -> ActiveSide:
+    """The active side of a stage: a link to the passive party in this process or remote.
+
+    ``shared`` is what the parties must agree on (default: every option but the
+    party-local ones, see :func:`shared_settings`).
+    """
+    if config.party == "active":
+        shared = shared if shared is not None else shared_settings(config, model_config)
+        session, rows_a = connect(config, command, table, shared, partner, store)
+        remote = RemotePassive(session.channel, model_config.out_dim)
+        link = PassiveLink(remote, protection, getattr(config, "seed", 0), device)
+        return ActiveSide(table, link, rows_a, None, session, None)
+    passive = load_party(
+        passive_path or config.passive,
+        "passive",
+        config.id_col,
+        config.label_col,
+        getattr(config, "features_passive", None),
+        getattr(config, "categorical", ()),
+        schema=passive_schema,
+    )
+    rows_a, rows_b = align(table.rows.ids, passive.rows.ids)
+    if len(rows_a) == 0:
+        raise UserError(
+            f"{table.path} and {passive.path}: no id appears in both tables (id column '{config.id_col}'); "
+            "the parties must key the same users"
+        )
+    seed = getattr(config, "seed", 0)  # scoring has no seed: nothing random happens there
+    tower = passive_tower(passive.schema, model_config, seed, passive_init)
+    passive_store = None
+    if store is not None:
+        passive_store = CheckpointStore(store.directory.with_name(store.directory.name + ".passive"))
+    party = PassiveParty(passive.rows, rows_b, tower, seed, protection, training, passive_store, device)
+    link = PassiveLink(party, protection, seed, device)
+    return ActiveSide(table, link, rows_a, passive.schema, None, party)
+
+
+def resume_tag_in_process(config: Any, store: CheckpointStore | None) -> tuple[int, int] | None:
+    """With ``--resume`` in one process: the latest checkpoint both sides saved."""
+    if store is None or not config.resume:
+        return None
+    passive = CheckpointStore(store.directory.with_name(store.directory.name + ".passive"))
+    common = sorted(set(store.tags()) & set(passive.tags()))
+    if not common:
+        raise UserError(f"--resume: no checkpoint in {store.directory}; start without --resume")
+    return common[-1]
+
+
+def serve_passive(
+    config: Any,
+    command: str,
+    table: PartyTable,
+    tower: Tower,
+    *,
+    model_config: ModelConfig | None,
+    partner: str | None,
+    protection: Protection,
+    training: PassiveTraining,
+    resumable: bool,
+    save: Callable[[PassiveParty, Session], dict[str, Any]] | None,
+    reporter: Reporter,
+    device: torch.device,
+    shared: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the passive party of a stage to the end; ``save`` writes its artifact."""
+    store = CheckpointStore(checkpoint_dir(config.out)) if resumable else None
+    shared = shared if shared is not None else shared_settings(config, model_config)
+    session, rows = connect(config, command, table, shared, partner, store)
+    with session.channel as channel:
+        seed = getattr(config, "seed", 0)
+        party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device)
+        if session.resume_from is not None:
+            party.resume(session.resume_from)
+        reporter.log(f"connected to the active party: {len(rows)} overlapping rows; serving its requests")
+        with reporter.task("serving the active party", total=None):
+            serve(channel, party)
+        try:
+            saved = save(party, session) if save is not None else {}
+        except UserError as exc:
+            channel.send_json({"ok": False, "error": str(exc)}, "result")
+            raise
+        channel.send_json({"ok": True, **saved}, "result")
+        if store is not None:
+            store.clear()
+        return {
+            "party": "passive",
+            "run_id": session.run_id,
+            "rows": len(table.rows),
+            "rows_overlapped": len(rows),
+            "rows_embedded": party.rows_embedded,
+            "resumed_from": list(session.resume_from) if session.resume_from else None,
+            **saved,
+            "traffic": channel.traffic(),
+        }
