@@ -27,7 +27,7 @@ from kedit_vfl.vfl.data import Party
 from kedit_vfl.vfl.model import Tower
 from kedit_vfl.vfl.train import FlatAdamW, single_thread
 
-KEY_DTYPE = torch.int32  # rows are addressed by their position in the overlap
+KEY_DTYPE = torch.int64  # rows are addressed by a key: overlap position, or an alignment's key
 EMBEDDING_DTYPE = torch.float32
 EVAL_SLICE = 8192  # rows per embedding request when nothing trains
 

@@ -47,6 +47,7 @@ class Session:
     run_id: str  # the same on both sides; stored in both parties' artifacts
     resume_from: Tag | None
     peer: dict[str, Any]  # the other party's table summary
+    key: bytes  # a key only these two parties derive (both nonces, and the shared secret if any)
 
 
 def _option(name: str) -> str:
@@ -137,7 +138,8 @@ def handshake(
     if problems:
         raise UserError("two-party handshake refused: " + "; ".join(problems))
     run_id = hashlib.sha256(f"{nonces[0]}|{nonces[1]}".encode()).hexdigest()[:16]
-    return Session(channel, me, run_id, resume_from, other["summary"])
+    key = hmac.new(secret or b"", f"kvtool-vfl-key|{nonces[0]}|{nonces[1]}".encode(), hashlib.sha256).digest()
+    return Session(channel, me, run_id, resume_from, other["summary"], key)
 
 
 def align_in_clear(session: Session, ids: pa.ChunkedArray) -> torch.Tensor:
