@@ -160,8 +160,9 @@ def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
         shown["traffic active -> passive"] = f"{traffic['bytes_to_passive']:,} bytes"
         shown["traffic passive -> active"] = f"{traffic['bytes_to_active']:,} bytes"
         if traffic.get("bytes_per_trained_row") is not None:
-            shown["bytes per row per epoch"] = (
-                f"{traffic['bytes_per_trained_row']:.1f} (floor {traffic['floor_bytes_per_row']})"
+            shown["bytes per trained row"] = (
+                f"{traffic['bytes_per_trained_row']:.1f} (floor {traffic['floor_bytes_per_row']}; "
+                f"{traffic['bytes_per_trained_row_with_evaluation']:.1f} with validation requests)"
             )
         if "wire" in traffic:
             shown["on the wire (all messages)"] = (

@@ -207,41 +207,48 @@ class PassiveParty:
         self.tower.eval()
 
 
+HEADER_BYTES = 32  # one request header: four int64
+
+
 @dataclass
 class Traffic:
-    """What crossed, counted by payload: row keys and gradients one way, embeddings back."""
+    """What crosses, by payload and request headers: training requests (row keys and
+    gradients one way, embeddings back) apart from evaluation and scoring requests."""
 
     key_bytes: int = KEY_DTYPE.itemsize
     width: int = 0
-    bytes_to_passive: int = 0
-    bytes_to_active: int = 0
+    train_to_passive: int = 0
+    train_to_active: int = 0
+    eval_to_passive: int = 0
+    eval_to_active: int = 0
     rows_trained: int = 0
     rows_scored: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
-    _mark: tuple[int, int, int] = (0, 0, 0)
+    _mark: dict[str, int] = field(default_factory=dict)
+
+    def _counters(self) -> dict[str, int]:
+        names = ("train_to_passive", "train_to_active", "eval_to_passive", "eval_to_active", "rows_trained")
+        return {name: getattr(self, name) for name in names}
 
     def end_epoch(self, label: str) -> None:
-        to_p, to_a, rows = self._mark
-        self.epochs.append(
-            {
-                "epoch": label,
-                "bytes_to_passive": self.bytes_to_passive - to_p,
-                "bytes_to_active": self.bytes_to_active - to_a,
-                "rows_trained": self.rows_trained - rows,
-            }
-        )
-        self._mark = (self.bytes_to_passive, self.bytes_to_active, self.rows_trained)
+        now = self._counters()
+        self.epochs.append({"epoch": label, **{k: v - self._mark.get(k, 0) for k, v in now.items()}})
+        self._mark = now
 
     def summary(self) -> dict[str, Any]:
         floor = 2 * self.width * EMBEDDING_DTYPE.itemsize + self.key_bytes
-        trained = [e for e in self.epochs if e["rows_trained"]]
-        per_row = [(e["bytes_to_passive"] + e["bytes_to_active"]) / e["rows_trained"] for e in trained]
+        train = self.train_to_passive + self.train_to_active
+        everything = train + self.eval_to_passive + self.eval_to_active
+        rows = max(self.rows_trained, 1)
         return {
-            "bytes_to_passive": self.bytes_to_passive,
-            "bytes_to_active": self.bytes_to_active,
+            "bytes_to_passive": self.train_to_passive + self.eval_to_passive,
+            "bytes_to_active": self.train_to_active + self.eval_to_active,
             "rows_trained": self.rows_trained,
             "rows_scored": self.rows_scored,
-            "bytes_per_trained_row": round(sum(per_row) / len(per_row), 2) if per_row else None,
+            "bytes_per_trained_row": round(train / rows, 2) if self.rows_trained else None,
+            "bytes_per_trained_row_with_evaluation": round(everything / rows, 2)
+            if self.rows_trained
+            else None,
             "floor_bytes_per_row": floor,
             "epochs": self.epochs,
         }
@@ -267,13 +274,20 @@ class PassiveLink:
         if not train and len(keys) > EVAL_SLICE:  # bounded messages for large evaluations
             return torch.cat([self.embed(part, False) for part in keys.split(EVAL_SLICE)])
         h = self.endpoint.embed(keys, train).to(self.device)
-        n = len(keys)
-        self.traffic.bytes_to_passive += n * KEY_DTYPE.itemsize
-        self.traffic.bytes_to_active += n * self.width * EMBEDDING_DTYPE.itemsize
+        n, traffic = len(keys), self.traffic
+        request, answer = HEADER_BYTES + n * KEY_DTYPE.itemsize, n * self.width * EMBEDDING_DTYPE.itemsize
         if not train:
-            self.traffic.rows_scored += n
+            traffic.eval_to_passive, traffic.eval_to_active = (
+                traffic.eval_to_passive + request,
+                traffic.eval_to_active + answer,
+            )
+            traffic.rows_scored += n
             return h
-        self.traffic.rows_trained += n
+        traffic.train_to_passive, traffic.train_to_active = (
+            traffic.train_to_passive + request,
+            traffic.train_to_active + answer,
+        )
+        traffic.rows_trained += n
         h = h.detach().requires_grad_(True)
         self.pending.append(h)
         return h
@@ -282,10 +296,11 @@ class PassiveLink:
         """Send the gradients of the embeddings used since the last step; the passive
         party backpropagates them through its tower and steps its optimizer."""
         grads = []
+        self.traffic.train_to_passive += HEADER_BYTES
         for h in self.pending:
             grad = h.grad if h.grad is not None else torch.zeros_like(h)
             grads.append(self._protect(grad))
-            self.traffic.bytes_to_passive += grad.numel() * EMBEDDING_DTYPE.itemsize
+            self.traffic.train_to_passive += grad.numel() * EMBEDDING_DTYPE.itemsize
         self.pending = []
         self.endpoint.step(grads)
 

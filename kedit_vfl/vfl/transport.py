@@ -100,7 +100,7 @@ class Channel:
             dist.init_process_group(
                 "gloo", store=store, rank=0 if is_server else 1, world_size=2, timeout=wait
             )
-        except OSError as exc:  # DistNetworkError and friends, raised before the peer joined
+        except (OSError, RuntimeError) as exc:  # DistNetworkError, DistStoreError: before the peer joined
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             if "address already in use" in detail.lower():
                 raise UserError(f"--rendezvous {where}: port {where.port} is already in use") from exc
