@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, latest_common
+from kedit_vfl.vfl.data import Party, PartySchema
+from kedit_vfl.vfl.model import ActiveSplit, ModelConfig, Tower
+from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, clip_rows
+from kedit_vfl.vfl.train import FlatAdamW, average_ranks
+
+CONFIG = ModelConfig(hidden=8, out_dim=4, head_hidden=4, dropout=0.0)
+SCHEMA_A = PartySchema(numeric=["a1", "a2"], mean=[0.0, 0.0], std=[1.0, 1.0])
+SCHEMA_B = PartySchema(numeric=["b1", "b2", "b3"], mean=[0.0] * 3, std=[1.0] * 3)
+
+
+def _passive(n: int = 10, protection: Protection = Protection(), lr: float = 0.1) -> PassiveParty:
+    torch.manual_seed(1)
+    rows = Party(
+        pa.chunked_array([[str(i) for i in range(n)]]), torch.randn(n, 3), torch.zeros(n, 0, dtype=torch.long)
+    )
+    tower = Tower(SCHEMA_B, CONFIG)
+    party = PassiveParty(rows, torch.arange(n).flip(0), tower, seed=0, protection=protection,
+                         training=PassiveTraining((lr,)))  # fmt: skip
+    party.phase(0)
+    return party
+
+
+def test_clip_rows_bounds_norms_and_keeps_small_rows() -> None:
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    clipped = clip_rows(x, 1.0)
+    assert torch.allclose(clipped.norm(dim=1), torch.tensor([1.0, 0.5, 0.0]))
+    assert torch.equal(clip_rows(x, 0.0), x)
+
+
+def test_protection_refuses_negative_settings() -> None:
+    with pytest.raises(UserError, match="--gradient-noise"):
+        Protection(gradient_noise=-1.0)
+
+
+def test_split_boundary_gives_the_gradients_of_one_joint_graph() -> None:
+    """Backward on the active side, sent gradients, backward on the passive side: the
+    passive tower's update equals the one a single autograd graph would make."""
+    party = _passive()
+    reference = Tower(SCHEMA_B, CONFIG)
+    reference.load_state_dict(party.tower.state_dict())
+    model = ActiveSplit({"active": SCHEMA_A}, CONFIG)
+    a_num = torch.randn(5, 2)
+    keys = torch.tensor([0, 3, 4, 7, 9])
+    link = PassiveLink(party, Protection(), seed=0, device=torch.device("cpu"))
+    _, full = model.with_embedding(a_num, torch.zeros(5, 0, dtype=torch.long), link.embed(keys, train=True))
+    full.sum().backward()
+    optimizer = FlatAdamW([{"params": list(reference.parameters())}], lr=0.1)
+    rows = party.overlap_rows[keys]
+    h = reference(party.num[rows], party.cat[rows])
+    (model.fed_head(model.tower_a(a_num, torch.zeros(5, 0, dtype=torch.long)), h)).sum().backward()
+    expected = [p.grad.clone() for p in reference.parameters()]
+    link.step()
+    optimizer.step()
+    for got, want in zip(party.tower.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert all(e is not None for e in expected)
+
+
+def test_gradient_protection_clips_each_rows_own_gradient() -> None:
+    party = _passive()
+    seen: list[torch.Tensor] = []
+    original = party.step
+    party.step = lambda grads: (seen.extend(grads), original(grads))  # type: ignore[method-assign]
+    link = PassiveLink(party, Protection(clip=0.01), seed=0, device=torch.device("cpu"))
+    h = link.embed(torch.arange(8), train=True)
+    (100.0 * h.sum(dim=1)).mean().backward()  # each row's own gradient has norm 100 * 2
+    link.step()
+    per_row = seen[0] * 8  # back to each row's own gradient
+    assert torch.allclose(per_row.norm(dim=1), torch.full((8,), 0.01), atol=1e-6)
+
+
+def test_embedding_noise_only_in_training_and_clip_always() -> None:
+    party = _passive(protection=Protection(clip=0.05, embedding_noise=1.0))
+    clean = party.embed(torch.arange(6), train=False)
+    assert torch.all(clean.norm(dim=1) <= 0.05 + 1e-6)
+    noisy = party.embed(torch.arange(6), train=True)
+    assert (noisy - clean).abs().mean() > 0.3  # noise of std 1 on top of the clipped rows
+    with pytest.raises(UserError, match="outside the agreed overlap"):
+        party.embed(torch.tensor([10]), train=False)
+
+
+def test_checkpoint_store_keeps_the_last_three_and_finds_the_common_one(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "c")
+    for epoch in range(1, 6):
+        store.save((0, epoch), {"epoch": epoch})
+    assert store.tags() == [(0, 3), (0, 4), (0, 5)]
+    assert store.load((0, 4)) == {"epoch": 4}
+    assert latest_common(store.tags(), [(0, 2), (0, 3), (0, 4)]) == (0, 4)
+    assert latest_common([(0, 1)], [(1, 1)]) is None
+    store.clear()
+    assert not (tmp_path / "c").exists()
+
+
+def test_training_state_restores_weights_optimizer_and_generators(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "c")
+    model = torch.nn.Linear(3, 1)
+    optimizer = FlatAdamW([{"params": list(model.parameters())}], lr=0.1)
+    generator = torch.Generator().manual_seed(5)
+    state = TrainingState(store, {"g": generator})
+    state.register("model", model)
+    state.register("optimizer", optimizer)
+    state.extra["soft"] = torch.ones(2)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state.save((1, 2), {"epoch": 2})
+    after = (model.weight.detach().clone(), torch.rand(3, generator=generator), torch.rand(3))
+    fresh_model = torch.nn.Linear(3, 1)
+    fresh_optimizer = FlatAdamW([{"params": list(fresh_model.parameters())}], lr=0.1)
+    fresh_generator = torch.Generator()
+    resumed = TrainingState(store, {"g": fresh_generator}, resume_from=(1, 2))
+    assert torch.equal(resumed.extra["soft"], torch.ones(2)) and resumed.skip(0) and not resumed.skip(1)
+    resumed.register("model", fresh_model)
+    resumed.register("optimizer", fresh_optimizer)
+    assert resumed.resume(0) is None and resumed.resume(1) == {"epoch": 2}
+    assert torch.equal(fresh_model.weight, after[0]) and fresh_optimizer.steps == 1
+    assert torch.equal(torch.rand(3, generator=fresh_generator), after[1])
+    assert torch.equal(torch.rand(3), after[2])
+
+
+def test_average_ranks_share_ties() -> None:
+    assert np.allclose(average_ranks(np.array([0.3, 0.1, 0.3, 0.2])), [3.5, 1.0, 3.5, 2.0])
