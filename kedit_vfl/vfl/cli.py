@@ -472,3 +472,59 @@ def score_command(
     )
     result = score(config, RichReporter(quiet or json_output))
     _render(f"score ({mode} mode)", result, json_output)
+
+
+@app.command("align")
+def align_command(
+    party: Annotated[
+        Optional[str],
+        typer.Option("--party", help="active (advertiser, PSI client) or passive (publisher, PSI server)."),
+    ] = None,
+    rendezvous: RendezvousOption = None,
+    table: Annotated[
+        Optional[Path], typer.Option("--table", help="This party's table (CSV/Parquet/JSONL file or folder).")
+    ] = None,
+    id_col: IdColOption = "id",
+    reveal: Annotated[
+        str,
+        typer.Option(
+            "--reveal",
+            help="both: both parties learn the intersection; active-only: the passive party learns "
+            "nothing about it at alignment time (it maps all its rows).",
+        ),
+    ] = "both",
+    fpr: Annotated[
+        float, typer.Option("--fpr", help="PSI false-positive rate over all of the active party's ids.")
+    ] = 1e-9,
+    secret_file: SecretOption = None,
+    timeout: TimeoutOption = 60.0,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out", help="Where to write the alignment. [default: runs/vfl/alignment_PARTY.safetensors]"
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Find the users both parties hold without sending any id (ECDH private set intersection).
+
+    Example: kvtool vfl align --party active --table a.csv --rendezvous tcp://0.0.0.0:29500
+    and, on the publisher's host, kvtool vfl align --party passive --table b.csv
+    --rendezvous tcp://ADVERTISER_HOST:29500 --out al.safetensors
+    """
+    from kedit_vfl.vfl.alignment import AlignConfig, align
+
+    config = AlignConfig(
+        party=party,
+        rendezvous=rendezvous,
+        table=table,
+        id_col=id_col,
+        reveal=reveal,
+        fpr=fpr,
+        secret_file=secret_file,
+        timeout=timeout,
+        out=out,
+    )
+    result = align(config, RichReporter(quiet or json_output))
+    _render(f"align ({config.party} party)", result, json_output)
