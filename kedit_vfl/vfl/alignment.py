@@ -125,6 +125,16 @@ def wire_keys(ids: pa.ChunkedArray | pa.Array, key: bytes) -> np.ndarray:
     return np.frombuffer(digests, dtype="<i8").astype(np.int64) & KEY_MASK
 
 
+def id_type_name(kind: pa.DataType) -> str:
+    """The id column's Arrow type, with same-valued variants named alike (large_string is
+    string, every integer width int64): ids compare as text, so only the family matters."""
+    if pa.types.is_integer(kind):
+        return "int64"
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return "string"
+    return str(kind)
+
+
 def fingerprint(sorted_keys: np.ndarray) -> str:
     """sha256 of the sorted key list as little-endian int64."""
     return hashlib.sha256(np.ascontiguousarray(sorted_keys, dtype="<i8").tobytes()).hexdigest()
@@ -339,7 +349,7 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     started = time.perf_counter()
     table = read_table(config.table, config.party)
     ids = read_ids(table, config.id_col, config.table)
-    id_type = str(table[config.id_col].type)
+    id_type = id_type_name(table[config.id_col].type)
     shared = {
         "reveal": config.reveal,
         "fpr": config.fpr,
@@ -361,6 +371,10 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
                 f"the parties' id columns have different types (active {types['active']}, passive "
                 f"{types['passive']}); convert one so both key users the same way"
             )
+        reporter.log(
+            f"connected to the {channel.peer_party} party (run {session.run_id}, "
+            f"{session.peer.get('rows'):,} rows there); running the private set intersection"
+        )
         run = _run_active if config.party == "active" else _run_passive
         result = run(session, ids, config, reporter)
         final = _finish(channel, result, config.reveal)
