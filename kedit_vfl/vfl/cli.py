@@ -100,6 +100,14 @@ SecretOption = Annotated[
     Optional[Path],
     typer.Option("--secret-file", help="File with a secret both parties must hold (never sent)."),
 ]
+AlignmentOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--alignment",
+        help="This party's file from 'kvtool vfl align' (private set intersection): no id crosses. "
+        "Without it, the passive party's ids are sent to the active party to find the overlap.",
+    ),
+]
 ResumeOption = Annotated[
     bool,
     typer.Option("--resume", help="Continue from the last checkpoint (two-party: the last one both hold)."),
@@ -107,13 +115,19 @@ ResumeOption = Annotated[
 
 
 def _party_options(
-    party: str | None, rendezvous: str | None, timeout: float, secret_file: Path | None, **more: Any
+    party: str | None,
+    rendezvous: str | None,
+    timeout: float,
+    secret_file: Path | None,
+    alignment: Path | None,
+    **more: Any,
 ) -> dict[str, Any]:
     return {
         "party": party or "both",
         "rendezvous": rendezvous,
         "timeout": timeout,
         "secret_file": secret_file,
+        "alignment": alignment,
         **more,
     }
 
@@ -234,6 +248,7 @@ def pretrain_mpd_command(
     rendezvous: RendezvousOption = None,
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
+    alignment: AlignmentOption = None,
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -252,7 +267,7 @@ def pretrain_mpd_command(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
         **_out_for(out, party, "mpd"),
-        **_party_options(party, rendezvous, timeout, secret_file, resume=resume),
+        **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         negatives=negatives,
         objective=objective,
@@ -323,6 +338,7 @@ def train_split_command(
     rendezvous: RendezvousOption = None,
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
+    alignment: AlignmentOption = None,
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -340,7 +356,7 @@ def train_split_command(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
         **_out_for(out, party, "split"),
-        **_party_options(party, rendezvous, timeout, secret_file, resume=resume),
+        **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         init=init,
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         aux_weight=aux_weight,
@@ -392,6 +408,7 @@ def distill_command(
     rendezvous: RendezvousOption = None,
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
+    alignment: AlignmentOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -407,7 +424,7 @@ def distill_command(
     config = DistillConfig(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
-        **_party_options(party, rendezvous, timeout, secret_file),
+        **_party_options(party, rendezvous, timeout, secret_file, alignment),
         temperature=temperature,
         kd_weight=kd_weight,
         kd_local_rows=kd_local_rows,
@@ -450,6 +467,7 @@ def score_command(
     rendezvous: RendezvousOption = None,
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
+    alignment: AlignmentOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -468,7 +486,7 @@ def score_command(
         id_col=id_col,
         label_col=label_col,
         device=device,
-        **_party_options(party, rendezvous, timeout, secret_file),
+        **_party_options(party, rendezvous, timeout, secret_file, alignment),
     )
     result = score(config, RichReporter(quiet or json_output))
     _render(f"score ({mode} mode)", result, json_output)

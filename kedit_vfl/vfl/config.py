@@ -49,6 +49,10 @@ def _check_party(owner: TrainOptions | ScoreConfig) -> None:
         raise UserError(f"--timeout {owner.timeout}: must be positive")
     if party == "both" and owner.secret_file is not None:
         raise UserError("--secret-file is for two-party runs (with --party)")
+    if party == "both" and owner.alignment is not None:
+        raise UserError(
+            "--alignment is for two-party runs (with --party); in one process the tables are joined"
+        )
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class TrainOptions:
     timeout: float = 60.0
     secret_file: Path | None = None
     resume: bool = False
+    alignment: Path | None = None
 
     def __post_init__(self) -> None:
         _check_party(self)
@@ -177,6 +182,7 @@ class ScoreConfig:
     rendezvous: str | None = None
     timeout: float = 60.0
     secret_file: Path | None = None
+    alignment: Path | None = None
 
     def __post_init__(self) -> None:
         _check_party(self)

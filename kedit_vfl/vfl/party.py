@@ -110,9 +110,12 @@ class PassiveParty:
         training: PassiveTraining = PassiveTraining(),
         checkpoints: CheckpointStore | None = None,
         device: torch.device = torch.device("cpu"),
+        keys: torch.Tensor | None = None,
     ) -> None:
         self.num, self.cat = rows.num.to(device), rows.cat.to(device)
-        self.overlap_rows = overlap_rows.to(device)  # (N_overlap,) overlap position -> own row
+        self.overlap_rows = overlap_rows.to(device)  # (N,) own row of each overlap position, or of each key
+        # (N,) the ascending wire keys of an alignment, or None when keys are the positions
+        self.keys = keys.to(device) if keys is not None else None
         self.tower = tower.to(device)
         self.generator = torch.Generator(device=device).manual_seed(passive_seed(seed))
         self.tower.use_generator(self.generator)
@@ -131,6 +134,11 @@ class PassiveParty:
 
     def _embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
         keys = keys.to(self.device, torch.long)
+        if self.keys is not None:  # an alignment's keys: find each in the sorted table
+            index = torch.searchsorted(self.keys, keys).clamp_max(max(len(self.keys) - 1, 0))
+            if keys.numel() and not bool((self.keys[index] == keys).all()):
+                raise UserError("the active party asked for a key outside the agreed alignment")
+            keys = index
         if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= len(self.overlap_rows)):
             raise UserError("the active party asked for a row outside the agreed overlap")
         rows = self.overlap_rows[keys]
@@ -257,8 +265,16 @@ class Traffic:
 class PassiveLink:
     """The active party's side of the boundary (see the module docstring)."""
 
-    def __init__(self, endpoint: Endpoint, protection: Protection, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        protection: Protection,
+        seed: int,
+        device: torch.device,
+        wire_keys: torch.Tensor | None = None,
+    ) -> None:
         self.endpoint, self.protection, self.device = endpoint, protection, device
+        self.wire_keys = wire_keys  # (N_overlap,) key sent for each overlap position; None: the position
         self.generator = torch.Generator(device=device).manual_seed(seed + 104_729)
         self.pending: list[torch.Tensor] = []
         self.traffic = Traffic(width=endpoint.width)
@@ -270,9 +286,11 @@ class PassiveLink:
     def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
         """``h_B`` (B, d) for overlap positions ``keys``; with ``train``, a leaf whose
         gradient the next :meth:`step` sends back."""
-        keys = keys.to(KEY_DTYPE)
         if not train and len(keys) > EVAL_SLICE:  # bounded messages for large evaluations
             return torch.cat([self.embed(part, False) for part in keys.split(EVAL_SLICE)])
+        if self.wire_keys is not None:
+            keys = self.wire_keys[keys.cpu().long()]
+        keys = keys.to(KEY_DTYPE)
         h = self.endpoint.embed(keys, train).to(self.device)
         n, traffic = len(keys), self.traffic
         request, answer = HEADER_BYTES + n * KEY_DTYPE.itemsize, n * self.width * EMBEDDING_DTYPE.itemsize

@@ -77,8 +77,13 @@ def handshake(
     secret: bytes | None,
     checkpoints: list[Tag] | None,
     partner: str | None,
+    alignment: str | None = None,
 ) -> Session:
-    """Agree on everything before the first row crosses; refuse any mismatch on both sides."""
+    """Agree on everything before the first row crosses; refuse any mismatch on both sides.
+
+    ``partner`` is the run id of the artifact this party starts from, ``alignment`` the
+    fingerprint of the private alignment it uses (``kvtool vfl align``), if any.
+    """
     me, peer = channel.party, channel.peer_party
     hello = {"protocol": PROTOCOL_VERSION, "party": me, "command": command, "nonce": secrets.token_hex(16)}
     theirs = _exchange(channel, hello, "handshake")
@@ -103,6 +108,7 @@ def handshake(
         "mac": _mac(secret, nonces, me) if secret is not None else None,
         "resume": [list(t) for t in checkpoints] if checkpoints is not None else None,
         "partner": partner,
+        "alignment": alignment,
     }
     other = _exchange(channel, details, "run details")
     problems = []
@@ -126,6 +132,16 @@ def handshake(
             problems.append(
                 "the parties start from artifacts of different two-party runs "
                 f"(run {partner} here, {other['partner']} there); use the pair one run wrote"
+            )
+    if alignment != other.get("alignment"):
+        if alignment is None or other.get("alignment") is None:
+            who = me if alignment is not None else peer
+            problems.append(f"only the {who} party was given an alignment (--alignment)")
+        else:
+            problems.append(
+                f"the parties' alignments differ (fingerprint {alignment[:12]}... here, "
+                f"{other['alignment'][:12]}... there); "
+                "give each party its file from the same 'kvtool vfl align' run"
             )
     resume_from = None
     if (checkpoints is None) != (other["resume"] is None):

@@ -34,7 +34,7 @@ from kedit_vfl.vfl.transport import open_channel
 PARTY_LOCAL = {
     "active", "passive", "features_active", "features_passive", "categorical", "id_col", "label_col",
     "out", "device", "init", "teacher", "fallback", "model", "party", "rendezvous", "timeout",
-    "secret_file", "resume",
+    "secret_file", "resume", "alignment",
 }  # fmt: skip
 
 
@@ -83,8 +83,20 @@ def connect(
     shared: dict[str, Any],
     partner: str | None,
     store: CheckpointStore | None,
-) -> tuple[Session, torch.Tensor]:
-    """Rendezvous, handshake and alignment; returns the session and own rows per overlap position."""
+) -> tuple[Session, torch.Tensor, torch.Tensor | None]:
+    """Rendezvous, handshake and alignment.
+
+    Returns the session, this party's row for each overlap position, and the wire key of
+    each (None: the key is the position itself). With ``config.alignment`` (a private
+    alignment from ``kvtool vfl align``) no id crosses: rows and keys come from the
+    alignment file, and the handshake checks both parties hold the same one. Without it
+    the passive party's ids are sent to the active party to find the overlap.
+    """
+    from kedit_vfl.vfl.alignment import load_alignment  # the PSI library loads only when used
+
+    alignment = None
+    if getattr(config, "alignment", None) is not None:
+        alignment = load_alignment(config.alignment, config.party, table.path)
     secret = read_secret(config.secret_file)
     channel = open_channel(config.party, config.rendezvous, config.timeout)
     try:
@@ -96,8 +108,11 @@ def connect(
             secret,
             store.tags() if (store is not None and config.resume) else None,
             partner,
+            alignment.fingerprint if alignment is not None else None,
         )
-        return session, align_in_clear(session, table.rows.ids)
+        if alignment is None:
+            return session, align_in_clear(session, table.rows.ids), None
+        return session, alignment.rows, alignment.keys
     except BaseException:
         channel.close()
         raise
@@ -156,9 +171,9 @@ def open_active(
     """
     if config.party == "active":
         shared = shared if shared is not None else shared_settings(config, model_config)
-        session, rows_a = connect(config, command, table, shared, partner, store)
+        session, rows_a, keys = connect(config, command, table, shared, partner, store)
         remote = RemotePassive(session.channel, model_config.out_dim)
-        link = PassiveLink(remote, protection, getattr(config, "seed", 0), device)
+        link = PassiveLink(remote, protection, getattr(config, "seed", 0), device, wire_keys=keys)
         return ActiveSide(table, link, rows_a, None, session, None)
     passive = load_party(
         passive_path or config.passive,
@@ -215,10 +230,10 @@ def serve_passive(
     """Run the passive party of a stage to the end; ``save`` writes its artifact."""
     store = CheckpointStore(checkpoint_dir(config.out)) if resumable else None
     shared = shared if shared is not None else shared_settings(config, model_config)
-    session, rows = connect(config, command, table, shared, partner, store)
+    session, rows, keys = connect(config, command, table, shared, partner, store)
     with session.channel as channel:
         seed = getattr(config, "seed", 0)
-        party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device)
+        party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device, keys=keys)
         if session.resume_from is not None:
             party.resume(session.resume_from)
         reporter.log(f"connected to the active party: {len(rows)} overlapping rows; serving its requests")

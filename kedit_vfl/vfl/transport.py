@@ -58,6 +58,7 @@ def parse_rendezvous(text: str) -> Rendezvous:
 
 def _port_in_use(where: Rendezvous) -> bool:
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is no conflict
     try:
         probe.bind(("" if where.host in ("0.0.0.0", "*") else where.host, where.port))
     except OSError as exc:
