@@ -546,3 +546,51 @@ def align_command(
     )
     result = align(config, RichReporter(quiet or json_output))
     _render(f"align ({config.party} party)", result, json_output)
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model",
+            help="vfl.local artifact, or a vfl.split artifact (its local branch). "
+            "[default: runs/vfl/local.safetensors]",
+        ),
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out", help="Where to write the graph (OUT.json beside it). [default: runs/vfl/local.onnx]"
+        ),
+    ] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version (13 to 20).")] = 17,
+    verify_rows: Annotated[
+        int,
+        typer.Option("--verify-rows", help="Table rows on which onnxruntime must match kvtool vfl score."),
+    ] = 1000,
+    table: Annotated[
+        Optional[Path],
+        typer.Option("--table", help="Active table to verify on. [default: embedded test table, if it fits]"),
+    ] = None,
+    id_col: IdColOption = "id",
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Export the local-mode model to ONNX, the feature transform inside the graph.
+
+    Inputs: numeric (raw float32, NaN = missing) and categorical (int64 vocabulary
+    indices); outputs: score (probability) and logit. Written only after onnxruntime
+    reproduces kvtool vfl score's local-mode scores within 1e-5; OUT.json lists the
+    column order, the vocabularies and the index convention.
+
+    Example: kvtool vfl export --model local.safetensors --format onnx --out local.onnx --json
+    """
+    from kedit_vfl.vfl.export import ExportConfig, export_onnx
+
+    config = ExportConfig(
+        model=model, format=format, out=out, opset=opset, verify_rows=verify_rows, table=table, id_col=id_col
+    )
+    result = export_onnx(config, RichReporter(quiet or json_output))
+    _render(f"export ({format})", result, json_output)
