@@ -188,7 +188,7 @@ def test_peer_killed_mid_protocol(tmp_path: Path) -> None:
     while "connected to the passive party" not in line and time.monotonic() < deadline:
         line = active.stderr.readline()
         assert line or active.poll() is None, "the active party exited before the passive party connected"
-    time.sleep(1.0)  # the passive party is now encrypting its 40,000 ids
+    time.sleep(0.3)  # the passive party is now encrypting its 40,000 ids
     assert passive.poll() is None, "the passive party finished too early for this test"
     passive.send_signal(signal.SIGKILL)
     passive.communicate()
