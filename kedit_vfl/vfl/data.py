@@ -9,8 +9,9 @@ exactly the training transform and refuses a table it does not fit.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 
 from kedit_vfl.errors import UserError
@@ -29,10 +33,70 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "jso
 OOV, MISSING, FIRST = 0, 1, 2
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$|^\s*[-+]?(nan|inf|infinity)\s*$"
 _HOLDOUT_KEY = "kvtool-vfl-valid"  # 16 characters: pandas' hash key
+_HASH_KEY = "kvtool-vfl-hash!"
 
 
-def read_table(path: str | Path, role: str = "input") -> pa.Table:
-    """Read a CSV, Parquet or JSON Lines file (or a folder of them) as an Arrow table."""
+BATCH_ROWS = 1 << 18  # rows per streamed batch: bounded memory, few Python round trips
+
+
+@dataclass
+class TableSource:
+    """A table on disk (a file, or a folder of shards) read as a stream of Arrow batches.
+
+    Nothing is loaded until :meth:`batches` is iterated; each batch is a small
+    ``pa.Table`` of at most :data:`BATCH_ROWS` rows, so memory does not grow with the table.
+    """
+
+    path: Path
+    role: str
+    files: list[Path]
+    kind: str
+    dataset: ds.Dataset
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.dataset.schema.names)
+
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        scanner = self.dataset.scanner(
+            columns=list(columns) if columns is not None else None, batch_size=BATCH_ROWS
+        )
+        try:
+            for batch in scanner.to_batches():
+                if batch.num_rows:
+                    yield pa.Table.from_batches([batch])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"{self.path}: cannot read this {self.role} table as {self.kind} ({detail})"
+            ) from exc
+
+    def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
+        parts = list(self.batches(columns))
+        if not parts:
+            raise UserError(f"{self.path}: the {self.role} table is empty (no rows)")
+        return pa.concat_tables(parts)
+
+
+def _file_format(kind: str) -> ds.FileFormat | str:
+    if kind == "csv":  # empty fields are missing values, for text columns too
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        return ds.CsvFileFormat(convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 22))
+    return kind
+
+
+def _shard_schema(file: Path, kind: str) -> pa.Schema:
+    if kind == "parquet":
+        return pq.read_schema(file)
+    return ds.dataset([str(file)], format=_file_format(kind)).schema
+
+
+def open_table(path: str | Path, role: str = "input") -> TableSource:
+    """Check a CSV, Parquet or JSON Lines file (or a folder of shards) and open it as a stream.
+
+    Every shard must have the first shard's columns (and, for Parquet, their types); a
+    shard that differs is named with the column.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder ({role} table)")
@@ -47,40 +111,42 @@ def read_table(path: str | Path, role: str = "input") -> pa.Table:
         raise UserError(f"{path}: unsupported file type; expected .csv, .parquet or .jsonl ({role} table)")
     if len(kinds) > 1:
         raise UserError(f"{path}: the folder mixes file formats; use one of csv, parquet or jsonl")
+    (kind,) = kinds
+    schemas = []
     for file in files:
         try:
             with open(file, "rb") as handle:
-                handle.read(1)
+                if not handle.read(1):
+                    raise UserError(f"{path}: the {role} table is empty (no rows)")
+            schemas.append(_shard_schema(file, kind))
+        except UserError:
+            raise
         except OSError as exc:
-            raise UserError(f"{file}: cannot read the file ({exc.strerror})") from exc
-    (builder,) = kinds
-    table = _load(builder, files, path, role)
-    if table.num_rows == 0:
-        raise UserError(f"{path}: the {role} table is empty (no rows)")
-    return table
+            raise UserError(f"{file}: cannot read the file ({exc.strerror or exc})") from exc
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160]
+            raise UserError(f"{file}: cannot read this {role} table as {kind} ({detail})") from exc
+    first = schemas[0]
+    for file, schema in zip(files[1:], schemas[1:], strict=True):
+        missing = [n for n in first.names if n not in schema.names]
+        extra = [n for n in schema.names if n not in first.names]
+        if missing or extra:
+            what = f"lacks column '{missing[0]}'" if missing else f"has an extra column '{extra[0]}'"
+            raise UserError(f"{path}: shard {file.name} {what} (the first shard is {files[0].name})")
+        if kind == "parquet":
+            for name in first.names:
+                if schema.field(name).type != first.field(name).type:
+                    raise UserError(
+                        f"{path}: shard {file.name} stores column '{name}' as {schema.field(name).type}, "
+                        f"the first shard ({files[0].name}) as {first.field(name).type}"
+                    )
+    dataset = ds.dataset([str(f) for f in files], format=_file_format(kind), schema=first)
+    return TableSource(path, role, files, {"json": "json lines"}.get(kind, kind), dataset)
 
 
-def _load(builder: str, files: list[Path], path: Path, role: str) -> pa.Table:
-    import datasets
-    from datasets.exceptions import DatasetsError
-
-    datasets.disable_progress_bars()
-    # Read failures become one UserError line below; datasets' own log lines would repeat them.
-    logging.getLogger("datasets").setLevel(logging.CRITICAL + 1)
-    try:
-        dataset = datasets.load_dataset(
-            builder,
-            data_files=[str(f.resolve()) for f in files],
-            split="train",
-            cache_dir=str(cache_dir() / "datasets"),
-        )
-    except (DatasetsError, ValueError, OSError, pa.ArrowException) as exc:
-        cause = exc.__cause__ or exc
-        detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else type(cause).__name__
-        if "corresponds to no data" in str(exc) or "No columns to parse" in detail:
-            raise UserError(f"{path}: the {role} table is empty (no rows)") from exc
-        raise UserError(f"{path}: cannot read this {role} table as {builder} ({detail})") from exc
-    return dataset.data.table
+def read_table(path: str | Path, role: str = "input", columns: Sequence[str] | None = None) -> pa.Table:
+    """A whole (small) table in memory, through the same streaming reader."""
+    return open_table(path, role).read_all(columns)
 
 
 def require_column(table: pa.Table, name: str, path: Path | str, what: str) -> pa.ChunkedArray:
@@ -111,6 +177,10 @@ def read_ids(table: pa.Table, id_col: str, path: Path | str) -> pa.ChunkedArray:
     ids = as_strings(require_column(table, id_col, path, "id"))
     if ids.null_count:
         raise UserError(f"{path}: {ids.null_count} rows have no id in column '{id_col}'")
+    return check_unique_ids(ids, id_col, path)
+
+
+def check_unique_ids(ids: pa.ChunkedArray, id_col: str, path: Path | str) -> pa.ChunkedArray:
     if pc.count_distinct(ids).as_py() == len(ids):
         return ids
     counts = pc.value_counts(ids)
@@ -176,10 +246,15 @@ class PartySchema:
     std: list[float] = field(default_factory=list)
     categorical: list[str] = field(default_factory=list)
     vocab: list[list[str]] = field(default_factory=list)
+    hash_buckets: list[int] = field(default_factory=list)  # per categorical column; 0 = vocabulary
+
+    def __post_init__(self) -> None:
+        if not self.hash_buckets:
+            self.hash_buckets = [0] * len(self.categorical)
 
     @property
     def cardinalities(self) -> list[int]:
-        return [len(v) + FIRST for v in self.vocab]
+        return [FIRST + (b or len(v)) for v, b in zip(self.vocab, self.hash_buckets, strict=True)]
 
     @property
     def columns(self) -> list[str]:
@@ -192,15 +267,21 @@ class PartySchema:
             "std": self.std,
             "categorical": self.categorical,
             "vocab": self.vocab,
+            "hash_buckets": self.hash_buckets,
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PartySchema:
-        return cls(**{k: raw[k] for k in ("numeric", "mean", "std", "categorical", "vocab")})
+        keys = ("numeric", "mean", "std", "categorical", "vocab", "hash_buckets")
+        return cls(**{k: raw[k] for k in keys if k in raw})
 
 
 def select_features(
-    table: pa.Table, wanted: Sequence[str] | None, exclude: Sequence[str], path: Path | str, role: str
+    table: pa.Table | TableSource,
+    wanted: Sequence[str] | None,
+    exclude: Sequence[str],
+    path: Path | str,
+    role: str,
 ) -> list[str]:
     """The feature columns: those asked for, or every column but the id and label."""
     if wanted:
@@ -214,6 +295,158 @@ def select_features(
     return features
 
 
+class _Moments:
+    """Count, mean and sum of squared deviations, merged batch by batch (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return
+        n_b, mean_b = values.size, float(values.mean())
+        m2_b = float(((values - mean_b) ** 2).sum())
+        delta, n = mean_b - self.mean, self.n + n_b
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
+    def result(self) -> tuple[float, float]:
+        if not self.n:
+            return 0.0, 1.0
+        std = (self.m2 / self.n) ** 0.5
+        return self.mean, std if std > 1e-12 else 1.0
+
+
+class _Counts:
+    """Category frequencies merged batch by batch; gives up (``None``) past ``limit``
+    distinct values, so an exploding column never exhausts memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.pending = limit, []
+        self.merged: pa.Table | None = pa.table(
+            {"values": pa.array([], pa.string()), "counts": pa.array([], pa.int64())}
+        )
+
+    def update(self, text: pa.ChunkedArray) -> None:
+        if self.merged is None:
+            return
+        counts = pc.value_counts(pc.drop_null(text))
+        self.pending.append(pa.table({"values": counts.field("values"), "counts": counts.field("counts")}))
+        if sum(len(t) for t in self.pending) > self.limit // 4:
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.merged is None or not self.pending:
+            return
+        table = pa.concat_tables([self.merged, *self.pending])
+        self.pending = []
+        self.merged = (
+            table.group_by("values").aggregate([("counts", "sum")]).rename_columns(["values", "counts"])
+        )
+        if len(self.merged) > self.limit:
+            self.merged = None
+
+    def result(self) -> pa.Table | None:
+        self._merge()
+        return self.merged
+
+
+class SchemaFitter:
+    """Decide numeric vs categorical and fit the transform in one pass over a table's batches.
+
+    Declared columns are categorical; so is a text column unless most of its values are
+    numbers, in which case the rest are reported as bad input instead of guessed at.
+    Numbers get a streaming mean and standard deviation; categories their frequencies,
+    kept if seen ``min_count`` times, the ``max_vocab`` most frequent; a column with
+    more than ``max_distinct`` distinct values is hashed into ``hash_buckets`` buckets.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[str],
+        categorical: Sequence[str],
+        path: Path | str,
+        max_vocab: int = 100_000,
+        min_count: int = 1,
+        max_distinct: int = 1_000_000,
+        hash_buckets: int = 1 << 18,
+    ) -> None:
+        self.features, self.declared, self.path = list(features), set(categorical), path
+        self.max_vocab, self.min_count, self.hash_buckets = max_vocab, min_count, hash_buckets
+        self.moments = {name: _Moments() for name in self.features}
+        self.counts = {name: _Counts(max_distinct) for name in self.features}
+        self.text_seen = dict.fromkeys(self.features, 0)
+        self.text_bad = dict.fromkeys(self.features, 0)
+        self.bad_examples: dict[str, list[tuple[Any, str]]] = {name: [] for name in self.features}
+        self.numeric_typed = dict.fromkeys(self.features, True)
+        self.warnings: list[str] = []
+
+    def update(self, table: pa.Table, ids: pa.ChunkedArray) -> None:
+        for name in self.features:
+            column = table[name]
+            numeric_type = _is_numeric_type(column.type) or pa.types.is_null(column.type)
+            self.numeric_typed[name] &= numeric_type
+            if name in self.declared:
+                self.counts[name].update(as_strings(column))
+            elif numeric_type:
+                self.moments[name].update(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False))
+            else:
+                text = pc.cast(column, pa.string())
+                text = pc.if_else(
+                    pc.equal(pc.utf8_trim_whitespace(text), ""), pa.scalar(None, pa.string()), text
+                )
+                bad = _non_numeric(text)
+                self.text_seen[name] += len(text) - text.null_count
+                n_bad = pc.sum(pc.cast(bad, pa.int64())).as_py() or 0
+                self.text_bad[name] += n_bad
+                if n_bad and len(self.bad_examples[name]) < 3:
+                    for value, row_id in zip(
+                        text.filter(bad)[:3].to_pylist(), ids.filter(bad)[:3].to_pylist(), strict=True
+                    ):
+                        self.bad_examples[name].append((value, row_id))
+                numbers = pc.cast(text.filter(pc.invert(bad)), pa.float64()).to_numpy(zero_copy_only=False)
+                self.moments[name].update(numbers)
+                self.counts[name].update(text)
+
+    def result(self) -> PartySchema:
+        schema = PartySchema()
+        for name in self.features:
+            text_like = False
+            if name not in self.declared and not self.numeric_typed[name]:
+                seen = self.text_seen[name]
+                text_like = (1.0 - self.text_bad[name] / seen if seen else 0.0) < 0.5
+            if name in self.declared or text_like:
+                counts = self.counts[name].result()
+                schema.categorical.append(name)
+                if counts is None:
+                    self.warnings.append(
+                        f"{self.path}: categorical column '{name}' has too many distinct values for a "
+                        f"vocabulary; hashing it into {self.hash_buckets} buckets"
+                    )
+                    schema.vocab.append([])
+                    schema.hash_buckets.append(self.hash_buckets)
+                    continue
+                kept = counts.filter(pc.greater_equal(counts["counts"], self.min_count))
+                order = np.argsort(-kept["counts"].to_numpy(), kind="stable")[: self.max_vocab]
+                schema.vocab.append(sorted(kept["values"].take(pa.array(order)).to_pylist()))
+                schema.hash_buckets.append(0)
+                continue
+            if self.text_bad[name]:
+                values = ", ".join(repr(v) for v, _ in self.bad_examples[name][:3])
+                where = ", ".join(i for _, i in self.bad_examples[name][:3])
+                raise UserError(
+                    f"{self.path}: numeric column '{name}' holds non-numeric text {values} (ids {where}); "
+                    "fix the values or declare the column with --categorical"
+                )
+            mean, std = self.moments[name].result()
+            schema.numeric.append(name)
+            schema.mean.append(mean)
+            schema.std.append(std)
+        return schema
+
+
 def fit_schema(
     table: pa.Table,
     features: Sequence[str],
@@ -222,38 +455,13 @@ def fit_schema(
     ids: pa.ChunkedArray,
     max_vocab: int = 100_000,
 ) -> PartySchema:
-    """Decide numeric vs categorical and fit the transform on a training table.
-
-    Declared columns are categorical; so is a text column unless most of its values are
-    numbers, in which case the rest are reported as bad input instead of guessed at.
-    """
-    schema = PartySchema()
-    for name in features:
-        column = table[name]
-        text_like = not _is_numeric_type(column.type)
-        if text_like and name not in categorical:
-            nonblank = pc.drop_null(pc.cast(column, pa.string()))
-            numeric_share = (
-                1.0 - pc.mean(pc.cast(_non_numeric(nonblank), pa.float64())).as_py() if len(nonblank) else 0
-            )
-            text_like = numeric_share < 0.5
-        if name in categorical or text_like:
-            counts = pc.value_counts(pc.drop_null(as_strings(column)))
-            order = np.argsort(-counts.field("counts").to_numpy(), kind="stable")[:max_vocab]
-            schema.categorical.append(name)
-            schema.vocab.append(sorted(counts.field("values").take(pa.array(order)).to_pylist()))
-        else:
-            values = _numeric_values(column, name, path, ids)
-            finite = values[np.isfinite(values)]
-            mean = float(finite.mean()) if finite.size else 0.0
-            std = float(finite.std()) if finite.size else 1.0
-            schema.numeric.append(name)
-            schema.mean.append(mean)
-            schema.std.append(std if std > 1e-12 else 1.0)
-    return schema
+    """:class:`SchemaFitter` over one in-memory table."""
+    fitter = SchemaFitter(features, categorical, path, max_vocab=max_vocab)
+    fitter.update(table, ids)
+    return fitter.result()
 
 
-def check_schema(table: pa.Table, schema: PartySchema, path: Path | str, role: str) -> None:
+def check_schema(table: pa.Table | TableSource, schema: PartySchema, path: Path | str, role: str) -> None:
     """Refuse a table whose columns do not fit the model's feature schema."""
     missing = [c for c in schema.columns if c not in table.column_names]
     if missing:
@@ -278,15 +486,24 @@ def encode(
         values = _numeric_values(table[name], name, path, ids)
         scaled = np.arcsinh((values - schema.mean[j]) / schema.std[j])  # linear near 0, tames heavy tails
         num[:, j] = np.where(np.isfinite(scaled), scaled, 0.0)
-    cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)  # (N, n_categorical)
+    cat = np.zeros((n, len(schema.categorical)), dtype=np.int32)  # (N, n_categorical)
     for j, name in enumerate(schema.categorical):
         text = as_strings(table[name])
+        missing = pc.is_null(text).to_numpy(zero_copy_only=False)
+        if schema.hash_buckets[j]:
+            cat[:, j] = np.where(missing, MISSING, FIRST + hashed_bucket(text, schema.hash_buckets[j]))
+            continue
         index = pc.index_in(text, value_set=pa.array(schema.vocab[j], pa.string()))
         known = pc.add(pc.cast(index, pa.int64()), FIRST).to_numpy(zero_copy_only=False)
-        missing = pc.is_null(text).to_numpy(zero_copy_only=False)
         seen = pc.is_valid(index).to_numpy(zero_copy_only=False)
         cat[:, j] = np.where(missing, MISSING, np.where(seen, np.nan_to_num(known), OOV))
     return torch.from_numpy(num), torch.from_numpy(cat)
+
+
+def hashed_bucket(text: pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """A stable bucket in ``[0, buckets)`` per value (the same on every machine and run)."""
+    values = np.asarray(pc.fill_null(text, "").to_numpy(zero_copy_only=False), dtype=object)
+    return (pd.util.hash_array(values, hash_key=_HASH_KEY) % np.uint64(buckets)).astype(np.int64)
 
 
 @dataclass
@@ -351,6 +568,52 @@ class PartyTable:
     path: Path
 
 
+class _Spool:
+    """Rows appended batch by batch to a scratch file, then memory-mapped as one tensor.
+
+    The encoded columns of a table of any size live in the page cache, not in the
+    process's own memory: the file is unlinked once mapped, so nothing is left behind.
+    """
+
+    def __init__(self, width: int, dtype: np.dtype) -> None:
+        self.width, self.dtype, self.rows = width, np.dtype(dtype), 0
+        folder = cache_dir() / "spool"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(dir=folder, suffix=".bin")
+        except OSError as exc:
+            raise UserError(
+                f"{folder}: cannot write scratch space for the encoded table ({exc.strerror})"
+            ) from exc
+        self.file, self.name = os.fdopen(handle, "wb"), name
+
+    def append(self, block: np.ndarray) -> None:
+        try:
+            self.file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        except OSError as exc:
+            self.close()
+            raise UserError(
+                f"{self.name}: cannot write the encoded table ({exc.strerror}); is the disk full?"
+            ) from exc
+        self.rows += len(block)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.name):
+            os.unlink(self.name)
+
+    def tensor(self) -> torch.Tensor:
+        self.file.close()
+        try:
+            if self.rows == 0 or self.width == 0:
+                return torch.from_numpy(np.zeros((self.rows, self.width), dtype=self.dtype))
+            mapped = np.memmap(self.name, dtype=self.dtype, mode="r+", shape=(self.rows, self.width))
+            return torch.from_numpy(mapped)
+        finally:
+            os.unlink(self.name)  # the mapping keeps the data; the name goes
+
+
 def load_party(
     path: Path,
     role: str,
@@ -360,22 +623,61 @@ def load_party(
     categorical: Sequence[str] = (),
     schema: PartySchema | None = None,
     require_labels: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> PartyTable:
-    """Read, check and transform one party's table (fitting its transform unless given).
+    """Read, check and transform one party's table, streaming it in batches.
 
+    Without ``schema`` one pass fits the transform (:class:`SchemaFitter`); one more
+    encodes every batch into memory-mapped columns. Only the ids (and labels) are held
+    in memory, so memory does not grow with the table beyond them and the statistics.
     A two-party run calls this on each side with only that side's table; columns named
     in ``categorical`` that this table lacks are the other party's and are ignored.
     """
-    table = read_table(path, role)
-    ids = read_ids(table, id_col, path)
-    labels = None
-    if role == "active" and (require_labels or label_col in table.column_names):
-        labels = torch.from_numpy(read_labels(table, label_col, path, ids))
+    source = open_table(path, role)
+    if id_col not in source.column_names:
+        shown = ", ".join(source.column_names[:12])
+        raise UserError(f"{path}: no id column '{id_col}' (columns: {shown}); set it with --id-col")
+    has_labels = role == "active" and (require_labels or label_col in source.column_names)
+    if has_labels and label_col not in source.column_names:
+        shown = ", ".join(source.column_names[:12])
+        raise UserError(f"{path}: no label column '{label_col}' (columns: {shown}); set it with --label-col")
     if schema is None:
-        chosen = select_features(table, features, (id_col, label_col), path, role)
-        schema = fit_schema(table, chosen, categorical, path, ids)
-    num, cat = encode(table, schema, path, ids, role)
-    return PartyTable(Party(ids, num, cat), labels, schema, Path(path))
+        chosen = select_features(source, features, (id_col, label_col), path, role)
+        fitter = SchemaFitter(chosen, categorical, path)
+        for batch in source.batches([id_col, *chosen]):
+            fitter.update(batch, as_strings(batch[id_col]))
+        schema = fitter.result()
+        for message in fitter.warnings:
+            if warn is not None:
+                warn(message)
+    check_schema(source, schema, path, role)
+    columns = [id_col, *([label_col] if has_labels else []), *schema.columns]
+    num_spool = _Spool(len(schema.numeric), np.float32)
+    cat_spool = _Spool(len(schema.categorical), np.int32)
+    id_chunks, label_chunks, missing_ids = [], [], 0
+    try:
+        for batch in source.batches(columns):
+            ids = as_strings(batch[id_col])
+            missing_ids += ids.null_count
+            if missing_ids:
+                continue  # reported below, with the count over the whole table
+            if has_labels:
+                label_chunks.append(read_labels(batch, label_col, path, ids))
+            num, cat = encode(batch, schema, path, ids, role)
+            num_spool.append(num.numpy())
+            cat_spool.append(cat.numpy())
+            id_chunks.extend(ids.chunks)
+        if missing_ids:
+            raise UserError(f"{path}: {missing_ids} rows have no id in column '{id_col}'")
+        if not id_chunks:
+            raise UserError(f"{path}: the {role} table is empty (no rows)")
+        ids = check_unique_ids(pa.chunked_array(id_chunks, pa.string()), id_col, path)
+        num_t, cat_t = num_spool.tensor(), cat_spool.tensor()
+    finally:
+        num_spool.close()
+        cat_spool.close()
+    labels = torch.from_numpy(np.concatenate(label_chunks)) if has_labels else None
+    return PartyTable(Party(ids, num_t, cat_t), labels, schema, Path(path))
 
 
 def load_two_party(
@@ -394,39 +696,39 @@ def load_two_party(
     With ``schemas`` (from an artifact) the stored transform is applied and the tables
     must fit it; without, the transform is fitted on these tables.
     """
-    table_a = read_table(active_path, "active")
-    ids_a = read_ids(table_a, id_col, active_path)
-    labels = None
-    if require_labels or label_col in table_a.column_names:
-        labels = torch.from_numpy(read_labels(table_a, label_col, active_path, ids_a))
-    tables = {"active": (table_a, ids_a, active_path)}
-    if passive_path is not None:
-        table_b = read_table(passive_path, "passive")
-        tables["passive"] = (table_b, read_ids(table_b, id_col, passive_path), passive_path)
-    if schemas is None:
-        known = set().union(*(t.column_names for t, _, _ in tables.values()))
+    if schemas is None and categorical:
+        known = set(open_table(active_path, "active").column_names)
+        if passive_path is not None:
+            known |= set(open_table(passive_path, "passive").column_names)
         undeclared = [c for c in categorical if c not in known]
         if undeclared:
             raise UserError(f"--categorical names columns no table has: {', '.join(undeclared)}")
-        wanted = {"active": features_active, "passive": features_passive}
-        schemas = {}
-        for role, (table, ids, path) in tables.items():
-            features = select_features(table, wanted[role], (id_col, label_col), path, role)
-            schemas[role] = fit_schema(table, features, categorical, path, ids)
-    parties = {}
-    for role, (table, ids, path) in tables.items():
-        num, cat = encode(table, schemas[role], path, ids, role)
-        parties[role] = Party(ids, num, cat)
+    schemas = schemas or {}
+    active = load_party(
+        active_path,
+        "active",
+        id_col,
+        label_col,
+        features_active,
+        categorical,
+        schemas.get("active"),
+        require_labels,
+    )
+    fitted = {"active": active.schema}
     passive, rows_a = None, torch.zeros(0, dtype=torch.long)
-    if "passive" in parties:
-        rows_a, rows_b = align(ids_a, parties["passive"].ids)
+    if passive_path is not None:
+        other = load_party(
+            passive_path, "passive", id_col, label_col, features_passive, categorical, schemas.get("passive")
+        )
+        fitted["passive"] = other.schema
+        rows_a, rows_b = align(active.rows.ids, other.rows.ids)
         if len(rows_a) == 0:
             raise UserError(
                 f"{active_path} and {passive_path}: no id appears in both tables (id column '{id_col}'); "
                 "the parties must key the same users"
             )
-        passive = parties["passive"].take(rows_b)
-    return TwoPartyData(parties["active"], labels, passive, rows_a, schemas)
+        passive = other.rows.take(rows_b)
+    return TwoPartyData(active.rows, active.labels, passive, rows_a, fitted)
 
 
 def schemas_to_dict(schemas: dict[str, PartySchema]) -> dict[str, Any]:

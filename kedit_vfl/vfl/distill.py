@@ -97,6 +97,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         config.categorical,
         schema=schemas.get("active"),
         require_labels=True,
+        warn=reporter.warn,
     )
     soft, traffic, teacher_extra, n_overlap = None, None, {}, 0
     if parent is not None:
@@ -227,7 +228,12 @@ def serve_embeddings(
     """The passive party of ``distill`` and ``score``: serve the tower's embeddings, train nothing."""
     model_config = model_config_of(parent)
     table = load_party(
-        config.passive, "passive", config.id_col, config.label_col, schema=schemas_of(parent)["passive"]
+        config.passive,
+        "passive",
+        config.id_col,
+        config.label_col,
+        schema=schemas_of(parent)["passive"],
+        warn=reporter.warn,
     )
     return serve_passive(
         config,

@@ -84,7 +84,13 @@ def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifa
     if config.party == "passive":
         return None, _serve_passive(config, training, reporter, device)
     table = load_party(
-        config.active, "active", config.id_col, config.label_col, config.features_active, config.categorical
+        config.active,
+        "active",
+        config.id_col,
+        config.label_col,
+        config.features_active,
+        config.categorical,
+        warn=reporter.warn,
     )
     store = CheckpointStore(checkpoint_dir(config.out))
     side = open_active(
@@ -232,6 +238,7 @@ def _serve_passive(
         config.label_col,
         config.features_passive,
         config.categorical,
+        warn=reporter.warn,
     )
     tower = passive_tower(table.schema, config.model, config.seed)
 

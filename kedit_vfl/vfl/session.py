@@ -24,7 +24,7 @@ from kedit_vfl.artifacts import Artifact, config_to_dict
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
-from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party
+from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party, open_table
 from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
 from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, passive_seed
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
@@ -184,6 +184,14 @@ def open_active(
         getattr(config, "categorical", ()),
         schema=passive_schema,
     )
+    declared = getattr(config, "categorical", ())
+    if declared:
+        known = set(open_table(table.path, "active").column_names) | set(
+            open_table(passive.path, "passive").column_names
+        )
+        undeclared = [c for c in declared if c not in known]
+        if undeclared:
+            raise UserError(f"--categorical names columns no table has: {', '.join(undeclared)}")
     rows_a, rows_b = align(table.rows.ids, passive.rows.ids)
     if len(rows_a) == 0:
         raise UserError(

@@ -99,6 +99,7 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         config.categorical,
         schema=init_schemas.get("active"),
         require_labels=True,
+        warn=reporter.warn,
     )
     store = CheckpointStore(checkpoint_dir(config.out))
     side = open_active(
@@ -316,6 +317,7 @@ def _serve_passive(
         config.features_passive,
         config.categorical,
         schema=schema,
+        warn=reporter.warn,
     )
     tower = passive_tower(table.schema, model_config, config.seed, init)
 
