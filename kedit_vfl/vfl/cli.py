@@ -193,7 +193,7 @@ def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
 def make_demo(
     rows: Annotated[int, typer.Option("--rows", help="Users to generate (train + test).")] = 20_000,
     seed: SeedOption = 0,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the four CSV tables.")] = Path("vfl_demo"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the four tables.")] = Path("vfl_demo"),
     overlap: Annotated[
         float, typer.Option("--overlap", help="Share of users the publisher also holds.")
     ] = 0.5,
@@ -203,14 +203,37 @@ def make_demo(
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of users in the test split.")
     ] = 0.2,
+    file_format: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    shard_rows: Annotated[
+        int,
+        typer.Option("--shard-rows", help="Users per shard; more users give folders of shards."),
+    ] = 1_000_000,
+    numeric_active: Annotated[int, typer.Option("--numeric-active", help="Active numeric columns.")] = 6,
+    numeric_passive: Annotated[int, typer.Option("--numeric-passive", help="Passive numeric columns.")] = 5,
+    categorical_extra: Annotated[
+        int, typer.Option("--categorical-extra", help="Extra categorical columns per party (20 levels).")
+    ] = 0,
     json_output: JsonOption = False,
 ) -> None:
-    """Generate a CTR-like two-party data set (active/passive x train/test CSV tables).
+    """Generate a CTR-like two-party data set (active/passive x train/test tables).
 
-    Example: kvtool vfl make-demo --rows 1000000 --seed 1 --out big_demo
+    Any size, in bounded memory: shard by shard, straight to CSV or Parquet.
+
+    Example: kvtool vfl make-demo --rows 10000000 --format parquet --numeric-active 16 --numeric-passive 14
+    --categorical-extra 3 --out big_demo
     """
     config = DemoConfig(
-        rows=rows, seed=seed, overlap=overlap, labelled=labelled, test_fraction=test_fraction, out=out
+        rows=rows,
+        seed=seed,
+        overlap=overlap,
+        labelled=labelled,
+        test_fraction=test_fraction,
+        out=out,
+        file_format=file_format,
+        shard_rows=shard_rows,
+        numeric_active=numeric_active,
+        numeric_passive=numeric_passive,
+        categorical_extra=categorical_extra,
     )
     counts = write_demo(config)
     _render("demo data", {"out": str(out), **{f"rows/{k}": v for k, v in counts.items()}}, json_output)
@@ -461,7 +484,10 @@ def score_command(
     device: DeviceOption = "auto",
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", help="CSV of id,score,mode_used. [default: runs/vfl/scores_MODE.csv]"),
+        typer.Option(
+            "--out",
+            help="id,score,mode_used as CSV (or Parquet for .parquet). [default: runs/vfl/scores_MODE.csv]",
+        ),
     ] = None,
     party: PartyOption = None,
     rendezvous: RendezvousOption = None,

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import torch
 
 from kedit_vfl.artifacts import atomic_write, load_artifact, read_metadata
@@ -59,6 +60,36 @@ def _fallback_path(config: ScoreConfig, split_path: Path, split_sha: str | None)
         if split_sha and split_sha in provenance:
             return sibling
     return None
+
+
+OUTPUT_CHUNK = 1 << 20  # rows per written chunk
+
+
+def write_scores(out: Path, ids: pa.ChunkedArray, probs: np.ndarray, federated: np.ndarray) -> None:
+    """``id,score,mode_used`` in chunks: Parquet if ``out`` ends in .parquet, else CSV;
+    atomically (a full or read-only disk leaves no partial file)."""
+    schema = pa.schema([("id", pa.string()), ("score", pa.float64()), ("mode_used", pa.string())])
+    parquet = out.suffix.lower() == ".parquet"
+
+    def write(tmp: Path) -> None:
+        writer = pq.ParquetWriter(tmp, schema) if parquet else pacsv.CSVWriter(tmp, schema)
+        try:
+            for start in range(0, len(probs), OUTPUT_CHUNK):
+                stop = min(start + OUTPUT_CHUNK, len(probs))
+                mode_used = pc.if_else(pa.array(federated[start:stop]), "federated", "local")
+                chunk = pa.table(
+                    [
+                        ids.slice(start, stop - start).cast(pa.string()),
+                        pa.array(probs[start:stop].astype(np.float64)),
+                        mode_used,
+                    ],
+                    schema=schema,
+                )
+                writer.write_table(chunk)
+        finally:
+            writer.close()
+
+    atomic_write(out, write)
 
 
 def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
@@ -148,11 +179,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
             )
     probs = torch.sigmoid(logits).numpy()
     out = config.out or default_output(f"scores_{config.mode}.csv")
-    mode_used = pc.if_else(pa.array(federated.numpy()), "federated", "local")
-    output = pa.table(
-        {"id": table.rows.ids, "score": pa.array(probs.astype(np.float64)), "mode_used": mode_used}
-    )
-    atomic_write(out, lambda tmp: pacsv.write_csv(output, tmp))
+    write_scores(out, table.rows.ids, probs, federated.numpy())
     result: dict[str, Any] = {
         "out": str(out),
         "model": str(model_path),

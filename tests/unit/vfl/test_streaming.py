@@ -1,0 +1,97 @@
+"""The streaming data path: shards, one-pass statistics, hashing, chunked output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl import data as data_module
+from kedit_vfl.vfl.data import FIRST, MISSING, SchemaFitter, encode, load_party, open_table
+from kedit_vfl.vfl.demo import DemoConfig, generate, write_demo
+from kedit_vfl.vfl.score import write_scores
+
+
+def test_make_demo_writes_parquet_shards_that_read_as_one_table(tmp_path: Path) -> None:
+    config = DemoConfig(rows=3000, seed=4, file_format="parquet", shard_rows=1000, categorical_extra=2,
+                        numeric_active=3, out=tmp_path / "demo")  # fmt: skip
+    counts = write_demo(config)
+    shards = sorted((tmp_path / "demo" / "active_train").glob("*.parquet"))
+    assert len(shards) == 3 and not list((tmp_path / "demo").glob(".make-demo-*"))
+    whole = open_table(tmp_path / "demo" / "active_train").read_all()
+    assert whole.num_rows == counts["active_train"] == sum(pq.read_metadata(s).num_rows for s in shards)
+    assert {"a_cat0", "a_cat1", "a_num2"} <= set(whole.column_names) and "a_num3" not in whole.column_names
+    again = generate(config)["active_train.csv"]
+    assert again.equals(whole.select(again.column_names))  # the same seed gives the same rows
+    ids = whole["id"].to_pylist()
+    passive = open_table(tmp_path / "demo" / "passive_train").read_all()["id"].to_pylist()
+    assert len(set(ids)) == len(ids) and len(set(ids) & set(passive)) > 0.3 * len(ids)
+
+
+def test_a_shard_with_another_schema_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "t"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "x": [1.0, 2.0]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["c"], "x": ["oops"]}), folder / "part-1.parquet")
+    with pytest.raises(UserError, match="shard part-1.parquet stores column 'x' as string"):
+        open_table(folder)
+    csvs = tmp_path / "c"
+    csvs.mkdir()
+    (csvs / "a.csv").write_text("id,x\n1,2\n")
+    (csvs / "b.csv").write_text("id,z\n3,4\n")
+    with pytest.raises(UserError, match="shard b.csv lacks column 'x'"):
+        open_table(csvs)
+
+
+def test_statistics_over_batches_equal_the_whole_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=5000)
+    x[::17] = np.nan
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [f"u{i}" for i in range(5000)], "x": x,
+                             "c": rng.choice(["p", "q", "r"], 5000)}), path)  # fmt: skip
+    monkeypatch.setattr(data_module, "BATCH_ROWS", 333)
+    table = load_party(path, "active", "id", "y")
+    assert table.schema.mean[0] == pytest.approx(np.nanmean(x), rel=1e-12)
+    assert table.schema.std[0] == pytest.approx(np.nanstd(x), rel=1e-9)
+    assert table.schema.vocab == [["p", "q", "r"]]
+    assert table.rows.num.shape == (5000, 1) and table.rows.cat.shape == (5000, 1)
+    assert table.rows.ids[4999].as_py() == "u4999"
+
+
+def test_a_column_with_exploding_cardinality_is_hashed_with_a_warning() -> None:
+    values = pa.chunked_array([[f"v{i}" for i in range(500)] + [None]])
+    table = pa.table({"c": values})
+    ids = pa.chunked_array([[str(i) for i in range(501)]])
+    fitter = SchemaFitter(["c"], ["c"], "t.csv", max_distinct=100, hash_buckets=64)
+    for start in range(0, 501, 50):
+        fitter.update(table.slice(start, 50), ids.slice(start, 50))
+    schema = fitter.result()
+    assert schema.hash_buckets == [64] and schema.vocab == [[]] and schema.cardinalities == [FIRST + 64]
+    assert "hashing it into 64 buckets" in fitter.warnings[0]
+    _, cat = encode(table, schema, "t.csv", ids, "active")
+    assert cat[:500, 0].min() >= FIRST and cat[:500, 0].max() < FIRST + 64 and cat[500, 0] == MISSING
+    _, again = encode(table, schema, "t.csv", ids, "active")
+    assert (cat == again).all() and len(set(cat[:500, 0].tolist())) > 32  # stable, and spread
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_scores_are_written_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    from kedit_vfl.vfl import score as score_module
+
+    monkeypatch.setattr(score_module, "OUTPUT_CHUNK", 7)
+    ids = pa.chunked_array([[f"u{i}" for i in range(30)]])
+    probs = np.linspace(0, 1, 30)
+    out = tmp_path / f"s{suffix}"
+    write_scores(out, ids, probs, np.arange(30) % 2 == 0)
+    table = pq.read_table(out) if suffix == ".parquet" else pacsv.read_csv(out)
+    assert table.column_names == ["id", "score", "mode_used"] and table.num_rows == 30
+    assert table["mode_used"].to_pylist()[:2] == ["federated", "local"]
+    assert np.allclose(table["score"].to_numpy(), probs)
