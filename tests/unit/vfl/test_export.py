@@ -26,6 +26,15 @@ BOTH = PartySchema(
 )
 NUMERIC_ONLY = PartySchema(numeric=["age", "spend"], mean=[40.0, 120.5], std=[12.0, 300.0])
 CATEGORICAL_ONLY = PartySchema(categorical=["city"], vocab=[["lyon", "nice", "paris"]])
+# A column with too many values for a vocabulary: index = 2 + a hash bucket.
+HASHED = PartySchema(
+    numeric=["age"],
+    mean=[40.0],
+    std=[12.0],
+    categorical=["city"],
+    vocab=[["lyon", "nice", "paris"]],
+    hash_buckets=[7],
+)
 CONFIG = ModelConfig(emb_dim=4, hidden=16, out_dim=8, head_hidden=8, dropout=0.1)
 
 
@@ -57,7 +66,7 @@ def _session(graph: bytes) -> ort.InferenceSession:
 
 
 @pytest.mark.parametrize(
-    "schema", [BOTH, NUMERIC_ONLY, CATEGORICAL_ONLY], ids=["both", "numeric", "categorical"]
+    "schema", [BOTH, NUMERIC_ONLY, CATEGORICAL_ONLY, HASHED], ids=["both", "numeric", "categorical", "hashed"]
 )
 def test_onnxruntime_matches_torch_on_encoded_rows(schema: PartySchema) -> None:
     table, model = _table(schema), _model(schema)
