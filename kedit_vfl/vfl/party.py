@@ -128,29 +128,38 @@ class PassiveParty:
         self.best: dict[str, torch.Tensor] | None = None
         self.rows_embedded = 0
 
-    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+    def embed(self, keys: torch.Tensor, train: bool, attached: bool = False) -> torch.Tensor:
+        """Embeddings of the rows with these keys. Training ones are remembered for the
+        next :meth:`step`; with ``attached`` (in one process) they stay in the autograd
+        graph, so the caller's backward pass reaches the tower directly."""
         with single_thread():  # as in the training loop: the same arithmetic in every deployment
-            return self._embed(keys, train)
+            return self._embed(keys, train, attached)
 
-    def _embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+    def _embed(self, keys: torch.Tensor, train: bool, attached: bool = False) -> torch.Tensor:
         keys = keys.to(self.device, torch.long)
         if self.keys is not None:  # an alignment's keys: find each in the sorted table
             index = torch.searchsorted(self.keys, keys).clamp_max(max(len(self.keys) - 1, 0))
             if keys.numel() and not bool((self.keys[index] == keys).all()):
                 raise UserError("the active party asked for a key outside the agreed alignment")
             keys = index
-        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= len(self.overlap_rows)):
+        if bool(((keys < 0) | (keys >= len(self.overlap_rows))).any()):
             raise UserError("the active party asked for a row outside the agreed overlap")
         rows = self.overlap_rows[keys]
         self.rows_embedded += len(rows)
+        self._mode(train)
         if not train:
-            self.tower.eval()
             with torch.no_grad():
                 return clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
-        self.tower.train()
         h = clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
+        if attached:
+            return add_noise(h, self.protection.embedding_noise, self.generator)
         self.pending.append(h)
         return add_noise(h.detach(), self.protection.embedding_noise, self.generator)
+
+    def _mode(self, train: bool) -> None:
+        """Switch train/eval only on a change: walking the modules costs more than a small forward."""
+        if self.tower.training != train:
+            self.tower.train(train)
 
     def step(self, grads: list[torch.Tensor]) -> None:
         if len(grads) != len(self.pending):
@@ -163,6 +172,14 @@ class PassiveParty:
                 torch.autograd.backward(self.pending, [g.to(self.device) for g in grads])
             self.optimizer.step()
         self.pending = []
+
+    def step_attached(self) -> None:
+        """The step after a backward pass that already reached the tower (in one process)."""
+        if self.optimizer is None:
+            raise UserError("a training step arrived before a training phase began")
+        with single_thread():
+            self.optimizer.step()
+            self.optimizer.zero_grad()
 
     def phase(self, index: int) -> None:
         """Start training phase ``index`` (a fresh optimizer); a no-op if already in it."""
@@ -182,7 +199,7 @@ class PassiveParty:
     def restore(self) -> None:
         if self.best is not None:
             self.tower.load_state_dict(self.best)
-        self.tower.eval()
+        self._mode(False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -212,7 +229,7 @@ class PassiveParty:
         self.load_state_dict(self.checkpoints.load(tag))
 
     def finish(self) -> None:
-        self.tower.eval()
+        self._mode(False)
 
 
 HEADER_BYTES = 32  # one request header: four int64
@@ -277,6 +294,7 @@ class PassiveLink:
         self.wire_keys = wire_keys  # (N_overlap,) key sent for each overlap position; None: the position
         self.generator = torch.Generator(device=device).manual_seed(seed + 104_729)
         self.pending: list[torch.Tensor] = []
+        self.attached_rows = 0  # rows embedded since the last step, still in the autograd graph
         self.traffic = Traffic(width=endpoint.width)
 
     @property
@@ -291,7 +309,9 @@ class PassiveLink:
         if self.wire_keys is not None:
             keys = self.wire_keys[keys.cpu().long()]
         keys = keys.to(KEY_DTYPE)
-        h = self.endpoint.embed(keys, train).to(self.device)
+        attached = train and isinstance(self.endpoint, PassiveParty)
+        h = self.endpoint.embed(keys, train, attached=True) if attached else self.endpoint.embed(keys, train)
+        h = h.to(self.device)
         n, traffic = len(keys), self.traffic
         request, answer = HEADER_BYTES + n * KEY_DTYPE.itemsize, n * self.width * EMBEDDING_DTYPE.itemsize
         if not train:
@@ -306,6 +326,11 @@ class PassiveLink:
             traffic.train_to_active + answer,
         )
         traffic.rows_trained += n
+        if attached:  # in one process the backward pass goes on into the tower; same gradients
+            if self.protection.clip > 0 or self.protection.gradient_noise > 0:
+                h.register_hook(self._protect)
+            self.attached_rows += n
+            return h
         h = h.detach().requires_grad_(True)
         self.pending.append(h)
         return h
@@ -313,8 +338,13 @@ class PassiveLink:
     def step(self) -> None:
         """Send the gradients of the embeddings used since the last step; the passive
         party backpropagates them through its tower and steps its optimizer."""
-        grads = []
         self.traffic.train_to_passive += HEADER_BYTES
+        if isinstance(self.endpoint, PassiveParty):  # gradients already reached the tower
+            self.traffic.train_to_passive += self.attached_rows * self.width * EMBEDDING_DTYPE.itemsize
+            self.attached_rows = 0
+            self.endpoint.step_attached()
+            return
+        grads = []
         for h in self.pending:
             grad = h.grad if h.grad is not None else torch.zeros_like(h)
             grads.append(self._protect(grad))
@@ -332,6 +362,14 @@ class PassiveLink:
 
     def drop_pending(self) -> None:
         self.pending = []
+
+    def step_attached(self) -> None:
+        """The step after a backward pass that already reached the tower (in one process)."""
+        if self.optimizer is None:
+            raise UserError("a training step arrived before a training phase began")
+        with single_thread():
+            self.optimizer.step()
+            self.optimizer.zero_grad()
 
     def phase(self, index: int) -> None:
         self.endpoint.phase(index)

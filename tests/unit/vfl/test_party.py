@@ -67,17 +67,45 @@ def test_split_boundary_gives_the_gradients_of_one_joint_graph() -> None:
     assert all(e is not None for e in expected)
 
 
+class _Remote:
+    """The party behind a stand-in for the wire: the link takes the two-process path."""
+
+    def __init__(self, party: PassiveParty) -> None:
+        self.party, self.width, self.seen = party, party.width, []
+
+    def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
+        return self.party.embed(keys, train)
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.seen.extend(grads)
+        self.party.step(grads)
+
+
 def test_gradient_protection_clips_each_rows_own_gradient() -> None:
-    party = _passive()
-    seen: list[torch.Tensor] = []
-    original = party.step
-    party.step = lambda grads: (seen.extend(grads), original(grads))  # type: ignore[method-assign]
-    link = PassiveLink(party, Protection(clip=0.01), seed=0, device=torch.device("cpu"))
+    remote = _Remote(_passive())
+    link = PassiveLink(remote, Protection(clip=0.01), seed=0, device=torch.device("cpu"))  # type: ignore[arg-type]
     h = link.embed(torch.arange(8), train=True)
     (100.0 * h.sum(dim=1)).mean().backward()  # each row's own gradient has norm 100 * 2
     link.step()
-    per_row = seen[0] * 8  # back to each row's own gradient
+    per_row = remote.seen[0] * 8  # back to each row's own gradient
     assert torch.allclose(per_row.norm(dim=1), torch.full((8,), 0.01), atol=1e-6)
+
+
+@pytest.mark.parametrize("protection", [Protection(), Protection(clip=0.5)])
+def test_one_process_and_two_process_paths_make_the_same_update(protection: Protection) -> None:
+    parties = [_passive(protection=protection), _passive(protection=protection)]
+    links = [
+        PassiveLink(parties[0], protection, seed=0, device=torch.device("cpu")),
+        PassiveLink(_Remote(parties[1]), protection, seed=0, device=torch.device("cpu")),  # type: ignore[arg-type]
+    ]
+    weight = torch.randn(4)
+    for link in links:
+        for step in range(3):
+            h = link.embed(torch.arange(step, step + 6), train=True)
+            (h @ weight).pow(2).mean().backward()
+            link.step()
+    for a, b in zip(parties[0].tower.parameters(), parties[1].tower.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_embedding_noise_only_in_training_and_clip_always() -> None:

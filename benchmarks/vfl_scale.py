@@ -1,0 +1,173 @@
+"""VFed-SSD at advertising scale: wall time and peak memory of every command.
+
+For generated tables of 10^6 and 10^7 users (40 feature columns: 16 + 14 numeric, 5 + 5
+categorical, as Parquet shards written by ``kvtool vfl make-demo`` in bounded memory),
+each command runs once as its own process, one epoch where it trains:
+``pretrain-mpd``, ``train-split`` (its fit and its self-training round), ``distill``
+and ``score`` in both modes, beside a process that merely reads the active training
+table with the same reader (all columns, every batch). Peak resident memory is the
+process's ``ru_maxrss``. Training throughput is compared with a plain PyTorch loop
+(AdamW, in-memory tensors, the same networks and batch size) in this process.
+
+Run: .venv/bin/python benchmarks/vfl_scale.py [--rows 1000000 10000000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+KVTOOL = str(Path(sys.executable).parent / "kvtool")
+sys.path.insert(0, str(ROOT))
+
+from kedit_vfl.vfl.data import PartySchema  # noqa: E402
+from kedit_vfl.vfl.model import ModelConfig, SplitModel  # noqa: E402
+
+SHAPE = ["--numeric-active", "16", "--numeric-passive", "14", "--categorical-extra", "3"]
+READ = (
+    "import sys; from kedit_vfl.vfl.data import open_table\n"
+    "print(sum(b.num_rows for b in open_table(sys.argv[1]).batches()))"
+)
+
+
+def measured(argv: list[str]) -> dict[str, Any]:
+    """Run one process under GNU time; its wall time, peak RSS and (for --json) its result."""
+    with tempfile.NamedTemporaryFile(suffix=".time") as stats:
+        start = time.perf_counter()
+        done = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", stats.name, *argv], capture_output=True, text=True
+        )
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f"{' '.join(argv)} failed: {done.stderr}")
+        peak_kib = int(Path(stats.name).read_text().split()[-1])
+    out = done.stdout.strip()
+    result = json.loads(out) if out.startswith("{") else {"stdout": out}
+    return {"seconds": round(seconds, 1), "peak_gib": round(peak_kib / 2**20, 2), "result": result}
+
+
+def plain_rows_per_s(demo: Path, batch: int = 128, steps: int = 400) -> float:
+    """A plain PyTorch loop: the split model's networks, AdamW, in-memory tensors."""
+    import pyarrow.parquet as pq
+
+    def schema_of(folder: Path) -> PartySchema:
+        table = pq.read_table(next(iter(sorted(folder.glob("*.parquet")))))
+        numeric = [c for c in table.column_names if "_num" in c]
+        categorical = [c for c in table.column_names if c not in numeric and c not in ("id", "y")]
+        vocab = [[f"v{i}" for i in range(20)]] * len(categorical)
+        ones = [1.0] * len(numeric)
+        return PartySchema(numeric=numeric, mean=ones, std=ones, categorical=categorical, vocab=vocab)
+
+    schemas = {"active": schema_of(demo / "active_train"), "passive": schema_of(demo / "passive_train")}
+    model = SplitModel(schemas, ModelConfig())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n = batch * steps
+    a_num, b_num = (
+        torch.randn(n, len(schemas["active"].numeric)),
+        torch.randn(n, len(schemas["passive"].numeric)),
+    )
+    a_cat = torch.randint(0, 22, (n, len(schemas["active"].categorical)))
+    b_cat = torch.randint(0, 22, (n, len(schemas["passive"].categorical)))
+    y = torch.randint(0, 2, (n,)).float()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for index in torch.randperm(n).split(batch):
+        local, full = model(a_num[index], a_cat[index], b_num[index], b_cat[index])
+        loss = F.binary_cross_entropy_with_logits(full, y[index]) + 0.5 * F.binary_cross_entropy_with_logits(
+            local, y[index]
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return n / (time.perf_counter() - start)
+
+
+def run(rows: int, folder: Path) -> dict[str, Any]:
+    demo = folder / f"demo_{rows}"
+    out = folder / f"runs_{rows}"
+    out.mkdir(parents=True, exist_ok=True)
+    vfl = [KVTOOL, "vfl"]
+    steps: dict[str, dict[str, Any]] = {}
+    steps["make-demo"] = measured([*vfl, "make-demo", "--rows", str(rows), "--format", "parquet", *SHAPE,
+                                   "--shard-rows", str(max(rows // 10, 1000)),
+                                   "--out", str(demo), "--json"])  # fmt: skip
+    steps["read (active train)"] = measured([sys.executable, "-c", READ, str(demo / "active_train")])
+    data = ["--active", str(demo / "active_train"), "--passive", str(demo / "passive_train")]
+    one = ["--epochs", "1", "--json", "--quiet"]
+    steps["pretrain-mpd"] = measured(
+        [*vfl, "pretrain-mpd", *data, *one, "--out", str(out / "mpd.safetensors")]
+    )
+    steps["train-split"] = measured([*vfl, "train-split", *data, *one, "--init", str(out / "mpd.safetensors"),
+                                     "--out", str(out / "split.safetensors")])  # fmt: skip
+    steps["distill"] = measured([*vfl, "distill", *data, *one, "--teacher", str(out / "split.safetensors"),
+                                 "--out", str(out / "local.safetensors")])  # fmt: skip
+    steps["read (active test)"] = measured([sys.executable, "-c", READ, str(demo / "active_test")])
+    test = ["--active", str(demo / "active_test"), "--json", "--quiet"]
+    steps["score local"] = measured([*vfl, "score", "--model", str(out / "local.safetensors"), *test,
+                                     "--out", str(out / "scores_local.parquet")])  # fmt: skip
+    federated = ["--mode", "federated", "--model", str(out / "split.safetensors"), "--passive",
+                 str(demo / "passive_test"), "--fallback", str(out / "local.safetensors")]  # fmt: skip
+    steps["score federated"] = measured(
+        [*vfl, "score", *federated, *test, "--out", str(out / "scores_fed.parquet")]
+    )
+    plain = plain_rows_per_s(demo)
+    return {"rows": rows, "steps": steps, "plain_rows_per_s": plain}
+
+
+def report(runs: list[dict[str, Any]]) -> str:
+    lines = ["### VFed-SSD at scale: one epoch per training command, 40 feature columns, Parquet shards", ""]
+    for r in runs:
+        steps = r["steps"]
+        lines += [
+            f"**{r['rows']:,} users**",
+            "",
+            "| step | wall s | peak RSS GiB | notes |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, step in steps.items():
+            res, note = step["result"], ""
+            if "train_rows_per_s" in res:
+                speed = res["train_rows_per_s"]
+                note = f"{speed:,.0f} rows/s ({speed / r['plain_rows_per_s']:.2f}x plain loop)"
+            if name.startswith("score"):
+                ratio = step["seconds"] / steps["read (active test)"]["seconds"]
+                note = f"{res['rows']:,} rows; {ratio:.2f}x the read"
+            if name.startswith("read"):
+                note = f"{int(res['stdout']):,} rows"
+            lines.append(f"| {name} | {step['seconds']:.1f} | {step['peak_gib']:.2f} | {note} |")
+        lines += ["", f"Plain PyTorch loop (split model, AdamW, batch 128, in-memory tensors, 1 thread): "
+                  f"{r['plain_rows_per_s']:,.0f} rows/s.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--keep", type=Path, help="Keep the generated tables and models here.")
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
+        os.environ["KVTOOL_RUNS"] = str(Path(tmp) / "runs")
+        for rows in args.rows:
+            runs.append(run(rows, Path(tmp)))
+            text = report(runs)
+            print(text)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "vfl_scale.md").write_text(text)
+            (RESULTS / "vfl_scale.json").write_text(json.dumps(runs, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
