@@ -52,7 +52,7 @@ from kedit_vfl.artifacts import (
 from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.vfl.config import default_output
-from kedit_vfl.vfl.data import read_ids, read_table
+from kedit_vfl.vfl.data import open_table, read_ids
 from kedit_vfl.vfl.protocol import Session, handshake
 from kedit_vfl.vfl.session import read_secret
 from kedit_vfl.vfl.transport import Channel, open_channel
@@ -347,7 +347,13 @@ def _peer_failed(exc: PeerError) -> PeerError:
 def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run this party's side of the private alignment and write its ``vfl.alignment`` artifact."""
     started = time.perf_counter()
-    table = read_table(config.table, config.party)
+    source = open_table(config.table, config.party)
+    if config.id_col not in source.column_names:
+        shown = ", ".join(source.column_names[:12])
+        raise UserError(
+            f"{config.table}: no id column '{config.id_col}' (columns: {shown}); set it with --id-col"
+        )
+    table = source.read_all([config.id_col])  # only the ids: the features are not needed here
     ids = read_ids(table, config.id_col, config.table)
     id_type = id_type_name(table[config.id_col].type)
     shared = {

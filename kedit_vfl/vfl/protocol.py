@@ -13,8 +13,10 @@ After the rendezvous, the parties exchange, in order:
    and returns, for each overlap position, the passive row it refers to. From then on
    rows are addressed by overlap position only.
 4. requests, driven by the active party: ``EMBED`` (row keys -> embeddings), ``STEP``
-   (gradients for the embeddings since the last step), ``PHASE``, ``SNAPSHOT``,
-   ``RESTORE``, ``CHECKPOINT`` and ``FINISH`` (answered with the passive party's result).
+   (gradients for the embeddings since the last step), ``STEP_EMBED`` (both in one
+   message: a training step's gradients ride with the next batch's keys, so a step
+   costs one round trip), ``PHASE``, ``SNAPSHOT``, ``RESTORE``, ``CHECKPOINT`` and
+   ``FINISH`` (answered with the passive party's result).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from kedit_vfl.vfl.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
 from kedit_vfl.vfl.transport import Channel
 
 PROTOCOL_VERSION = 1
-EMBED, STEP, PHASE, SNAPSHOT, RESTORE, CHECKPOINT, FINISH = range(1, 8)
+EMBED, STEP, PHASE, SNAPSHOT, RESTORE, CHECKPOINT, FINISH, STEP_EMBED = range(1, 9)
 
 
 @dataclass
@@ -181,55 +183,98 @@ def align_in_clear(session: Session, ids: pa.ChunkedArray) -> torch.Tensor:
 
 
 class RemotePassive:
-    """The passive party over the wire (the active party's :class:`Endpoint`)."""
+    """The passive party over the wire (the active party's :class:`Endpoint`).
+
+    A step's gradients are held back until the next request, and travel with the next
+    batch's keys when that request is an embedding (``STEP_EMBED``): per training step
+    one header, one payload and one answer cross.
+    """
 
     def __init__(self, channel: Channel, width: int) -> None:
         self.channel, self.width = channel, width
         self.result: dict[str, Any] = {}
+        self.held: list[torch.Tensor] | None = None
+
+    def _flush(self) -> None:
+        if self.held is not None:
+            self.channel.send_header(STEP, len(self.held))
+            if self.held:
+                self.channel.send(
+                    torch.cat([g.reshape(-1) for g in self.held]).to(EMBEDDING_DTYPE), "gradients"
+                )
+            self.held = None
 
     def embed(self, keys: torch.Tensor, train: bool) -> torch.Tensor:
-        self.channel.send_header(EMBED, len(keys), int(train))
-        self.channel.send(keys.to(KEY_DTYPE), "row keys")
+        keys = keys.to(KEY_DTYPE)
+        if self.held is not None:
+            grads = torch.cat([g.reshape(-1) for g in self.held]).to(EMBEDDING_DTYPE) if self.held else None
+            self.channel.send_header(STEP_EMBED, len(keys), int(train), len(self.held))
+            parts = ([grads.numpy().tobytes()] if grads is not None else []) + [keys.numpy().tobytes()]
+            self.channel.send(
+                torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8), "gradients and row keys"
+            )
+            self.held = None
+        else:
+            self.channel.send_header(EMBED, len(keys), int(train))
+            self.channel.send(keys, "row keys")
         return self.channel.recv((len(keys), self.width), EMBEDDING_DTYPE, "embeddings")
 
     def step(self, grads: list[torch.Tensor]) -> None:
-        self.channel.send_header(STEP, len(grads))
-        for grad in grads:
-            self.channel.send(grad.to(EMBEDDING_DTYPE), "gradients")
+        self.held = [g.detach().cpu() for g in grads]
 
     def phase(self, index: int) -> None:
+        self._flush()
         self.channel.send_header(PHASE, index)
 
     def snapshot(self) -> None:
+        self._flush()
         self.channel.send_header(SNAPSHOT)
 
     def restore(self) -> None:
+        self._flush()
         self.channel.send_header(RESTORE)
 
     def checkpoint(self, tag: Tag) -> None:
+        self._flush()
         self.channel.send_header(CHECKPOINT, *tag)
 
     def finish(self) -> None:
+        self._flush()
         self.channel.send_header(FINISH)
         self.result = self.channel.recv_json("the passive party's result")
         if not self.result.get("ok"):
             raise PeerError(f"the passive party failed at the end: {self.result.get('error')}")
 
 
+def _split_gradients(flat: torch.Tensor, pending: list[torch.Tensor]) -> list[torch.Tensor]:
+    sizes = [h.numel() for h in pending]
+    return [part.view_as(h) for part, h in zip(flat.split(sizes), pending, strict=True)]
+
+
 def serve(channel: Channel, party: PassiveParty) -> None:
     """Answer the active party's requests until it says ``FINISH``."""
     while True:
         op, a, b, c = channel.recv_header()
-        if op == EMBED:
+        if op in (STEP, STEP_EMBED):
+            announced = a if op == STEP else c
+            if announced != len(party.pending):
+                raise PeerError(
+                    f"protocol error: {announced} gradients announced for {len(party.pending)} embeddings"
+                )
+            floats = sum(h.numel() for h in party.pending)
+            if op == STEP:
+                flat = channel.recv((floats,), EMBEDDING_DTYPE, "gradients")
+                party.step(_split_gradients(flat, party.pending))
+                continue
+            size = floats * EMBEDDING_DTYPE.itemsize
+            payload = channel.recv((size + a * KEY_DTYPE.itemsize,), torch.uint8, "gradients and row keys")
+            flat = payload[:size].clone().view(EMBEDDING_DTYPE) if floats else torch.zeros(0)
+            party.step(_split_gradients(flat, party.pending))
+            keys = payload[size:].clone().view(KEY_DTYPE)  # an aligned copy
+            channel.send(party.embed(keys, bool(b)).to(EMBEDDING_DTYPE), "embeddings")
+        elif op == EMBED:
             keys = channel.recv((a,), KEY_DTYPE, "row keys")
             channel.send(party.embed(keys, bool(b)).to(EMBEDDING_DTYPE), "embeddings")
-        elif op == STEP:
-            if a != len(party.pending):
-                raise PeerError(
-                    f"protocol error: {a} gradients announced for {len(party.pending)} embeddings"
-                )
-            grads = [channel.recv(tuple(h.shape), EMBEDDING_DTYPE, "gradients") for h in party.pending]
-            party.step(grads)
         elif op == PHASE:
             party.phase(a)
         elif op == SNAPSHOT:

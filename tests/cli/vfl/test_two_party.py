@@ -145,11 +145,14 @@ def test_recorded_messages_carry_no_label_and_no_raw_feature(tables: dict[str, P
         "header",
         "row keys",
         "gradients",
+        "gradients and row keys",
     }
     assert kinds["passive"] <= {"handshake", "run details", "ids for alignment", "embeddings", "result"}
-    for m in sent["active"]:  # floats leave the active party only as (rows, width) gradients
+    for m in sent["active"]:  # floats leave the active party only as gradients, a width per row
         if m["tensor"].is_floating_point():
-            assert m["what"] == "gradients" and m["tensor"].dim() == 2 and m["tensor"].shape[1] == 32
+            assert m["what"] == "gradients" and m["tensor"].numel() % 32 == 0
+        if m["what"] == "gradients and row keys":  # raw bytes: float32 gradients, then int64 keys
+            assert m["tensor"].dtype == torch.uint8 and m["tensor"].numel() % 8 == 0
     for m in sent["passive"]:
         if m["tensor"].is_floating_point():
             assert m["what"] == "embeddings" and m["tensor"].shape[1] == 32
