@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
@@ -66,71 +65,64 @@ class DemoConfig:
             )
 
 
-def _bucket(score: np.ndarray, std: float, names: list[str], codes: np.ndarray) -> np.ndarray:
-    """Equal-mass buckets of a normal score (edges from its known spread, so every chunk
-    of a large set cuts at the same places), mapped through ``codes`` so order carries no hint."""
-    n = len(names)
-    edges = np.array([NormalDist(0.0, std).inv_cdf(q) for q in np.linspace(0, 1, n + 1)[1:-1]])
-    return np.asarray(names, dtype=object)[codes[np.digitize(score, edges)]]
+class _Buckets:
+    """Equal-mass buckets of a score, mapped through a random permutation so order
+    carries no hint. The edges and the permutation come from the first chunk and serve
+    every later one, so a large set cuts everywhere at the same places."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = np.asarray(names, dtype=object)
+        self.edges: np.ndarray | None = None
+        self.codes: np.ndarray | None = None
+
+    def __call__(self, score: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.edges is None:
+            n = len(self.names)
+            self.edges = np.quantile(score, np.linspace(0, 1, n + 1)[1:-1])
+            self.codes = rng.permutation(n)
+        assert self.codes is not None
+        return self.names[self.codes[np.digitize(score, self.edges)]]
 
 
 def _with_missing(values: np.ndarray, share: float, rng: np.random.Generator) -> pa.Array:
     return pa.array(values, mask=rng.random(len(values)) < share)
 
 
-def _user_ids(index: np.ndarray, total: int) -> np.ndarray:
-    """Distinct, scrambled ids for global user numbers (a bijection modulo a power of ten)."""
-    digits = max(7, len(str(total)))
-    scrambled = (index.astype(np.int64) * 7919 + 12345) % (10**digits)
-    return np.char.add("u", np.char.zfill(scrambled.astype(str), digits)).astype(object)
-
-
 def iter_chunks(config: DemoConfig) -> Iterator[dict[str, pa.Table]]:
     """The four tables (active/passive x train/test), ``shard_rows`` users at a time.
 
-    Every chunk draws from its own seeded stream; the shared parts (feature weights,
-    bucket codes) come from one stream for the whole set, so memory stays bounded
-    whatever ``rows`` is and the same config always gives the same tables.
+    The first chunk draws from ``default_rng(seed)`` in the order this generator always
+    has (a set of one chunk is the same as before sharding existed) and fixes what all
+    chunks share: the feature weights and the category buckets. Every later chunk draws
+    from its own seeded stream, so memory stays bounded whatever ``rows`` is, and the
+    same config always gives the same tables.
     """
-    shared_rng = np.random.default_rng([config.seed, 7])
-    n_latent = 4 + 3
-    weights_a = shared_rng.normal(size=(n_latent, config.numeric_active)) / np.sqrt(n_latent)
-    weights_b = shared_rng.normal(size=(n_latent, config.numeric_passive)) / np.sqrt(n_latent)
-    codes = {k: shared_rng.permutation(k) for k in (4, 10, 12, 16, 20)}
-    extra_weights = shared_rng.normal(size=(2, max(config.categorical_extra, 1), 3))
+    weights: dict[str, np.ndarray] = {}
+    buckets = {
+        "ad": _Buckets([f"ad_{i:02d}" for i in range(12)]),
+        "device": _Buckets(["ios", "android", "desktop", "tv"]),
+        "site": _Buckets([f"site_{i:02d}" for i in range(16)]),
+        "region": _Buckets([f"r{i}" for i in range(10)]),
+        **{f"{k}_cat{j}": _Buckets([f"{k}{j}_{i:02d}" for i in range(20)])
+           for j in range(config.categorical_extra) for k in ("a", "b")},
+    }  # fmt: skip
     total_passive_only = int(round(config.rows * config.passive_only))
-    total = config.rows + total_passive_only
+    digits = max(7, len(str(config.rows + total_passive_only - 1)))
+    offset = 0
     for chunk, start in enumerate(range(0, config.rows, config.shard_rows)):
         stop = min(start + config.shard_rows, config.rows)
-        rng = np.random.default_rng([config.seed, 11, chunk])
+        rng = np.random.default_rng(config.seed if chunk == 0 else [config.seed, 11, chunk])
         po_start = int(round(start * config.passive_only))
         po_stop = total_passive_only if stop == config.rows else int(round(stop * config.passive_only))
-        index = np.concatenate([np.arange(start, stop), config.rows + np.arange(po_start, po_stop)])
-        n, n_users = len(index), stop - start
+        n_users = stop - start
+        n = n_users + po_stop - po_start
         shared, own_a, own_b = rng.normal(size=(n, 4)), rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
-        num_a = np.concatenate([shared, own_a], axis=1) @ weights_a + 0.5 * rng.normal(
-            size=(n, config.numeric_active)
-        )
-        num_b = np.concatenate([shared, own_b], axis=1) @ weights_b + 0.5 * rng.normal(
-            size=(n, config.numeric_passive)
-        )
-        spread = float(np.sqrt(1 + 0.36 + 0.16))
-        ad = _bucket(own_a[:, 0] + 0.6 * shared[:, 0] + 0.4 * rng.normal(size=n), spread,
-                     [f"ad_{i:02d}" for i in range(12)], codes[12])  # fmt: skip
-        device = _bucket(own_a[:, 1] - 0.5 * shared[:, 1] + 0.6 * rng.normal(size=n), float(np.sqrt(1.61)),
-                         ["ios", "android", "desktop", "tv"], codes[4])  # fmt: skip
-        site = _bucket(own_b[:, 0] + 0.6 * shared[:, 2] + 0.4 * rng.normal(size=n), spread,
-                       [f"site_{i:02d}" for i in range(16)], codes[16])  # fmt: skip
-        region = _bucket(own_b[:, 1] + 0.6 * rng.normal(size=n), float(np.sqrt(1.36)),
-                         [f"r{i}" for i in range(10)], codes[10])  # fmt: skip
-        extra = {}
-        for j in range(config.categorical_extra):
-            for side, own, key in ((0, own_a, "a"), (1, own_b, "b")):
-                mix = own @ extra_weights[side, j] + 0.5 * shared[:, j % 4] + 0.5 * rng.normal(size=n)
-                spread_j = float(np.sqrt((extra_weights[side, j] ** 2).sum() + 0.5))
-                extra[f"{key}_cat{j}"] = _bucket(
-                    mix, spread_j, [f"{key}{j}_{i:02d}" for i in range(20)], codes[20]
-                )
+        num_a = _noisy_mix(weights, "a", config.numeric_active, shared, own_a, rng)
+        num_b = _noisy_mix(weights, "b", config.numeric_passive, shared, own_b, rng)
+        ad = buckets["ad"](own_a[:, 0] + 0.6 * shared[:, 0] + 0.4 * rng.normal(size=n), rng)
+        device = buckets["device"](own_a[:, 1] - 0.5 * shared[:, 1] + 0.6 * rng.normal(size=n), rng)
+        site = buckets["site"](own_b[:, 0] + 0.6 * shared[:, 2] + 0.4 * rng.normal(size=n), rng)
+        region = buckets["region"](own_b[:, 1] + 0.6 * rng.normal(size=n), rng)
         logit = (
             0.9 * shared[:, 0]
             - 0.7 * shared[:, 1]
@@ -143,8 +135,15 @@ def iter_chunks(config: DemoConfig) -> Iterator[dict[str, pa.Table]]:
             - 2.3
         )
         label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-        ids = _user_ids(index, total)
-
+        numbers = (offset + rng.permutation(n)).astype(str)
+        ids = np.char.add("u", np.char.zfill(numbers, digits)).astype(object)
+        offset += n
+        extra = {}
+        side_rng = np.random.default_rng([config.seed, 13, chunk])  # extra columns: their own stream
+        for j in range(config.categorical_extra):
+            for key, own in (("a", own_a), ("b", own_b)):
+                mix = own @ side_rng.normal(size=3) + 0.5 * shared[:, j % 4] + 0.5 * side_rng.normal(size=n)
+                extra[f"{key}_cat{j}"] = buckets[f"{key}_cat{j}"](mix, side_rng)
         arrays = {"ids": ids, "label": label, "num_a": num_a, "num_b": num_b, "ad_category": ad,
                   "device": device, "site_category": site, "region": region, **extra}  # fmt: skip
         users = np.arange(n_users)
@@ -161,6 +160,21 @@ def iter_chunks(config: DemoConfig) -> Iterator[dict[str, pa.Table]]:
             "active_test": _active_table(arrays, test, np.ones(len(test), dtype=bool), config, rng),
             "passive_test": _passive_table(arrays, test[overlap[test]], config, rng),
         }
+
+
+def _noisy_mix(
+    weights: dict[str, np.ndarray],
+    key: str,
+    n_cols: int,
+    shared: np.ndarray,
+    own: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Features as noisy linear views of the shared and own factors (weights fixed by the first chunk)."""
+    mix = np.concatenate([shared, own], axis=1)  # (n, 4 + 3)
+    if key not in weights:
+        weights[key] = rng.normal(size=(mix.shape[1], n_cols)) / np.sqrt(mix.shape[1])
+    return mix @ weights[key] + 0.5 * rng.normal(size=(len(mix), n_cols))
 
 
 def _active_table(
