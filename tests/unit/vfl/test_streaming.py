@@ -95,3 +95,38 @@ def test_scores_are_written_in_chunks(tmp_path: Path, monkeypatch: pytest.Monkey
     assert table.column_names == ["id", "score", "mode_used"] and table.num_rows == 30
     assert table["mode_used"].to_pylist()[:2] == ["federated", "local"]
     assert np.allclose(table["score"].to_numpy(), probs)
+
+
+def test_a_full_disk_while_writing_scores_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kedit_vfl.vfl import score as score_module
+
+    monkeypatch.setattr(score_module, "OUTPUT_CHUNK", 5)
+    written = []
+
+    class FullDisk:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def write_table(self, table: pa.Table) -> None:
+            written.append(table.num_rows)
+            if len(written) == 2:
+                raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(score_module.pacsv, "CSVWriter", FullDisk)
+    out = tmp_path / "scores.csv"
+    with pytest.raises(UserError, match="No space left on device"):
+        write_scores(out, pa.chunked_array([[str(i) for i in range(20)]]), np.zeros(20), np.zeros(20, bool))
+    assert written == [5, 5] and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        write_scores(
+            tmp_path / "file" / "s.parquet", pa.chunked_array([["a"]]), np.zeros(1), np.zeros(1, bool)
+        )
