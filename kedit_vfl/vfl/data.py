@@ -534,10 +534,12 @@ def holdout_mask(ids: pa.ChunkedArray, fraction: float) -> np.ndarray:
     """A stable validation subset keyed by id, so that every stage holds out the same rows."""
     if fraction <= 0:
         return np.zeros(len(ids), dtype=bool)
-    hashes = pd.util.hash_array(
-        np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object), hash_key=_HOLDOUT_KEY
-    )
-    return (hashes % np.uint64(10_000)) < np.uint64(round(fraction * 10_000))
+    threshold, parts = np.uint64(round(fraction * 10_000)), []
+    for start in range(0, len(ids), BATCH_ROWS):  # a slice at a time: Python strings are large
+        values = ids.slice(start, BATCH_ROWS).to_numpy(zero_copy_only=False)
+        hashes = pd.util.hash_array(np.asarray(values, dtype=object), hash_key=_HOLDOUT_KEY)
+        parts.append((hashes % np.uint64(10_000)) < threshold)
+    return np.concatenate(parts)
 
 
 @dataclass

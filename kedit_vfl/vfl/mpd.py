@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -123,16 +124,19 @@ def _train_active(
     reporter: Reporter,
     device: torch.device,
 ) -> tuple[Artifact, dict[str, Any]]:
-    a = side.table.rows.take(side.rows_a)  # overlap position i -> its active row
-    if len(a) < 4:
+    n_overlap = len(side.rows_a)  # overlap position i -> its active row side.rows_a[i]
+    if n_overlap < 4:
         raise UserError(
-            f"{config.active}: only {len(a)} ids overlap with the passive table; MPD needs at least 4"
+            f"{config.active}: only {n_overlap} ids overlap with the passive table; MPD needs at least 4"
         )
-    valid = torch.from_numpy(holdout_mask(a.ids, config.val_fraction))
+    valid = torch.from_numpy(
+        holdout_mask(side.table.rows.ids.take(pa.array(side.rows_a.numpy())), config.val_fraction)
+    )
     train_rows, val_rows = torch.nonzero(~valid).squeeze(1), torch.nonzero(valid).squeeze(1)
     if len(val_rows) < 2:
         val_rows = train_rows
-    a_num, a_cat = a.num.to(device), a.cat.to(device)
+    a_num, a_cat = side.table.rows.num.to(device), side.table.rows.cat.to(device)
+    rows_a = side.rows_a.to(device)
     tower_a = Tower(side.table.schema, config.model).to(device)
     head = MatchingHead(config.model, config.mpd_temperature).to(device)
     modules = torch.nn.ModuleDict({"tower_a": tower_a, "matcher": head})
@@ -148,7 +152,11 @@ def _train_active(
     def scores_for(rows: torch.Tensor, gen: torch.Generator | None, train: bool) -> torch.Tensor:
         h_b = link.embed(rows, train)
         return pair_scores(
-            head, tower_a(a_num[rows.to(device)], a_cat[rows.to(device)]), h_b, config.negatives, gen
+            head,
+            tower_a(a_num[rows_a[rows.to(device)]], a_cat[rows_a[rows.to(device)]]),
+            h_b,
+            config.negatives,
+            gen,
         )
 
     def step_loss(index: torch.Tensor) -> torch.Tensor:
@@ -187,7 +195,7 @@ def _train_active(
     )
     link.finish()
     metrics = {
-        "rows_overlapped": len(a),
+        "rows_overlapped": n_overlap,
         "rows_train": len(train_rows),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

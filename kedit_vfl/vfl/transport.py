@@ -81,6 +81,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
+        self._in_flight: list[tuple[Any, torch.Tensor, str]] = []  # sends not yet confirmed
         self._peer_rank = 1 if party == "active" else 0
         self._record: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
         self._open()
@@ -117,6 +118,11 @@ class Channel:
         self._store = store
 
     def close(self) -> None:
+        if self._in_flight and dist.is_initialized():
+            try:
+                self._confirm_sends()
+            except PeerError:
+                pass  # closing after a failure: the caller already reports it
         if self._record is not None:
             folder = Path(os.environ[RECORD_ENV])
             folder.mkdir(parents=True, exist_ok=True)
@@ -144,13 +150,21 @@ class Channel:
         )
 
     def send(self, tensor: torch.Tensor, what: str = "data") -> None:
+        """Queue ``tensor`` for the peer and return at once (messages arrive in order).
+
+        Not waiting for each send lets a request's header and payload travel together:
+        a training step then costs one round trip. Sends are confirmed at the next
+        :meth:`recv` (by then the peer has answered) or at :meth:`close`.
+        """
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.numel() == 0:
             return
         try:
-            dist.send(tensor, self._peer_rank)
+            work = dist.isend(tensor, self._peer_rank)
         except RuntimeError as exc:
             raise self._failed(exc, f"sending {what}") from exc
+        self._in_flight = [(w, t, d) for w, t, d in self._in_flight if not w.is_completed()]
+        self._in_flight.append((work, tensor, what))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         self.messages_sent += 1
         if self._record is not None:
@@ -165,7 +179,16 @@ class Channel:
         except RuntimeError as exc:
             raise self._failed(exc, f"waiting for {what}") from exc
         self.bytes_received += tensor.numel() * tensor.element_size()
+        self._confirm_sends()
         return tensor
+
+    def _confirm_sends(self) -> None:
+        in_flight, self._in_flight = self._in_flight, []
+        for work, _, what in in_flight:
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise self._failed(exc, f"sending {what}") from exc
 
     def send_header(self, op: int, a: int = 0, b: int = 0, c: int = 0) -> None:
         self.send(torch.tensor([op, a, b, c], dtype=torch.int64), "header")
