@@ -156,6 +156,24 @@ class PassiveParty:
         self.pending.append(h)
         return add_noise(h.detach(), self.protection.embedding_noise, self.generator)
 
+    def warm_up(self) -> None:
+        """One forward and backward pass on a row, then nothing kept. In a fresh process
+        the first backward pass from an explicit gradient (as :meth:`step` makes) costs
+        about half a second of one-off set-up in PyTorch; it belongs before the first
+        request, not inside the first training step. No random number is drawn (eval
+        mode) and every gradient is cleared."""
+        if not len(self.overlap_rows):
+            return
+        was_training = self.tower.training
+        self.tower.eval()
+        with single_thread():
+            row = self.overlap_rows[:1]
+            h = self.tower(self.num[row], self.cat[row])
+            torch.autograd.backward([h], [torch.ones_like(h)])
+        for p in self.tower.parameters():
+            p.grad = None
+        self.tower.train(was_training)
+
     def _mode(self, train: bool) -> None:
         """Switch train/eval only on a change: walking the modules costs more than a small forward."""
         if self.tower.training != train:

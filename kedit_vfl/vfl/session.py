@@ -28,6 +28,7 @@ from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party, open_
 from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
 from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, passive_seed
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
+from kedit_vfl.vfl.train import single_thread
 from kedit_vfl.vfl.transport import open_channel
 
 # Options each party sets for itself; every other option must agree across the parties.
@@ -244,9 +245,10 @@ def serve_passive(
         party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device, keys=keys)
         if session.resume_from is not None:
             party.resume(session.resume_from)
+        party.warm_up()
         reporter.log(f"connected to the active party: {len(rows)} overlapping rows; serving its requests")
-        with reporter.task("serving the active party", total=None):
-            serve(channel, party)
+        with reporter.task("serving the active party", total=None), single_thread():
+            serve(channel, party)  # one thread throughout: switching thread counts per request costs ms
         try:
             saved = save(party, session) if save is not None else {}
         except UserError as exc:
