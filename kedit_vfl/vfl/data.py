@@ -59,7 +59,10 @@ class TableSource:
 
     def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         scanner = self.dataset.scanner(
-            columns=list(columns) if columns is not None else None, batch_size=BATCH_ROWS
+            columns=list(columns) if columns is not None else None,
+            batch_size=BATCH_ROWS,
+            batch_readahead=2,  # a little read-ahead: memory bounded, the cores still busy
+            fragment_readahead=1,
         )
         try:
             for batch in scanner.to_batches():

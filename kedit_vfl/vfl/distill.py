@@ -59,10 +59,12 @@ def teacher_logits(
         out = predict(lambda i: teacher.local_logit(a_num[i], a_cat[i]), len(table.rows))
     else:
         out = torch.full((len(table.rows),), float("nan"))
-    rows_a = side.rows_a.to(device)
-    h_b = side.link.embed(torch.arange(len(rows_a)), train=False)  # (N_overlap, d), sliced on the wire
-    fed = predict(
-        lambda i: teacher.with_embedding(a_num[rows_a[i]], a_cat[rows_a[i]], h_b[i])[1], len(rows_a)
+    rows_a, positions, link = side.rows_a.to(device), torch.arange(len(side.rows_a)), side.link
+    fed = predict(  # a slice at a time: the publisher's embeddings are requested as needed
+        lambda i: teacher.with_embedding(a_num[rows_a[i]], a_cat[rows_a[i]], link.embed(positions[i], False))[
+            1
+        ],
+        len(rows_a),
     )
     out[side.rows_a] = fed
     return out

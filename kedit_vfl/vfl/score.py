@@ -155,10 +155,11 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         )
         try:
             with torch.no_grad(), reporter.task("scoring with the publisher's embeddings", total=None):
-                rows_a = side.rows_a.to(device)
-                h_b = side.link.embed(torch.arange(len(rows_a)), train=False)
-                logits[side.rows_a] = predict(
-                    lambda i: split.with_embedding(a_num[rows_a[i]], a_cat[rows_a[i]], h_b[i])[1],
+                rows_a, positions, link = side.rows_a.to(device), torch.arange(len(side.rows_a)), side.link
+                logits[side.rows_a] = predict(  # a slice at a time: embeddings requested as needed
+                    lambda i: split.with_embedding(
+                        a_num[rows_a[i]], a_cat[rows_a[i]], link.embed(positions[i], train=False)
+                    )[1],
                     len(rows_a),
                     config.batch_size,
                 )

@@ -46,6 +46,7 @@ from kedit_vfl.vfl.store import (
     two_party_extra,
 )
 from kedit_vfl.vfl.train import (
+    PREDICT_SLICE,
     FitResult,
     FlatAdamW,
     base_rate_logit,
@@ -190,6 +191,14 @@ def _train_active(
         local, full = model.partial(a_num[rows], a_cat[rows], overlapped, h_b)
         return local, full, overlapped
 
+    @torch.no_grad()
+    def logits_in_slices(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`logits` for many rows, a slice at a time: memory stays bounded."""
+        parts = [logits(part) for part in rows.split(PREDICT_SLICE)]
+        if not parts:
+            return logits(rows)
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         local, full, overlapped = logits(rows)
         target = y[rows]
@@ -243,11 +252,23 @@ def _train_active(
         state.extra["fit0"] = asdict(result)
     speed, self_train_rows = result.rows_per_s, 0
     if config.self_train_weight > 0:
-        args = (config, model, logits, y, b_row, train_rows, val_rows, evaluate, generator, reporter)
+        args = (
+            config,
+            model,
+            logits,
+            logits_in_slices,
+            y,
+            b_row,
+            train_rows,
+            val_rows,
+            evaluate,
+            generator,
+            reporter,
+        )
         result, self_train_rows = self_train_round(*args, link=link, state=state)
     with torch.no_grad():  # calibrate both branches' intercepts on their training rows
         rows = train_rows.to(device)
-        local, full, overlapped = logits(rows)
+        local, full, overlapped = logits_in_slices(rows)
         local_shift = intercept_shift(local, y[rows]) if config.aux_weight > 0 else 0.0
         full_shift = intercept_shift(full, y[rows][overlapped])
     shift_bias(model.local_head, local_shift)
@@ -357,6 +378,7 @@ def self_train_round(
     config: SplitConfig,
     model: ActiveSplit,
     logits: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    logits_in_slices: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     y: torch.Tensor,
     b_row: torch.Tensor,
     train_rows: torch.Tensor,
@@ -383,7 +405,7 @@ def self_train_round(
     overlapped = torch.nonzero(b_row >= 0).squeeze(1)
     if "soft" not in state.extra:  # a resumed round keeps the targets it started with
         with torch.no_grad():
-            _, teacher, _ = logits(overlapped)
+            _, teacher, _ = logits_in_slices(overlapped)
         soft = torch.full((len(b_row),), float("nan"), device=y.device)  # active row -> teacher probability
         soft[overlapped] = torch.sigmoid(teacher)
         state.extra["soft"] = soft.cpu()

@@ -163,6 +163,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+PREDICT_SLICE = 1 << 16  # rows per forward pass when nothing trains: bounded activations
+
+
 @torch.no_grad()
 def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 4096) -> torch.Tensor:
     """``fn(rows)`` over ``range(n)`` in slices; logits concatenated on the CPU.
