@@ -235,8 +235,11 @@ class RemotePassive:
         self.channel.send_header(RESTORE)
 
     def checkpoint(self, tag: Tag) -> None:
+        """Ask the passive party to save its checkpoint, and wait until it has: a tag is
+        common to both parties only once both have written it."""
         self._flush()
         self.channel.send_header(CHECKPOINT, *tag)
+        self.channel.recv((1,), torch.int64, "checkpoint confirmation")
 
     def finish(self) -> None:
         self._flush()
@@ -283,6 +286,7 @@ def serve(channel: Channel, party: PassiveParty) -> None:
             party.restore()
         elif op == CHECKPOINT:
             party.checkpoint((a, b))
+            channel.send(torch.ones(1, dtype=torch.int64), "checkpoint saved")
         elif op == FINISH:
             party.finish()
             return

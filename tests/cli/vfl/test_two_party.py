@@ -147,7 +147,15 @@ def test_recorded_messages_carry_no_label_and_no_raw_feature(tables: dict[str, P
         "gradients",
         "gradients and row keys",
     }
-    assert kinds["passive"] <= {"handshake", "run details", "ids for alignment", "embeddings", "result"}
+    passive_kinds = {
+        "handshake",
+        "run details",
+        "ids for alignment",
+        "embeddings",
+        "checkpoint saved",
+        "result",
+    }
+    assert kinds["passive"] <= passive_kinds
     for m in sent["active"]:  # floats leave the active party only as gradients, a width per row
         if m["tensor"].is_floating_point():
             assert m["what"] == "gradients" and m["tensor"].numel() % 32 == 0
