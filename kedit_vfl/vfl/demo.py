@@ -237,7 +237,9 @@ def write_demo(config: DemoConfig) -> dict[str, int]:
                 target = scratch / name / f"part-{number:05d}{ext}" if sharded else scratch / f"{name}{ext}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if config.file_format == "parquet":
-                    pq.write_table(table, target)
+                    pq.write_table(
+                        table, target, row_group_size=1 << 17
+                    )  # readers decode a row group at a time
                 else:
                     pacsv.write_csv(table, target)
                 counts[f"{name}{'' if sharded else ext}"] = (
