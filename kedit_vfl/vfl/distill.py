@@ -10,6 +10,7 @@ Without a teacher the same code trains the local-only baseline on the labelled r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,35 @@ def teacher_logits(
     return out
 
 
+def open_serving(
+    config: Any,
+    command: str,
+    table: PartyTable,
+    artifact: Artifact,
+    device: torch.device,
+    passive_path: Path | None = None,
+) -> ActiveSide:
+    """The active side of a stage that only scores with a split model (``distill``'s
+    teacher, federated ``score``): the passive party serves embeddings, trains nothing,
+    and the parties need agree only on the model's sizes."""
+    model_config = model_config_of(artifact)
+    return open_active(
+        config,
+        command,
+        table,
+        model_config=model_config,
+        passive_schema=schemas_of(artifact).get("passive"),
+        passive_init=artifact,
+        partner=run_id_of(artifact),
+        protection=serving_protection(artifact),
+        training=PassiveTraining(),
+        store=None,
+        device=device,
+        passive_path=passive_path,
+        shared={"model": model_config.to_dict()},
+    )
+
+
 def serving_protection(artifact: Artifact) -> Protection:
     """What of a split model's protection applies when it only scores: the clip."""
     return Protection(clip=float(artifact.extra.get("protection", {}).get("clip", 0.0)))
@@ -104,20 +134,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     soft, traffic, teacher_extra, n_overlap = None, None, {}, 0
     if parent is not None:
         teacher = split_from(parent).to(device)
-        side = open_active(
-            config,
-            COMMAND,
-            table,
-            model_config=model_config_of(parent),
-            passive_schema=schemas.get("passive"),
-            passive_init=parent,
-            partner=run_id_of(parent),
-            protection=serving_protection(parent),
-            training=PassiveTraining(),
-            store=None,
-            device=device,
-            shared={"model": model_config_of(parent).to_dict()},
-        )
+        side = open_serving(config, COMMAND, table, parent, device)
         try:
             with reporter.task("teacher's soft targets", total=None):
                 soft = teacher_logits(teacher, table, side, device, config.kd_local_rows)

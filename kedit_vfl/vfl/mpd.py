@@ -204,13 +204,9 @@ def _train_active(
         "chance_match_acc": 1.0 / (1 + min(config.negatives, config.batch_size - 1)),
         "train_rows_per_s": round(result.rows_per_s, 1),
     }
-    modules_out: dict[str, torch.nn.Module] = {"tower_a": tower_a, "matcher": head}
-    schemas = {"active": side.table.schema}
-    paths = [config.active]
-    if side.passive is not None:  # in process: one artifact holds both parties' parts
-        modules_out["tower_b"] = side.passive.tower
-        schemas["passive"] = side.passive_schema
-        paths.append(config.passive)
+    modules_out, schemas, paths = side.artifact_parts(
+        {"tower_a": tower_a, "matcher": head}, config.active, config.passive
+    )
     artifact = save_vfl(
         MPD,
         modules_out,
@@ -223,9 +219,7 @@ def _train_active(
         party=config.party,
         extra=two_party_extra(side),
     )
-    store.clear()
-    if side.passive is not None and side.passive.checkpoints is not None:
-        side.passive.checkpoints.clear()
+    side.clear_checkpoints(store)
     traffic = side.traffic()
     return artifact, {
         "out": str(config.out),

@@ -25,17 +25,13 @@ from kedit_vfl.seeding import resolve_device
 from kedit_vfl.vfl.config import ScoreConfig, default_output
 from kedit_vfl.vfl.data import load_party
 from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.distill import serve_embeddings, serving_protection
-from kedit_vfl.vfl.party import PassiveTraining
-from kedit_vfl.vfl.session import open_active
+from kedit_vfl.vfl.distill import open_serving, serve_embeddings
 from kedit_vfl.vfl.store import (
     LOCAL,
     SPLIT,
     load_for_party,
     load_local,
     local_from,
-    model_config_of,
-    run_id_of,
     schemas_of,
     split_from,
 )
@@ -138,21 +134,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     federated = torch.zeros(n, dtype=torch.bool)
     traffic = None
     if split is not None:
-        side = open_active(
-            config,
-            COMMAND,
-            table,
-            model_config=model_config_of(artifact),
-            passive_schema=schemas.get("passive"),
-            passive_init=artifact,
-            partner=run_id_of(artifact),
-            protection=serving_protection(artifact),
-            training=PassiveTraining(),
-            store=None,
-            device=device,
-            passive_path=passive,
-            shared={"model": model_config_of(artifact).to_dict()},
-        )
+        side = open_serving(config, COMMAND, table, artifact, device, passive_path=passive)
         try:
             with torch.no_grad(), reporter.task("scoring with the publisher's embeddings", total=None):
                 rows_a, positions, link = side.rows_a.to(device), torch.arange(len(side.rows_a)), side.link

@@ -142,6 +142,24 @@ class ActiveSide:
         if self.session is not None:
             self.session.channel.close()
 
+    def artifact_parts(
+        self, modules: dict[str, Any], active_path: Path, passive_path: Path | None
+    ) -> tuple[dict[str, Any], dict[str, PartySchema], list[Path]]:
+        """What this stage's artifact holds: in one process both parties' parts (the
+        passive tower and schema too), in a two-party run the active party's alone."""
+        modules, schemas, paths = dict(modules), {"active": self.table.schema}, [active_path]
+        if self.passive is not None and self.passive_schema is not None and passive_path is not None:
+            modules["tower_b"] = self.passive.tower
+            schemas["passive"] = self.passive_schema
+            paths.append(passive_path)
+        return modules, schemas, paths
+
+    def clear_checkpoints(self, store: CheckpointStore) -> None:
+        """The run finished: its checkpoints (and, in one process, the passive party's) go."""
+        store.clear()
+        if self.passive is not None and self.passive.checkpoints is not None:
+            self.passive.checkpoints.clear()
+
     def traffic(self) -> dict[str, Any]:
         summary = self.link.traffic.summary()
         if self.session is not None:

@@ -286,15 +286,8 @@ def _train_active(
         "train_rows_per_s": round(speed, 1),
         "self_train_rows": self_train_rows,
     }
-    modules: dict[str, torch.nn.Module] = {
-        name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")
-    }
-    schemas = {"active": side.table.schema}
-    paths = [config.active]
-    if side.passive is not None:  # in process: one artifact holds both parties' parts
-        modules["tower_b"] = side.passive.tower
-        schemas["passive"] = side.passive_schema
-        paths.append(config.passive)
+    own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
+    modules, schemas, paths = side.artifact_parts(own, config.active, config.passive)
     artifact = save_vfl(
         SPLIT,
         modules,
@@ -308,9 +301,7 @@ def _train_active(
         party=config.party,
         extra={"protection": config.protection.to_dict(), **two_party_extra(side)},
     )
-    store.clear()
-    if side.passive is not None and side.passive.checkpoints is not None:
-        side.passive.checkpoints.clear()
+    side.clear_checkpoints(store)
     return artifact, {
         "out": str(config.out),
         "kind": SPLIT,
