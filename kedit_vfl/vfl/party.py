@@ -61,6 +61,14 @@ class Protection:
         return asdict(self)
 
 
+def warm_up_autograd() -> None:
+    """Pay PyTorch's one-off set-up for a backward pass from an explicit gradient (about
+    half a second in a fresh process, the kind of backward the passive party runs each
+    step) before the parties connect, not inside the first training step."""
+    x = torch.zeros(2, 2, requires_grad=True)
+    torch.autograd.backward([x * 1.0], [torch.ones(2, 2)])
+
+
 def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale each row of ``x`` (B, d) down to L2 norm at most ``max_norm`` (0: unchanged)."""
     if max_norm <= 0 or x.numel() == 0:
@@ -155,24 +163,6 @@ class PassiveParty:
             return add_noise(h, self.protection.embedding_noise, self.generator)
         self.pending.append(h)
         return add_noise(h.detach(), self.protection.embedding_noise, self.generator)
-
-    def warm_up(self) -> None:
-        """One forward and backward pass on a row, then nothing kept. In a fresh process
-        the first backward pass from an explicit gradient (as :meth:`step` makes) costs
-        about half a second of one-off set-up in PyTorch; it belongs before the first
-        request, not inside the first training step. No random number is drawn (eval
-        mode) and every gradient is cleared."""
-        if not len(self.overlap_rows):
-            return
-        was_training = self.tower.training
-        self.tower.eval()
-        with single_thread():
-            row = self.overlap_rows[:1]
-            h = self.tower(self.num[row], self.cat[row])
-            torch.autograd.backward([h], [torch.ones_like(h)])
-        for p in self.tower.parameters():
-            p.grad = None
-        self.tower.train(was_training)
 
     def _mode(self, train: bool) -> None:
         """Switch train/eval only on a change: walking the modules costs more than a small forward."""

@@ -26,7 +26,14 @@ from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
 from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party, open_table
 from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
-from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, passive_seed
+from kedit_vfl.vfl.party import (
+    PassiveLink,
+    PassiveParty,
+    PassiveTraining,
+    Protection,
+    passive_seed,
+    warm_up_autograd,
+)
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
 from kedit_vfl.vfl.train import single_thread
 from kedit_vfl.vfl.transport import open_channel
@@ -257,13 +264,13 @@ def serve_passive(
     """Run the passive party of a stage to the end; ``save`` writes its artifact."""
     store = CheckpointStore(checkpoint_dir(config.out)) if resumable else None
     shared = shared if shared is not None else shared_settings(config, model_config)
+    warm_up_autograd()
     session, rows, keys = connect(config, command, table, shared, partner, store)
     with session.channel as channel:
         seed = getattr(config, "seed", 0)
         party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device, keys=keys)
         if session.resume_from is not None:
             party.resume(session.resume_from)
-        party.warm_up()
         reporter.log(f"connected to the active party: {len(rows)} overlapping rows; serving its requests")
         with reporter.task("serving the active party", total=None), single_thread():
             serve(channel, party)  # one thread throughout: switching thread counts per request costs ms
