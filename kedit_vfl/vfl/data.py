@@ -555,13 +555,6 @@ class TwoPartyData:
     rows_a: torch.Tensor  # (N_overlap,) active row index of each overlapped pair
     schemas: dict[str, PartySchema]
 
-    @property
-    def overlapped(self) -> torch.Tensor:
-        """(N_active,) bool: which active rows the passive party also holds."""
-        mask = torch.zeros(len(self.active), dtype=torch.bool)
-        mask[self.rows_a] = True
-        return mask
-
 
 @dataclass
 class PartyTable:

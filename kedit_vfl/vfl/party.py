@@ -368,9 +368,6 @@ class PassiveLink:
         own = add_noise(clip_rows(grad * rows, p.clip), p.gradient_noise, self.generator)
         return own / rows
 
-    def drop_pending(self) -> None:
-        self.pending = []
-
     def step_attached(self) -> None:
         """The step after a backward pass that already reached the tower (in one process)."""
         if self.optimizer is None:

@@ -80,7 +80,6 @@ class Channel:
         self.peer_party = "passive" if party == "active" else "active"
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.messages_sent = 0
         self._in_flight: list[tuple[Any, torch.Tensor, str]] = []  # sends not yet confirmed
         self._peer_rank = 1 if party == "active" else 0
         self._record: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
@@ -166,7 +165,6 @@ class Channel:
         self._in_flight = [(w, t, d) for w, t, d in self._in_flight if not w.is_completed()]
         self._in_flight.append((work, tensor, what))
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        self.messages_sent += 1
         if self._record is not None:
             self._record.append({"what": what, "tensor": tensor.clone()})
 
