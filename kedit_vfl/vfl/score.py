@@ -8,6 +8,8 @@ publisher holds the row and falls back to a local score elsewhere, and says whic
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,25 @@ import torch
 
 from kedit_vfl.artifacts import atomic_write, load_artifact, read_metadata
 from kedit_vfl.errors import UserError
-from kedit_vfl.progress import SILENT, Reporter
+from kedit_vfl.progress import SILENT, Reporter, Task
 from kedit_vfl.seeding import resolve_device
+from kedit_vfl.vfl.background import Behind, prefetched
 from kedit_vfl.vfl.config import ScoreConfig, default_output
-from kedit_vfl.vfl.data import load_party
+from kedit_vfl.vfl.data import (
+    Party,
+    PartySchema,
+    PartyTable,
+    TableSource,
+    as_strings,
+    check_schema,
+    check_unique_ids,
+    encode,
+    open_table,
+    read_labels,
+)
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.distill import open_serving, serve_embeddings
+from kedit_vfl.vfl.session import ActiveSide
 from kedit_vfl.vfl.store import (
     LOCAL,
     SPLIT,
@@ -58,43 +73,110 @@ def _fallback_path(config: ScoreConfig, split_path: Path, split_sha: str | None)
     return None
 
 
-OUTPUT_CHUNK = 1 << 20  # rows per written chunk
+@dataclass
+class ScoredChunk:
+    """Scores of one streamed batch, in the table's row order."""
+
+    ids: pa.ChunkedArray
+    probs: np.ndarray  # (B,) float32
+    federated: np.ndarray  # (B,) bool: scored with the publisher's embedding
 
 
-def write_scores(out: Path, ids: pa.ChunkedArray, probs: np.ndarray, federated: np.ndarray) -> None:
-    """``id,score,mode_used`` in chunks: Parquet if ``out`` ends in .parquet, else CSV;
-    atomically (a full or read-only disk leaves no partial file)."""
-    schema = pa.schema([("id", pa.string()), ("score", pa.float64()), ("mode_used", pa.string())])
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64()), ("mode_used", pa.string())])
+
+
+def _chunk_table(chunk: ScoredChunk) -> pa.Table:
+    mode_used = pc.if_else(pa.array(chunk.federated, pa.bool_()), "federated", "local")
+    columns = [chunk.ids.cast(pa.string()), pa.array(chunk.probs.astype(np.float64)), mode_used]
+    return pa.table(columns, schema=OUTPUT_SCHEMA)
+
+
+def write_scores(out: Path, chunks: Iterable[ScoredChunk]) -> None:
+    """``id,score,mode_used`` chunk by chunk as ``chunks`` are scored: Parquet if ``out``
+    ends in .parquet, else CSV. Each chunk is written on a background thread while the
+    next is scored; atomically (a failure, or a full or read-only disk, leaves no file)."""
     parquet = out.suffix.lower() == ".parquet"
 
     def write(tmp: Path) -> None:
-        writer = pq.ParquetWriter(tmp, schema) if parquet else pacsv.CSVWriter(tmp, schema)
+        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA) if parquet else pacsv.CSVWriter(tmp, OUTPUT_SCHEMA)
         try:
-            for start in range(0, len(probs), OUTPUT_CHUNK):
-                stop = min(start + OUTPUT_CHUNK, len(probs))
-                mode_used = pc.if_else(pa.array(federated[start:stop]), "federated", "local")
-                chunk = pa.table(
-                    [
-                        ids.slice(start, stop - start).cast(pa.string()),
-                        pa.array(probs[start:stop].astype(np.float64)),
-                        mode_used,
-                    ],
-                    schema=schema,
-                )
-                writer.write_table(chunk)
+            with Behind() as behind:
+                for chunk in chunks:
+                    behind.submit(lambda c=chunk: writer.write_table(_chunk_table(c)))
+                behind.wait()
         finally:
             writer.close()
 
     atomic_write(out, write)
 
 
+@dataclass
+class _Batch:
+    """One streamed batch of the active table, encoded."""
+
+    start: int  # the table row of its first row
+    ids: pa.ChunkedArray
+    labels: np.ndarray | None
+    num: torch.Tensor
+    cat: torch.Tensor
+
+
+def _encoded_batches(
+    source: TableSource, schema: PartySchema, config: ScoreConfig, has_labels: bool
+) -> Iterator[_Batch]:
+    columns = [config.id_col, *([config.label_col] if has_labels else []), *schema.columns]
+    start = 0
+    for batch in source.batches(columns, dictionary=schema.categorical):
+        ids = as_strings(batch[config.id_col])
+        if ids.null_count:
+            raise UserError(f"{source.path}: {ids.null_count} rows have no id in column '{config.id_col}'")
+        labels = read_labels(batch, config.label_col, source.path, ids) if has_labels else None
+        num, cat = encode(batch, schema, source.path, ids, "active")
+        yield _Batch(start, ids, labels, num, cat)
+        start += batch.num_rows
+
+
+def _read_ids(source: TableSource, id_col: str) -> pa.ChunkedArray:
+    """Every id, checked (present, unique): federated scoring aligns them before scoring."""
+    chunks, missing = [], 0
+    for batch in source.batches([id_col]):
+        ids = as_strings(batch[id_col])
+        missing += ids.null_count
+        chunks.extend(ids.chunks)
+    if missing:
+        raise UserError(f"{source.path}: {missing} rows have no id in column '{id_col}'")
+    if not chunks:
+        raise UserError(f"{source.path}: the active table is empty (no rows)")
+    return check_unique_ids(pa.chunked_array(chunks, pa.string()), id_col, source.path)
+
+
+class _Federated:
+    """Where the publisher holds a row: its overlap position, by active row, batch by batch."""
+
+    def __init__(self, side: ActiveSide) -> None:
+        self.side = side
+        self.order = torch.argsort(side.rows_a, stable=True)  # overlap positions by active row
+        self.rows = side.rows_a[self.order].numpy()  # (N_overlap,) ascending active rows
+
+    def in_batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows within the batch, their overlap positions) for table rows [start, start + size)."""
+        lo, hi = np.searchsorted(self.rows, [start, start + size])
+        return torch.from_numpy(self.rows[lo:hi] - start), self.order[lo:hi]
+
+
 def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Score the active table; write ``id,score,mode_used``; report counts and metrics.
+
+    The table streams through: each batch is read and encoded on a background thread,
+    scored, and written behind, so memory does not grow with the table and both cores
+    work. Local mode reads the table once and scores every row, duplicate ids included
+    (one output row per input row, in order). Federated mode first reads the ids (they
+    must be unique) to align them with the publisher's, then streams the features.
 
     In a two-party run (federated mode) the passive party serves its embeddings for the
     overlapping rows and writes nothing; the active party writes the scores.
     """
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     device = resolve_device(config.device)
     model_path = _model_path(config)
     if config.party == "passive":
@@ -125,44 +207,73 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         if config.active != embedded("active_test.csv"):
             raise UserError("--mode federated needs --passive (the publisher's table for these rows)")
         passive = embedded("passive_test.csv")
-    schemas = schemas_of(artifact)
-    with reporter.task("reading and transforming the table", total=None):
-        table = load_party(config.active, "active", config.id_col, config.label_col, schema=schemas["active"])
-    n = len(table.rows)
-    a_num, a_cat = table.rows.num.to(device), table.rows.cat.to(device)
-    logits = torch.empty(n)
-    federated = torch.zeros(n, dtype=torch.bool)
-    traffic = None
+    schema = schemas_of(artifact)["active"]
+    source = open_table(config.active, "active")
+    if config.id_col not in source.column_names:
+        shown = ", ".join(source.column_names[:12])
+        raise UserError(
+            f"{source.path}: no id column '{config.id_col}' (columns: {shown}); set it with --id-col"
+        )
+    check_schema(source, schema, source.path, "active")
+    has_labels = config.label_col in source.column_names
+    side, federated_rows = None, None
     if split is not None:
-        side = open_serving(config, COMMAND, table, artifact, device, passive_path=passive)
-        try:
-            with torch.no_grad(), reporter.task("scoring with the publisher's embeddings", total=None):
-                rows_a, positions, link = side.rows_a.to(device), torch.arange(len(side.rows_a)), side.link
-                logits[side.rows_a] = predict(  # a slice at a time: embeddings requested as needed
-                    lambda i: split.with_embedding(
-                        a_num[rows_a[i]], a_cat[rows_a[i]], link.embed(positions[i], train=False)
-                    )[1],
-                    len(rows_a),
-                    config.batch_size,
-                )
-            side.link.finish()
-            traffic = side.traffic()
-        finally:
-            side.close()
-        federated[side.rows_a] = True
-    local_rows = torch.nonzero(~federated).squeeze(1).to(device)
-    with torch.no_grad(), reporter.task("scoring", total=None):
-        if len(local_rows) == n:  # every row local: contiguous slices, no gather
-            logits = predict(lambda i: local_fn(a_num[i], a_cat[i]), n, config.batch_size)
+        with reporter.task("reading the ids and aligning them with the publisher's", total=None):
+            ids = _read_ids(source, config.id_col)
+            no_features = torch.zeros((len(ids), 0))  # the features stream in later, batch by batch
+            table = PartyTable(Party(ids, no_features, no_features.int()), None, schema, source.path)
+            side = open_serving(config, COMMAND, table, artifact, device, passive_path=passive)
+            federated_rows = _Federated(side)
+
+    @torch.no_grad()
+    def score_batch(batch: _Batch) -> ScoredChunk:
+        num, cat, size = batch.num.to(device), batch.cat.to(device), len(batch.num)
+        logits = torch.empty(size)
+        federated = torch.zeros(size, dtype=torch.bool)
+        if federated_rows is not None:
+            assert split is not None
+            rows, positions = federated_rows.in_batch(batch.start, size)
+            link, on = federated_rows.side.link, rows.to(device)
+
+            def full_logit(i: slice) -> torch.Tensor:  # embeddings requested a slice at a time
+                return split.with_embedding(num[on[i]], cat[on[i]], link.embed(positions[i], train=False))[1]
+
+            logits[rows] = predict(full_logit, len(rows), config.batch_size)
+            federated[rows] = True
+        if not federated.any():  # every row local: contiguous slices, no gather
+            logits = predict(lambda i: local_fn(num[i], cat[i]), size, config.batch_size)
         else:
-            logits[local_rows.cpu()] = predict(
-                lambda i: local_fn(a_num[local_rows[i]], a_cat[local_rows[i]]),
-                len(local_rows),
-                config.batch_size,
-            )
-    probs = torch.sigmoid(logits).numpy()
+            local = torch.nonzero(~federated).squeeze(1)
+            at = local.to(device)
+            logits[local] = predict(lambda i: local_fn(num[at[i]], cat[at[i]]), len(local), config.batch_size)
+        return ScoredChunk(batch.ids, torch.sigmoid(logits).numpy(), federated.numpy())
+
+    counts = {"rows": 0, "rows_federated": 0}
+    labelled: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def scored(task: Task) -> Iterator[ScoredChunk]:
+        for batch in prefetched(_encoded_batches(source, schema, config, has_labels)):
+            chunk = score_batch(batch)
+            if batch.labels is not None:
+                known = ~np.isnan(batch.labels)
+                labelled.append((batch.labels[known], chunk.probs[known]))
+            counts["rows"] += len(chunk.probs)
+            counts["rows_federated"] += int(chunk.federated.sum())
+            task.advance(len(chunk.probs))
+            yield chunk
+        if counts["rows"] == 0:
+            raise UserError(f"{source.path}: the active table is empty (no rows)")
+
     out = config.out or default_output(f"scores_{config.mode}.csv")
-    write_scores(out, table.rows.ids, probs, federated.numpy())
+    try:
+        with reporter.task("scoring", total=None) as task:
+            write_scores(out, scored(task))
+        if side is not None:
+            side.link.finish()
+    finally:
+        if side is not None:
+            side.close()
+    n, n_federated = counts["rows"], counts["rows_federated"]
     result: dict[str, Any] = {
         "out": str(out),
         "model": str(model_path),
@@ -171,18 +282,19 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         "party": config.party,
         "local_scorer": used,
         "rows": n,
-        "rows_federated": int(federated.sum()),
-        "rows_local_fallback": int(n - federated.sum()) if config.mode == "federated" else 0,
+        "rows_federated": n_federated,
+        "rows_local_fallback": n - n_federated if config.mode == "federated" else 0,
         "rows_labelled": 0,
         "auc": None,
         "logloss": None,
     }
-    if table.labels is not None:
-        labelled = ~np.isnan(table.labels.numpy())
-        result["rows_labelled"] = int(labelled.sum())
-        if labelled.any():
-            result.update(binary_metrics(table.labels.numpy()[labelled], probs[labelled]))
-    if traffic is not None:
-        result["traffic"] = traffic
-    result["seconds"] = round(time.perf_counter() - start, 3)
+    if labelled:
+        labels = np.concatenate([y for y, _ in labelled])
+        probs = np.concatenate([p for _, p in labelled])
+        result["rows_labelled"] = len(labels)
+        if len(labels):
+            result.update(binary_metrics(labels, probs))
+    if side is not None:
+        result["traffic"] = side.traffic()
+    result["seconds"] = round(time.perf_counter() - start_time, 3)
     return result

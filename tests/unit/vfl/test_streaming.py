@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl import data as data_module
-from kedit_vfl.vfl.data import FIRST, MISSING, SchemaFitter, encode, load_party, open_table
+from kedit_vfl.vfl.background import prefetched
+from kedit_vfl.vfl.data import FIRST, MISSING, OOV, PartySchema, SchemaFitter, encode, load_party, open_table
 from kedit_vfl.vfl.demo import DemoConfig, generate, write_demo
-from kedit_vfl.vfl.score import write_scores
+from kedit_vfl.vfl.score import ScoredChunk, write_scores
 
 
 def test_make_demo_writes_parquet_shards_that_read_as_one_table(tmp_path: Path) -> None:
@@ -82,17 +85,22 @@ def test_a_column_with_exploding_cardinality_is_hashed_with_a_warning() -> None:
     assert (cat == again).all() and len(set(cat[:500, 0].tolist())) > 32  # stable, and spread
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_scores_are_written_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
-    from kedit_vfl.vfl import score as score_module
+def _chunks(ids: list[str], probs: np.ndarray, federated: np.ndarray, size: int) -> list[ScoredChunk]:
+    return [
+        ScoredChunk(pa.chunked_array([ids[i : i + size]]), probs[i : i + size], federated[i : i + size])
+        for i in range(0, len(ids), size)
+    ]
 
-    monkeypatch.setattr(score_module, "OUTPUT_CHUNK", 7)
-    ids = pa.chunked_array([[f"u{i}" for i in range(30)]])
-    probs = np.linspace(0, 1, 30)
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_scores_are_written_in_chunks(tmp_path: Path, suffix: str) -> None:
+    ids = [f"u{i}" for i in range(30)]
+    probs = np.linspace(0, 1, 30, dtype=np.float32)
     out = tmp_path / f"s{suffix}"
-    write_scores(out, ids, probs, np.arange(30) % 2 == 0)
+    write_scores(out, _chunks(ids, probs, np.arange(30) % 2 == 0, 7))
     table = pq.read_table(out) if suffix == ".parquet" else pacsv.read_csv(out)
     assert table.column_names == ["id", "score", "mode_used"] and table.num_rows == 30
+    assert table["id"].to_pylist() == ids
     assert table["mode_used"].to_pylist()[:2] == ["federated", "local"]
     assert np.allclose(table["score"].to_numpy(), probs)
 
@@ -102,7 +110,6 @@ def test_a_full_disk_while_writing_scores_leaves_no_partial_file(
 ) -> None:
     from kedit_vfl.vfl import score as score_module
 
-    monkeypatch.setattr(score_module, "OUTPUT_CHUNK", 5)
     written = []
 
     class FullDisk:
@@ -120,13 +127,57 @@ def test_a_full_disk_while_writing_scores_leaves_no_partial_file(
     monkeypatch.setattr(score_module.pacsv, "CSVWriter", FullDisk)
     out = tmp_path / "scores.csv"
     with pytest.raises(UserError, match="No space left on device"):
-        write_scores(out, pa.chunked_array([[str(i) for i in range(20)]]), np.zeros(20), np.zeros(20, bool))
-    assert written == [5, 5] and list(tmp_path.iterdir()) == []
+        write_scores(out, _chunks([str(i) for i in range(20)], np.zeros(20), np.zeros(20, bool), 5))
+    assert written[:2] == [5, 5] and len(written) <= 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_scoring_leaves_no_partial_file(tmp_path: Path) -> None:
+    def failing() -> Iterator[ScoredChunk]:
+        yield from _chunks(["a", "b"], np.zeros(2), np.zeros(2, bool), 1)
+        raise UserError("t.csv: bad value")
+
+    with pytest.raises(UserError, match="bad value"):
+        write_scores(tmp_path / "s.parquet", failing())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot create the output folder"):
-        write_scores(
-            tmp_path / "file" / "s.parquet", pa.chunked_array([["a"]]), np.zeros(1), np.zeros(1, bool)
-        )
+        write_scores(tmp_path / "file" / "s.parquet", _chunks(["a"], np.zeros(1), np.zeros(1, bool), 1))
+
+
+def test_dictionary_encoded_categories_encode_as_their_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    values = rng.choice(["p", "q", "r", "new", None], 4000).tolist()
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(4000)], "x": rng.normal(size=4000),
+                             "c": values, "h": values}), path, row_group_size=1000)  # fmt: skip
+    ids = pa.chunked_array([[str(i) for i in range(4000)]])
+    schema = PartySchema(numeric=["x"], mean=[0.1], std=[2.0], categorical=["c", "h"],
+                         vocab=[["p", "q", "r"], []], hash_buckets=[0, 16])  # fmt: skip
+    source = open_table(path)
+    plain = pa.concat_tables(source.batches())
+    as_dictionary = pa.concat_tables(source.batches(dictionary=["c", "h"]))
+    assert pa.types.is_dictionary(as_dictionary.schema.field("c").type)
+    num, cat = encode(plain, schema, path, ids, "active")
+    num_d, cat_d = encode(as_dictionary, schema, path, ids, "active")
+    assert torch.equal(num, num_d) and torch.equal(cat, cat_d)
+    expected = [MISSING if v is None else FIRST + "pqr".index(v) if v in "pqr" else OOV for v in values]
+    assert cat[:, 0].tolist() == expected
+
+
+def test_prefetched_hands_on_the_producer_error_and_stops_early() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("broken source")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken source"):
+        for item in prefetched(items()):
+            seen.append(item)
+    assert seen == [1, 2]
+    endless = prefetched(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()  # the producer thread stops and is joined
