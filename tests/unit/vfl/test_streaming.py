@@ -181,3 +181,18 @@ def test_prefetched_hands_on_the_producer_error_and_stops_early() -> None:
     endless = prefetched(iter(range(10**9)), depth=2)
     assert next(endless) == 0
     endless.close()  # the producer thread stops and is joined
+
+
+def test_the_numeric_transform_over_a_block_equals_the_per_column_formula() -> None:
+    rng = np.random.default_rng(0)
+    n = 5000
+    columns = {f"x{j}": rng.standard_normal(n) * scale for j, scale in enumerate([1e-3, 1, 1e3, 1e9])}
+    columns["x1"][::7], columns["x2"][::11], columns["x3"][::13] = np.nan, np.inf, -np.inf
+    table = pa.table({"id": [str(i) for i in range(n)], **columns})
+    schema = PartySchema(numeric=list(columns), mean=[0.5, -1.0, 2.0, 3.0], std=[0.1, 2.0, 1e3, 7.0])
+    num, _ = encode(table, schema, "t", table["id"], "active")
+    for j, name in enumerate(schema.numeric):
+        scaled = np.arcsinh((columns[name] - schema.mean[j]) / schema.std[j])
+        assert np.array_equal(
+            num[:, j].numpy(), np.where(np.isfinite(scaled), scaled, 0.0).astype(np.float32)
+        )
