@@ -263,7 +263,8 @@ def report(training: list[dict], scoring: dict) -> str:
     lines += [
         "",
         "Reading = a fresh process reading the same table(s) with the same streaming reader "
-        f"(pull-based pyarrow readers), cold cache; pandas.read_csv takes {scoring['pandas_read_csv_s']:.2f} s "
+        f"(pull-based pyarrow readers), cold cache; pandas.read_csv takes "
+        f"{scoring['pandas_read_csv_s']:.2f} s "
         "on the active table. The whole "
         "process includes starting Python and its imports (torch for scoring). Target: <= 2x.",
         "",

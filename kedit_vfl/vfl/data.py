@@ -45,8 +45,8 @@ class TableSource:
 
     Nothing is loaded until :meth:`batches` is iterated; each batch is a small
     ``pa.Table`` of at most :data:`BATCH_ROWS` rows, so memory does not grow with the table.
-    Shards are read one after another by pull-based readers (a Parquet row group, a CSV
-    block at a time): Arrow's dataset scanner reads ahead of a slow consumer until whole
+    Shards are read one after another by pull-based readers (a batch of Parquet rows, a
+    CSV block at a time): Arrow's dataset scanner reads ahead of a slow consumer until whole
     files sit in memory (apache/arrow#39808). Callers overlap reading with their own work
     (:func:`kedit_vfl.vfl.background.prefetched`).
     """
