@@ -38,6 +38,11 @@ _HASH_KEY = "kvtool-vfl-hash!"
 
 BATCH_ROWS = 1 << 18  # rows per streamed batch: bounded memory, few Python round trips
 
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:  # the user's choice wins
+    # Arrow's default allocator (mimalloc) keeps the pages of freed batches: distilling
+    # 8M rows peaked at 2.8 GiB RSS with it, 1.8 GiB with malloc, at the same speed.
+    pa.set_memory_pool(pa.system_memory_pool())
+
 
 @dataclass
 class TableSource:
