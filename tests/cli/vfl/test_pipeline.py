@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -198,3 +199,21 @@ def test_local_scoring_keeps_duplicate_ids_federated_refuses_them(
                     "--passive", tables["passive_test"], "--out", tmp_path / "f.csv", "--quiet")  # fmt: skip
     assert result.exit_code == 2 and "duplicate ids in column 'id'" in result.stderr
     assert not (tmp_path / "f.csv").exists()
+
+
+def test_a_bad_value_in_a_late_batch_stops_scoring_and_leaves_no_output(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kedit_vfl.vfl import data as data_module
+
+    table = data_module.read_table(tables["active_test"])
+    text = table["a_num0"].cast(pa.string()).to_pylist()
+    text[-3] = "oops"  # in the last of many batches
+    bad = table.set_column(table.schema.get_field_index("a_num0"), "a_num0", pa.array(text, pa.string()))
+    pq.write_table(bad, tmp_path / "bad.parquet", row_group_size=40)
+    monkeypatch.setattr(data_module, "BATCH_ROWS", 40)
+    out = tmp_path / "scores.parquet"
+    result = kvtool("vfl", "score", "--model", trained["local"], "--active", tmp_path / "bad.parquet",
+                    "--out", out, "--quiet")  # fmt: skip
+    assert result.exit_code == 2 and "numeric column 'a_num0' holds non-numeric text 'oops'" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".scores.parquet*"))
