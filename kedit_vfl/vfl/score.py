@@ -32,7 +32,6 @@ from kedit_vfl.vfl.data import (
     TableSource,
     as_strings,
     check_schema,
-    check_unique_ids,
     encode,
     open_table,
     read_labels,
@@ -145,7 +144,8 @@ def _encoded_batches(
 
 
 def _read_ids(source: TableSource, id_col: str) -> pa.ChunkedArray:
-    """Every id, checked (present, unique): federated scoring aligns them before scoring."""
+    """Every id (all present): federated scoring aligns them before scoring. Repeated ids
+    are fine (impression-level logs repeat users): each copy joins the publisher's row."""
     chunks, missing = [], 0
     for batch in source.batches([id_col]):
         ids = as_strings(batch[id_col])
@@ -155,7 +155,7 @@ def _read_ids(source: TableSource, id_col: str) -> pa.ChunkedArray:
         raise UserError(f"{source.path}: {missing} rows have no id in column '{id_col}'")
     if not chunks:
         raise UserError(f"{source.path}: the active table is empty (no rows)")
-    return check_unique_ids(pa.chunked_array(chunks, pa.string()), id_col, source.path)
+    return pa.chunked_array(chunks, pa.string())
 
 
 class _Federated:
@@ -177,9 +177,9 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
 
     The table streams through: each batch is read and encoded on a background thread,
     scored, and written behind, so memory does not grow with the table and both cores
-    work. Local mode reads the table once and scores every row, duplicate ids included
-    (one output row per input row, in order). Federated mode first reads the ids (they
-    must be unique) to align them with the publisher's, then streams the features.
+    work. Every input row gets one output row, in order, repeated ids included. Local
+    mode reads the table once; federated mode first reads the ids to align them with the
+    publisher's (whose ids must be unique), then streams the features.
 
     In a two-party run (federated mode) the passive party serves its embeddings for the
     overlapping rows and writes nothing; the active party writes the scores.

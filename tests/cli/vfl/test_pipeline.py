@@ -180,23 +180,34 @@ def test_score_streams_batch_by_batch_with_the_scores_of_one_batch(
     assert 0 < runs["many", "federated"][0]["rows_federated"] < whole.num_rows
 
 
-def test_local_scoring_keeps_duplicate_ids_federated_refuses_them(
+def test_scoring_keeps_repeated_ids_the_publisher_must_not_repeat_them(
     tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    rows = _rows(tables["active_test"])[:5]
-    doubled = tmp_path / "doubled.csv"
-    with open(doubled, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows + rows[:2])
-    local = kvtool_json(
-        "vfl", "score", "--model", trained["local"], "--active", doubled, "--out", tmp_path / "l.csv"
-    )
-    scored = _rows(tmp_path / "l.csv")
-    assert local["rows"] == 7 and [r["id"] for r in scored] == [r["id"] for r in rows + rows[:2]]
-    assert scored[5]["score"] == scored[0]["score"]
-    result = kvtool("vfl", "score", "--model", trained["split"], "--mode", "federated", "--active", doubled,
-                    "--passive", tables["passive_test"], "--out", tmp_path / "f.csv", "--quiet")  # fmt: skip
+    publisher = {r["id"] for r in _rows(tables["passive_test"])}
+
+    def doubled(source: Path, name: str) -> Path:  # 3 rows the publisher holds, 2 it lacks; 2 repeated
+        rows = [r for r in _rows(source) if r["id"] in publisher][:3]
+        rows += [r for r in _rows(source) if r["id"] not in publisher][:2]
+        path = tmp_path / name
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows + rows[:2])
+        return path
+
+    active = doubled(tables["active_test"], "active.csv")
+    ids = [r["id"] for r in _rows(active)]
+    for mode, model in (("local", trained["local"]), ("federated", trained["split"])):
+        out = tmp_path / f"{mode}.csv"
+        result = kvtool_json("vfl", "score", "--model", model, "--mode", mode, "--active", active,
+                             "--passive", tables["passive_test"], "--out", out)  # fmt: skip
+        scored = _rows(out)
+        assert result["rows"] == 7 and [r["id"] for r in scored] == ids
+        assert scored[5] == scored[0] and scored[6] == scored[1]  # each copy scores the same
+        assert result["rows_federated"] == (5 if mode == "federated" else 0)
+    passive = doubled(tables["passive_test"], "passive.csv")
+    result = kvtool("vfl", "score", "--model", trained["split"], "--mode", "federated", "--active", active,
+                    "--passive", passive, "--out", tmp_path / "f.csv", "--quiet")  # fmt: skip
     assert result.exit_code == 2 and "duplicate ids in column 'id'" in result.stderr
     assert not (tmp_path / "f.csv").exists()
 
