@@ -499,6 +499,9 @@ def score_command(
 ) -> None:
     """Score the active party's rows; AUC and log loss when labels exist.
 
+    The table streams through batch by batch (memory does not grow with it); every input
+    row gets one output row, in order, repeated ids included.
+
     Two parties (federated mode): the passive party (--party passive --model its split
     artifact --passive its table) serves embeddings for the overlapping rows.
 
