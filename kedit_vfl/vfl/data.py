@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import torch
 
@@ -51,7 +52,7 @@ class TableSource:
     Nothing is loaded until :meth:`batches` is iterated; each batch is a small
     ``pa.Table`` of at most :data:`BATCH_ROWS` rows, so memory does not grow with the table.
     Shards are read one after another by pull-based readers (a batch of Parquet rows, a
-    CSV block at a time): Arrow's dataset scanner reads ahead of a slow consumer until whole
+    CSV or JSON block at a time): Arrow's dataset scanner reads ahead of a slow consumer until whole
     files sit in memory (apache/arrow#39808). Callers overlap reading with their own work
     (:func:`kedit_vfl.vfl.background.prefetched`).
     """
@@ -102,11 +103,11 @@ class TableSource:
             )
             read = pacsv.ReadOptions(block_size=1 << 22, use_threads=threads)
             yield from pacsv.open_csv(file, read_options=read, convert_options=convert)
-        else:
-            scanner = ds.dataset([str(file)], format="json", schema=schema).scanner(
-                columns=names, batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1
-            )
-            yield from scanner.to_batches()
+        else:  # JSON Lines, with the first shard's types
+            read = pajson.ReadOptions(block_size=1 << 22, use_threads=threads)
+            parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+            for batch in pajson.open_json(file, read_options=read, parse_options=parse):
+                yield batch.select(names)
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         parts = list(self.batches(columns))

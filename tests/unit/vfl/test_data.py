@@ -122,3 +122,10 @@ def test_no_overlap_is_a_user_error(tmp_path: Path) -> None:
     passive = _write(tmp_path / "b.csv", "id,z\n3,1.0\n4,2.0\n")
     with pytest.raises(UserError, match="no id appears in both tables"):
         load_two_party(active, passive, "id", "y")
+
+
+def test_json_lines_with_a_value_of_another_type_is_a_clear_error(tmp_path: Path) -> None:
+    lines = [json.dumps({"id": str(i), "x": float(i)}) for i in range(50)] + ['{"id": "z", "x": "oops"}']
+    path = _write(tmp_path / "t.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="t.jsonl: cannot read this input table as json"):
+        read_table(path)
