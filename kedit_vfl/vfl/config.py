@@ -175,7 +175,7 @@ class ScoreConfig:
     fallback: Path | None = None
     id_col: str = "id"
     label_col: str = "y"
-    batch_size: int = 2048  # rows per forward pass (and embedding request): in cache, measured fastest
+    batch_size: int = 4096  # rows per forward pass and per request for the publisher's embeddings
     device: str = "auto"
     out: Path | None = None
     party: str = "both"
