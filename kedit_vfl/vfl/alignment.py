@@ -348,11 +348,7 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run this party's side of the private alignment and write its ``vfl.alignment`` artifact."""
     started = time.perf_counter()
     source = open_table(config.table, config.party)
-    if config.id_col not in source.column_names:
-        shown = ", ".join(source.column_names[:12])
-        raise UserError(
-            f"{config.table}: no id column '{config.id_col}' (columns: {shown}); set it with --id-col"
-        )
+    source.require_column(config.id_col, "id")
     table = source.read_all([config.id_col])  # only the ids: the features are not needed here
     ids = read_ids(table, config.id_col, config.table)
     id_type = id_type_name(table[config.id_col].type)

@@ -67,6 +67,13 @@ class TableSource:
     def column_names(self) -> list[str]:
         return list(self.dataset.schema.names)
 
+    def require_column(self, name: str, what: str) -> None:
+        """Refuse a table without its ``what`` (id, label) column, naming the columns it has."""
+        if name not in self.column_names:
+            shown = ", ".join(self.column_names[:12])
+            hint = f"set it with --{what}-col"
+            raise UserError(f"{self.path}: no {what} column '{name}' (columns: {shown}); {hint}")
+
     def batches(
         self, columns: Sequence[str] | None = None, dictionary: Sequence[str] = (), threads: bool = True
     ) -> Iterator[pa.Table]:
@@ -689,13 +696,10 @@ def load_party(
     in ``categorical`` that this table lacks are the other party's and are ignored.
     """
     source = open_table(path, role)
-    if id_col not in source.column_names:
-        shown = ", ".join(source.column_names[:12])
-        raise UserError(f"{path}: no id column '{id_col}' (columns: {shown}); set it with --id-col")
+    source.require_column(id_col, "id")
     has_labels = role == "active" and (require_labels or label_col in source.column_names)
-    if has_labels and label_col not in source.column_names:
-        shown = ", ".join(source.column_names[:12])
-        raise UserError(f"{path}: no label column '{label_col}' (columns: {shown}); set it with --label-col")
+    if has_labels:
+        source.require_column(label_col, "label")
     if schema is None:
         chosen = select_features(source, features, (id_col, label_col), path, role)
         fitter = SchemaFitter(chosen, categorical, path)

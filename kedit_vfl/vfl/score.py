@@ -217,11 +217,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         passive = embedded("passive_test.csv")
     schema = schemas_of(artifact)["active"]
     source = open_table(config.active, "active")
-    if config.id_col not in source.column_names:
-        shown = ", ".join(source.column_names[:12])
-        raise UserError(
-            f"{source.path}: no id column '{config.id_col}' (columns: {shown}); set it with --id-col"
-        )
+    source.require_column(config.id_col, "id")
     check_schema(source, schema, source.path, "active")
     has_labels = config.label_col in source.column_names
     side, federated_rows = None, None
