@@ -1,7 +1,8 @@
 """Two-party tables: reading, checking, joining on ids, and the feature transform.
 
-Tables are read through the ``datasets`` library (Arrow, memory-mapped from its cache),
-checked once, and turned into tensors with column-wise (never row-wise) operations.
+Tables (a file or a folder of CSV, Parquet or JSON Lines shards) stream as Arrow record
+batches, one shard after another with pyarrow's own readers; they are checked once and
+turned into tensors with column-wise (never row-wise) operations.
 The transform (means, standard deviations, vocabularies) is a :class:`PartySchema`,
 fitted on the training tables and stored in every artifact, so that scoring applies
 exactly the training transform and refuses a table it does not fit.
@@ -17,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import torch
@@ -61,11 +60,11 @@ class TableSource:
     role: str
     files: list[Path]
     kind: str
-    dataset: ds.Dataset  # the shards as one dataset: the schema every shard is read with
+    schema: pa.Schema  # the first shard's: every shard is read with its types
 
     @property
     def column_names(self) -> list[str]:
-        return list(self.dataset.schema.names)
+        return list(self.schema.names)
 
     def require_column(self, name: str, what: str) -> None:
         """Refuse a table without its ``what`` (id, label) column, naming the columns it has."""
@@ -97,7 +96,7 @@ class TableSource:
     def _file_batches(
         self, file: Path, names: list[str], dictionary: Sequence[str], threads: bool
     ) -> Iterator[pa.RecordBatch]:
-        schema = self.dataset.schema
+        schema = self.schema
         if self.kind == "parquet":
             text = [n for n in dictionary if n in names and pa.types.is_string(schema.field(n).type)]
             with pq.ParquetFile(file, read_dictionary=text or None, pre_buffer=False) as handle:
@@ -123,17 +122,16 @@ class TableSource:
         return pa.concat_tables(parts)
 
 
-def _file_format(kind: str) -> ds.FileFormat | str:
-    if kind == "csv":  # empty fields are missing values, for text columns too
-        convert = pacsv.ConvertOptions(strings_can_be_null=True)
-        return ds.CsvFileFormat(convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 22))
-    return kind
-
-
 def _shard_schema(file: Path, kind: str) -> pa.Schema:
+    """The shard's columns and types: stored (Parquet) or inferred from its first block."""
     if kind == "parquet":
         return pq.read_schema(file)
-    return ds.dataset([str(file)], format=_file_format(kind)).schema
+    if kind == "csv":  # empty fields are missing values, for text columns too
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        with pacsv.open_csv(file, pacsv.ReadOptions(block_size=1 << 22), convert_options=convert) as reader:
+            return reader.schema
+    with pajson.open_json(file) as reader:
+        return reader.schema
 
 
 def open_table(path: str | Path, role: str = "input") -> TableSource:
@@ -185,8 +183,7 @@ def open_table(path: str | Path, role: str = "input") -> TableSource:
                         f"{path}: shard {file.name} stores column '{name}' as {schema.field(name).type}, "
                         f"the first shard ({files[0].name}) as {first.field(name).type}"
                     )
-    dataset = ds.dataset([str(f) for f in files], format=_file_format(kind), schema=first)
-    return TableSource(path, role, files, {"json": "json lines"}.get(kind, kind), dataset)
+    return TableSource(path, role, files, {"json": "json lines"}.get(kind, kind), first)
 
 
 def read_table(path: str | Path, role: str = "input", columns: Sequence[str] | None = None) -> pa.Table:
@@ -569,8 +566,15 @@ def _category_index(column: pa.ChunkedArray, vocab: list[str], buckets: int) -> 
 
 def hashed_bucket(text: pa.ChunkedArray, buckets: int) -> np.ndarray:
     """A stable bucket in ``[0, buckets)`` per value (the same on every machine and run)."""
-    values = np.asarray(pc.fill_null(text, "").to_numpy(zero_copy_only=False), dtype=object)
-    return (pd.util.hash_array(values, hash_key=_HASH_KEY) % np.uint64(buckets)).astype(np.int64)
+    values = pc.fill_null(text, "").to_numpy(zero_copy_only=False)
+    return (_hashed(values, _HASH_KEY) % np.uint64(buckets)).astype(np.int64)
+
+
+def _hashed(values: np.ndarray, key: str) -> np.ndarray:
+    """pandas' stable 64-bit string hash (SipHash with a 16-character key), per value."""
+    import pandas as pd  # here, not at the top: 0.3 s off the start of every command that never hashes
+
+    return pd.util.hash_array(np.asarray(values, dtype=object), hash_key=key)
 
 
 @dataclass
@@ -604,7 +608,7 @@ def holdout_mask(ids: pa.ChunkedArray, fraction: float) -> np.ndarray:
     threshold, parts = np.uint64(round(fraction * 10_000)), []
     for start in range(0, len(ids), BATCH_ROWS):  # a slice at a time: Python strings are large
         values = ids.slice(start, BATCH_ROWS).to_numpy(zero_copy_only=False)
-        hashes = pd.util.hash_array(np.asarray(values, dtype=object), hash_key=_HOLDOUT_KEY)
+        hashes = _hashed(values, _HOLDOUT_KEY)
         parts.append((hashes % np.uint64(10_000)) < threshold)
     return np.concatenate(parts)
 
