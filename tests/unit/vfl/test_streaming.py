@@ -183,22 +183,16 @@ def test_prefetched_hands_on_the_producer_error_and_stops_early() -> None:
     endless.close()  # the producer thread stops and is joined
 
 
-def test_the_numeric_transform_over_a_block_matches_the_float64_formula() -> None:
-    """Standardised in float64, arcsinh in float32: within float32 rounding of the float64
-    formula, 0 exactly where that is not finite, and past float32's range (before the
-    arcsinh) still the formula's value."""
+def test_the_numeric_transform_over_a_block_equals_the_per_column_formula() -> None:
     rng = np.random.default_rng(0)
     n = 5000
-    scales = [1e-3, 1, 1e3, 1e9, 1e300]
-    columns = {f"x{j}": rng.standard_normal(n) * scale for j, scale in enumerate(scales)}
+    columns = {f"x{j}": rng.standard_normal(n) * scale for j, scale in enumerate([1e-3, 1, 1e3, 1e9])}
     columns["x1"][::7], columns["x2"][::11], columns["x3"][::13] = np.nan, np.inf, -np.inf
     table = pa.table({"id": [str(i) for i in range(n)], **columns})
-    schema = PartySchema(
-        numeric=list(columns), mean=[0.5, -1.0, 2.0, 3.0, 0.0], std=[0.1, 2.0, 1e3, 7.0, 1.0]
-    )
+    schema = PartySchema(numeric=list(columns), mean=[0.5, -1.0, 2.0, 3.0], std=[0.1, 2.0, 1e3, 7.0])
     num, _ = encode(table, schema, "t", table["id"], "active")
     for j, name in enumerate(schema.numeric):
         scaled = np.arcsinh((columns[name] - schema.mean[j]) / schema.std[j])
-        expected = np.where(np.isfinite(scaled), scaled, 0.0)
-        np.testing.assert_allclose(num[:, j].numpy(), expected, rtol=2.4e-7, atol=0)
-        assert np.array_equal(num[:, j].numpy() == 0, expected == 0)
+        assert np.array_equal(
+            num[:, j].numpy(), np.where(np.isfinite(scaled), scaled, 0.0).astype(np.float32)
+        )
