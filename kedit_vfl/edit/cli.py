@@ -125,6 +125,9 @@ def train_editor_command(
         Optional[str],
         typer.Option("--layers", help="Edited modules: names, suffixes or regexes, comma-separated."),
     ] = None,
+    n_blocks: Annotated[
+        int, typer.Option("--n-blocks", help="Without --layers: edit the MLPs of this many last blocks.")
+    ] = EditorConfig.n_blocks,
     rank: Annotated[int, typer.Option("--rank", help="Rank of the gradient transform.")] = EditorConfig.rank,
     edit_lr: Annotated[
         float, typer.Option("--edit-lr", help="Initial per-layer step size.")
@@ -170,7 +173,7 @@ def train_editor_command(
         patience=patience,
         seed=seed,
         world=_world(world_seed, world_countries, world_people, world_recent),
-        editor=EditorConfig(rank=rank, edit_lr=edit_lr, layers=_split(layers)),
+        editor=EditorConfig(rank=rank, edit_lr=edit_lr, layers=_split(layers), n_blocks=n_blocks),
     )
     reporter = RichReporter(quiet)
     result = train_editor(config, out=out, resume=resume, reporter=reporter)
