@@ -196,7 +196,7 @@ def test_cuda_bfloat16_pipeline(edit_files: dict[str, Path], tmp_path: Path) -> 
 def test_n_blocks_picks_how_many_last_blocks_are_edited(edit_files: dict[str, Path], tmp_path: Path) -> None:
     out = train(edit_files, "gpt2", tmp_path / "one.safetensors", "--n-blocks", "1", "--no-instructions")
     artifact = load_artifact(out, "edit.editor")
-    modules = [t["module"] if isinstance(t, dict) else t for t in artifact.extra["targets"]]
+    modules = [t["module"] for t in artifact.extra["targets"]]
     n_layer = AutoModelForCausalLM.from_pretrained(edit_files["gpt2"]).config.n_layer
     assert modules and all(m.startswith(f"transformer.h.{n_layer - 1}.mlp.") for m in modules)
     assert artifact.config["editor"]["n_blocks"] == 1
