@@ -10,7 +10,8 @@ each over several seeds (mean and standard deviation).
 
 Part ``real``: the public samples in ../shared/data/edit through the same pipeline: a
 base model pretrained on their true facts (prompt + ground truth, locality facts
-included), an editor trained on KnowEdit WikiData-CounterFact + WikiData-Recent +
+included, and the instruction descriptions as plain texts, as for the embedded base
+model), an editor trained on KnowEdit WikiData-CounterFact + WikiData-Recent +
 ConvSent, and the ZsRE records held out.
 
 Usage: .venv/bin/python benchmarks/edit_quality.py [--part embedded|real|all] [--seeds 0 1 2]
@@ -232,6 +233,7 @@ def _real_records(per_task: int) -> dict[str, list[Any]]:
 def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, per_task: int) -> None:
     import torch
 
+    from kedit_vfl.edit.embedded import pretraining_texts
     from kedit_vfl.edit.loaders import true_facts
     from kedit_vfl.edit.pretrain import PretrainConfig, pretrain_on_facts, save_model
 
@@ -240,8 +242,9 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
     facts = true_facts([r for items in records.values() for r in items])
     root = Path(tempfile.mkdtemp(prefix="kvtool-real-"))
     started = time.perf_counter()
-    model, tokenizer, pre = pretrain_on_facts(
+    model, tokenizer, pre = pretrain_on_facts(  # the embedded recipe: facts + instruction texts
         facts,
+        pretraining_texts(),
         config=PretrainConfig(max_epochs=pretrain_epochs, n_positions=256),  # long ConvSent replies
     )
     save_model(model, tokenizer, root / "base")
@@ -265,7 +268,8 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
     aggregate = _aggregate(runs)
     notes = [
         f"Base model: GPT-2 (pretrain.py defaults) pretrained from scratch on {len(facts)} true facts of the "
-        f"first {per_task} records per task of the samples in ../shared/data/edit: "
+        f"first {per_task} records per task of the samples in ../shared/data/edit, with the training "
+        "instruction descriptions as plain texts (the embedded recipe): "
         f"{pre.accuracy:.3f} of them "
         f"exactly right after {pre.epochs} epochs "
         f"({pretrain_s:.0f} s).",
