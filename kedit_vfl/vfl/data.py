@@ -37,6 +37,7 @@ _HASH_KEY = "kvtool-vfl-hash!"
 
 
 BATCH_ROWS = 1 << 18  # rows per streamed batch: bounded memory, few Python round trips
+_TEXT_BLOCK = 1 << 22  # bytes per CSV / JSON block read (and, for CSV, whose types are inferred)
 
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:  # the user's choice wins
     # Arrow's default allocator (mimalloc) keeps the pages of freed batches: distilling
@@ -67,11 +68,7 @@ class TableSource:
         return list(self.schema.names)
 
     def require_column(self, name: str, what: str) -> None:
-        """Refuse a table without its ``what`` (id, label) column, naming the columns it has."""
-        if name not in self.column_names:
-            shown = ", ".join(self.column_names[:12])
-            hint = f"set it with --{what}-col"
-            raise UserError(f"{self.path}: no {what} column '{name}' (columns: {shown}); {hint}")
+        _check_column(self.column_names, name, self.path, what)
 
     def batches(
         self, columns: Sequence[str] | None = None, dictionary: Sequence[str] = (), threads: bool = True
@@ -107,10 +104,10 @@ class TableSource:
                 include_columns=names,
                 column_types={n: schema.field(n).type for n in names},
             )
-            read = pacsv.ReadOptions(block_size=1 << 22, use_threads=threads)
+            read = pacsv.ReadOptions(block_size=_TEXT_BLOCK, use_threads=threads)
             yield from pacsv.open_csv(file, read_options=read, convert_options=convert)
         else:  # JSON Lines, with the first shard's types
-            read = pajson.ReadOptions(block_size=1 << 22, use_threads=threads)
+            read = pajson.ReadOptions(block_size=_TEXT_BLOCK, use_threads=threads)
             parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             for batch in pajson.open_json(file, read_options=read, parse_options=parse):
                 yield batch.select(names)
@@ -127,8 +124,9 @@ def _shard_schema(file: Path, kind: str) -> pa.Schema:
     if kind == "parquet":
         return pq.read_schema(file)
     if kind == "csv":  # empty fields are missing values, for text columns too
+        read = pacsv.ReadOptions(block_size=_TEXT_BLOCK)
         convert = pacsv.ConvertOptions(strings_can_be_null=True)
-        with pacsv.open_csv(file, pacsv.ReadOptions(block_size=1 << 22), convert_options=convert) as reader:
+        with pacsv.open_csv(file, read_options=read, convert_options=convert) as reader:
             return reader.schema
     with pajson.open_json(file) as reader:
         return reader.schema
@@ -192,10 +190,15 @@ def read_table(path: str | Path, role: str = "input", columns: Sequence[str] | N
 
 
 def require_column(table: pa.Table, name: str, path: Path | str, what: str) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        shown = ", ".join(table.column_names[:12])
-        raise UserError(f"{path}: no {what} column '{name}' (columns: {shown}); set it with --{what}-col")
+    _check_column(table.column_names, name, path, what)
     return table[name]
+
+
+def _check_column(columns: list[str], name: str, path: Path | str, what: str) -> None:
+    """Refuse a table without its ``what`` (id, label) column, naming the columns it has."""
+    if name not in columns:
+        shown = ", ".join(columns[:12])
+        raise UserError(f"{path}: no {what} column '{name}' (columns: {shown}); set it with --{what}-col")
 
 
 def _is_numeric_type(kind: pa.DataType) -> bool:
