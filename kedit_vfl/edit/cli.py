@@ -232,7 +232,12 @@ def apply_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the edited model.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Edits applied together (their updates sum).")
+        int,
+        typer.Option(
+            "--batch-size",
+            help="Edits per forward pass (memory and speed only: every update is computed on the "
+            "unedited model and they all sum).",
+        ),
     ] = ApplyConfig.batch_size,
     instruction_index: Annotated[
         int, typer.Option("--instruction-index", help="Which description of the task's pool to use.")
@@ -246,7 +251,7 @@ def apply_command(
 
     Example: kvtool edit apply --edits requests.jsonl --out runs/edit/edited-model
     """
-    from kedit_vfl.edit.apply import apply_edits
+    from kedit_vfl.edit.apply import apply_edits, held
 
     config = ApplyConfig(
         edits=tuple(str(p) for p in edits or ()),
@@ -267,6 +272,7 @@ def apply_command(
         "mean_p_pre": sum(e["p_pre"] for e in result.edits) / n,
         "mean_p_post": sum(e["p_post"] for e in result.edits) / n,
         "acc_post": sum(e["acc_post"] for e in result.edits) / n,
+        "held": sum(held(e) for e in result.edits),
     }
     if json_output:
         emit_json({**summary, "edits": result.edits})
@@ -275,8 +281,11 @@ def apply_command(
     shown = result.edits[:20]
     print_table(
         f"edits (first {len(shown)} of {n}): target probability before and after",
-        ["prompt", "target", "p_pre", "p_post"],
-        [[e["prompt"][-50:], e["target_new"][:30], e["p_pre"], e["p_post"]] for e in shown],
+        ["prompt", "target", "p_pre", "p_post", "held"],
+        [
+            [e["prompt"][-50:], e["target_new"][:30], e["p_pre"], e["p_post"], "yes" if held(e) else "no"]
+            for e in shown
+        ],
     )
 
 

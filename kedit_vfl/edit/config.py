@@ -135,7 +135,7 @@ class ApplyConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "float32"
-    batch_size: int = 32  # edits applied together (their updates sum); batches apply in turn
+    batch_size: int = 32  # edits per forward pass; every edit's update is computed on the unedited model
     instruction_index: int = 0
     overwrite: bool = False
 

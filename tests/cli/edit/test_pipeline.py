@@ -200,3 +200,42 @@ def test_n_blocks_picks_how_many_last_blocks_are_edited(edit_files: dict[str, Pa
     n_layer = AutoModelForCausalLM.from_pretrained(edit_files["gpt2"]).config.n_layer
     assert modules and all(m.startswith(f"transformer.h.{n_layer - 1}.mlp.") for m in modules)
     assert artifact.config["editor"]["n_blocks"] == 1
+
+
+def test_apply_result_does_not_depend_on_the_batch_size(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every edit's update is computed on the unedited model: --batch-size bounds memory only."""
+    reports, warned = {}, {}
+    for size in (1, 3):
+        result = kvtool(
+            "edit",
+            "apply",
+            "--editor",
+            gpt2_editor,
+            "--edits",
+            edit_files["edits"],
+            "--model",
+            edit_files["gpt2"],
+            "--out",
+            tmp_path / f"edited-{size}",
+            "--batch-size",
+            str(size),
+            "--device",
+            "cpu",
+            "--json",
+        )
+        assert result.exit_code == 0, result.stderr
+        reports[size], warned[size] = json.loads(result.stdout), "do not hold" in result.stderr
+    one, three = reports[1], reports[3]
+    assert one["held"] == three["held"] == sum(e["acc_post"] >= 1.0 for e in one["edits"])
+    assert warned[1] == warned[3] == (one["held"] < one["n_edits"])  # failed edits are never silent
+    for a, b in zip(one["edits"], three["edits"], strict=True):
+        assert a["p_post"] == pytest.approx(b["p_post"], rel=1e-4, abs=1e-7)
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "edited-1").state_dict()
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "edited-3").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(edit_files["gpt2"]).state_dict()
+    changed = [k for k in original if not torch.equal(original[k], first[k])]
+    assert changed  # the edits moved some weights
+    for key in original:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6)
