@@ -309,6 +309,12 @@ def evaluate_command(
     sequential: Annotated[
         int, typer.Option("--sequential", help="Apply N edits in a row without rollback (0: one at a time).")
     ] = 0,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch", help="Apply N edits together, as apply does (updates summed; 0: one at a time)."
+        ),
+    ] = 0,
     limit: Annotated[
         Optional[int], typer.Option("--limit", help="At most this many records per task.")
     ] = None,
@@ -333,13 +339,20 @@ def evaluate_command(
         unseen_instruction=unseen_instruction,
         no_prefix=no_prefix,
         sequential=sequential,
+        batch=batch,
         limit=limit,
     )
     result = evaluate_editor(editor or _default_editor(), config, RichReporter(quiet))
     if json_output:
         emit_json(result)
         return
-    protocol = f"sequential {sequential}" if sequential else "one edit at a time, rolled back"
+    protocol = (
+        f"sequential {sequential}"
+        if sequential
+        else f"batches of {batch}"
+        if batch
+        else "one edit at a time, rolled back"
+    )
     print_table(
         f"edit quality ({protocol}): post-edit (pre-edit)",
         ["task", *METRICS, "n_records"],

@@ -110,6 +110,7 @@ class EvalConfig:
     unseen_instruction: bool = False
     no_prefix: bool = False  # ablation: edit inputs without the instruction prefix
     sequential: int = 0  # 0: one edit at a time with rollback
+    batch: int = 0  # N: N edits applied together as ``apply`` does (updates summed)
     limit: int | None = None  # records per task
     seed: int = 0
 
@@ -120,6 +121,10 @@ class EvalConfig:
             raise UserError(f"--instruction-index {self.instruction_index}: must be >= 0")
         if self.sequential < 0:
             raise UserError(f"--sequential {self.sequential}: must be >= 0")
+        if self.batch < 0:
+            raise UserError(f"--batch {self.batch}: must be >= 0")
+        if self.batch and self.sequential:
+            raise UserError("--batch and --sequential exclude each other")
         if self.no_prefix and self.unseen_instruction:
             raise UserError("--no-prefix and --unseen-instruction exclude each other")
         if self.limit is not None and self.limit <= 0:

@@ -2,7 +2,9 @@
 
 Default protocol: each edit applied alone and rolled back (the edited weights only ever
 exist inside a functional call, so rollback is free). ``sequential=N`` applies N edits
-one after another, each computed on the already edited model, then scores all N.
+one after another, each computed on the already edited model, then scores all N;
+``batch=N`` applies N edits together as ``apply`` does (each update computed on the
+unedited model, the updates summed), then scores all N.
 """
 
 from __future__ import annotations
@@ -74,19 +76,24 @@ def evaluate_records(
     sequential: int = 0,
     reporter: Reporter = SILENT,
     label: str = "evaluating edits",
+    batch: int = 0,
 ) -> list[dict[str, float | None]]:
     """One metrics row per record, under the chosen protocol."""
     editor.eval()
     rows: list[dict[str, float | None]] = []
-    chunk = max(1, sequential)
+    chunk = max(1, sequential, batch)
     with reporter.task(label, total=len(records)) as task:
         for start in range(0, len(records), chunk):
             group = records[start : start + chunk]
             updates: dict[str, torch.Tensor] = {}
             with torch.no_grad():
-                for record in group:
-                    params = edited_params(base.model, updates) if updates else None
-                    updates = merge_updates(updates, compute_update(editor, base, [record], prompter, params))
+                if batch:  # together, as apply does: every update on the unedited model, summed
+                    updates = compute_update(editor, base, group, prompter)
+                else:  # one after another, each on the model the previous ones left
+                    for record in group:
+                        params = edited_params(base.model, updates) if updates else None
+                        update = compute_update(editor, base, [record], prompter, params)
+                        updates = merge_updates(updates, update)
             params = edited_params(base.model, updates)
             for record in group:
                 rows.append(score_record(base, record, prompter, params))
@@ -113,10 +120,13 @@ def evaluate(
     prompter: Prompter,
     sequential: int = 0,
     reporter: Reporter = SILENT,
+    batch: int = 0,
 ) -> dict[str, Any]:
     """Metrics per task and overall (the mean over tasks), pre and post edit."""
     rows = {
-        task: evaluate_records(editor, base, records, prompter, sequential, reporter, f"evaluating {task}")
+        task: evaluate_records(
+            editor, base, records, prompter, sequential, reporter, f"evaluating {task}", batch
+        )
         for task, records in records_by_task.items()
     }
     return summarise(rows)
@@ -156,7 +166,7 @@ def evaluate_editor(
     pools = None if config.no_prefix else loaded.pools
     prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
     seed_everything(config.seed)
-    result = evaluate(loaded.editor, base, records, prompter, config.sequential, reporter)
+    result = evaluate(loaded.editor, base, records, prompter, config.sequential, reporter, config.batch)
     return {
         **result,
         "holdout": loaded.artifact.extra.get("holdout"),
@@ -164,6 +174,7 @@ def evaluate_editor(
         "instructions": loaded.pools is not None,
         "protocol": {
             "sequential": config.sequential,
+            "batch": config.batch,
             "instruction_index": config.instruction_index,
             "unseen_instruction": config.unseen_instruction,
             "no_prefix": config.no_prefix,

@@ -110,6 +110,13 @@ def test_evaluate_sequential_and_instruction_options(gpt2_editor: Path, edit_fil
     table = kvtool(*base)
     assert table.exit_code == 0 and "reliability" in table.stdout
 
+    # --batch N: N edits applied together as apply does; a batch of one is the default protocol
+    together = kvtool_json(*base, "--batch", "3")
+    assert together["protocol"]["batch"] == 3 and together["overall"]["n_records"] == 6
+    assert kvtool_json(*base, "--batch", "1")["overall"] == pytest.approx(single["overall"], abs=1e-6)
+    both = kvtool(*base, "--batch", "2", "--sequential", "2")
+    assert both.exit_code == 2 and "exclude each other" in both.stderr
+
 
 def test_resume_continues_from_the_checkpoint(edit_files: dict[str, Path], tmp_path: Path) -> None:
     out = train(edit_files, "gpt2", tmp_path / "editor.safetensors")
