@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from kedit_vfl.edit.batches import Prompter, edit_batch
-from kedit_vfl.edit.checkpoint import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.checkpoint import load_editor, open_editor_base
 from kedit_vfl.edit.config import ApplyConfig
-from kedit_vfl.edit.editor import apply_updates_, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.editor import Editor, apply_updates_, edited_params, forward_with, merge_updates
 from kedit_vfl.edit.evaluation import compute_update
 from kedit_vfl.edit.metrics import target_probability, token_accuracy
 from kedit_vfl.edit.models import BaseModel, quiet_transformers
@@ -59,7 +59,7 @@ def target_scores(
 
 
 def edit_updates(
-    loaded: LoadedEditor, base: BaseModel, records: Sequence[EditRecord], prompter: Prompter, batch_size: int
+    editor: Editor, base: BaseModel, records: Sequence[EditRecord], prompter: Prompter, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """The summed weight updates of all edits, each computed on the unedited model.
 
@@ -73,7 +73,7 @@ def edit_updates(
     with torch.no_grad():
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            updates = merge_updates(updates, compute_update(loaded.editor, base, batch, prompter))
+            updates = merge_updates(updates, compute_update(editor, base, batch, prompter))
     return updates
 
 
@@ -121,7 +121,7 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
     pre_probs, pre_accs = target_scores(base, records, prompter, None)
     reporter.log(f"applying {len(records)} edits in batches of {config.batch_size}")
     started = time.perf_counter()
-    updates = edit_updates(loaded, base, records, prompter, config.batch_size)
+    updates = edit_updates(loaded.editor, base, records, prompter, config.batch_size)
     if base.device.type == "cuda":
         torch.cuda.synchronize()
     edit_seconds = time.perf_counter() - started
