@@ -65,9 +65,9 @@ def edit_updates(
 
     ``batch_size`` bounds how many edits share a forward pass (memory, speed), never the
     result. Computing each batch on the model the previous batches left made every edit
-    fail in our measurements (README, *Several edits at once*): one update moves the
-    weights by about their own norm, and the gradients of the edited model then fall
-    outside the statistics the editor normalises with.
+    fail in our measurements (README, *Several edits at once*): one update can move an
+    MLP output weight by most of its own norm, and the next edit's gradients on that
+    model fall outside the statistics the editor normalises with.
     """
     updates: dict[str, torch.Tensor] = {}
     with torch.no_grad():
