@@ -16,6 +16,7 @@ more tokens to the same sum.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -195,20 +196,65 @@ def edit_gradients(
     batch: TokenBatch,
     params: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerGrads]:
-    """Factors ``x``, ``delta`` of the editing loss's weight gradients, on target-predicting tokens."""
+    """Factors ``x``, ``delta`` of the editing loss's weight gradients, on target-predicting tokens.
+
+    In a batch of several edits, the tokens before the first target-predicting position
+    run once without gradients and reach the rest as a key/value cache: causal attention
+    keeps the later positions' gradients from flowing into them, so backward covers the
+    answer region only (the same ``x`` and ``delta``; a batch of 32 on the embedded
+    model about a third faster). A single edit runs whole: there the second call costs
+    more than the shorter backward saves.
+    """
     detached = {k: v.detach() for k, v in params.items()} if params else None
-    with torch.enable_grad(), capture(model, targets) as captured:
-        if _accepts_logits_to_keep(model):
-            # The LM head only where some row predicts a target token (the same loss, less work).
-            keep = batch.predict_mask.any(0).nonzero().flatten()  # (K,)
-            logits = forward_with(
-                model, detached, {**batch.model_inputs(), "logits_to_keep": keep}
-            )  # (B, K, V)
-            loss = nll_at(logits, batch.labels[:, keep + 1])
-        else:
+    if not _accepts_logits_to_keep(model):
+        with torch.enable_grad(), capture(model, targets) as captured:
             loss = nll_sum(forward_with(model, detached, batch.model_inputs()), batch)
-        return captured.backward(loss, batch.predict_mask)
+            return captured.backward(loss, batch.predict_mask)
+    # The LM head only where some row predicts a target token (the same loss, less work).
+    keep = batch.predict_mask.any(0).nonzero().flatten()  # (K,)
+    cache_argument = _cache_argument(model)
+    start = int(keep[0]) if len(keep) and batch.input_ids.shape[0] > 1 and cache_argument else 0
+    inputs = {
+        "input_ids": batch.input_ids[:, start:],
+        "attention_mask": batch.attention_mask,
+        "logits_to_keep": keep - start,
+    }
+    if start:
+        inputs[cache_argument] = _prompt_cache(model, detached, batch, start)
+    with torch.enable_grad(), capture(model, targets) as captured:
+        logits = forward_with(model, detached, inputs)  # (B, K, V)
+        loss = nll_at(logits, batch.labels[:, keep + 1])
+        return captured.backward(loss, batch.predict_mask[:, start:])
+
+
+@torch.no_grad()
+def _prompt_cache(
+    model: nn.Module, params: Mapping[str, torch.Tensor] | None, batch: TokenBatch, start: int
+) -> Any:
+    """The key/value cache of every row's first ``start`` tokens."""
+    inputs = {
+        "input_ids": batch.input_ids[:, :start],
+        "attention_mask": batch.attention_mask[:, :start],
+        "use_cache": True,
+    }
+    if params:
+        out = functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
+    else:
+        out = model(**inputs)
+    cache = getattr(out, "cache", None)  # transformers >= 5 names it ``cache``
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The keyword a model's forward takes a key/value cache by, if any."""
+    parameters = _forward_parameters(type(model))
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)

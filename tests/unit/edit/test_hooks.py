@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit_vfl.edit.editor import edit_gradients
+from kedit_vfl.edit.editor import edit_gradients, forward_with
 from kedit_vfl.edit.hooks import capture
 from kedit_vfl.edit.metrics import nll_sum
 from kedit_vfl.edit.models import resolve_targets
@@ -63,3 +63,38 @@ def test_edit_gradients_with_the_lm_head_on_target_positions_only_match_the_full
     for name, grads in full.items():
         torch.testing.assert_close(fast[name].x, grads.x)
         torch.testing.assert_close(fast[name].delta, grads.delta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_batch_reads_the_prompts_from_a_cache_and_gets_the_full_pass_factors(arch: str, side: str) -> None:
+    """Several rows: the tokens before the first target run once without gradients (a KV
+    cache), also on replaced weights; x and delta are those of the whole pass."""
+    tok = tokenizer()
+    tok.padding_side = side
+    model = build(arch, len(tok)).eval().requires_grad_(False)
+    targets = resolve_targets(model, n_blocks=2)
+    prompts = ["The capital of Zorvia is", "People in Mirland speak", "Zorvia pays with the"]
+    batch = encode_pairs(tok, prompts, ["Rome Bel", "Zorvish", "kron"], 64)
+    assert int(batch.predict_mask.any(0).nonzero()[0]) > 0  # there is a prompt to cache
+    generator = torch.Generator().manual_seed(0)
+    weights = dict(model.named_parameters())
+    params = {
+        t.param: weights[t.param] + 0.01 * torch.randn(weights[t.param].shape, generator=generator)
+        for t in targets
+    }
+    cached = edit_gradients(model, targets, batch, params)
+    with capture(model, targets) as captured:
+        logits = forward_with(model, params, batch.model_inputs())
+        full = captured.backward(nll_sum(logits, batch), batch.predict_mask)
+    for name, grads in full.items():
+        torch.testing.assert_close(cached[name].x, grads.x)
+        torch.testing.assert_close(cached[name].delta, grads.delta, rtol=1e-4, atol=1e-6)
+        assert torch.equal(cached[name].edit_index, grads.edit_index)
+    if side == "right":  # unpadded prompts: each row's factors are those of its edit alone
+        for row, (prompt, answer) in enumerate(zip(prompts, ["Rome Bel", "Zorvish", "kron"], strict=True)):
+            alone = edit_gradients(model, targets, encode_pairs(tok, [prompt], [answer], 64), params)
+            for name, grads in alone.items():
+                mine = cached[name].edit_index == row
+                torch.testing.assert_close(cached[name].x[mine], grads.x, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(cached[name].delta[mine], grads.delta, rtol=1e-4, atol=1e-6)
