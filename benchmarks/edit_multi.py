@@ -61,7 +61,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from kedit_vfl.edit.apply import edit_updates, held, target_scores
+    from kedit_vfl.edit.apply import edit_updates, holds, target_scores
     from kedit_vfl.edit.batches import Prompter
     from kedit_vfl.edit.config import TrainConfig, WorldOptions
     from kedit_vfl.edit.editor import edited_params
@@ -86,7 +86,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         edits = mixed[:size]
         updates = edit_updates(result.editor, result.base, edits, prompter, 32)
         _, accs = target_scores(result.base, edits, prompter, edited_params(result.base.model, updates))
-        applied[size] = {"held": sum(held({"acc_post": a}) for a in accs), "acc": statistics.mean(accs)}
+        applied[size] = {"held": sum(holds(a) for a in accs), "acc": statistics.mean(accs)}
     weights = dict(result.base.model.named_parameters())
     ratios: dict[str, list[float]] = {}
     with torch.no_grad():

@@ -77,9 +77,9 @@ def edit_updates(
     return updates
 
 
-def held(edit: dict[str, Any]) -> bool:
+def holds(acc_post: float) -> bool:
     """An edit holds when every token of its new target is the top-1 prediction after it."""
-    return edit["acc_post"] >= 1.0
+    return acc_post >= 1.0
 
 
 def _save_model(base: BaseModel, out: Path, report: dict[str, Any], overwrite: bool) -> None:
@@ -138,7 +138,7 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
         }
         for r, pp, qp, pa, qa in zip(records, pre_probs, post_probs, pre_accs, post_accs, strict=False)
     ]
-    failed = sum(not held(e) for e in edits)
+    failed = sum(not holds(e["acc_post"]) for e in edits)
     if failed:
         trained_on = loaded.artifact.config.get("batch_size", 1)
         reporter.warn(
