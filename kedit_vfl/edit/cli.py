@@ -251,7 +251,7 @@ def apply_command(
 
     Example: kvtool edit apply --edits requests.jsonl --out runs/edit/edited-model
     """
-    from kedit_vfl.edit.apply import apply_edits, holds
+    from kedit_vfl.edit.apply import apply_edits
 
     config = ApplyConfig(
         edits=tuple(str(p) for p in edits or ()),
@@ -272,7 +272,7 @@ def apply_command(
         "mean_p_pre": sum(e["p_pre"] for e in result.edits) / n,
         "mean_p_post": sum(e["p_post"] for e in result.edits) / n,
         "acc_post": sum(e["acc_post"] for e in result.edits) / n,
-        "held": sum(holds(e["acc_post"]) for e in result.edits),
+        "held": sum(e["held"] for e in result.edits),
     }
     if json_output:
         emit_json({**summary, "edits": result.edits})
@@ -288,7 +288,7 @@ def apply_command(
                 e["target_new"][:30],
                 e["p_pre"],
                 e["p_post"],
-                "yes" if holds(e["acc_post"]) else "no",
+                "yes" if e["held"] else "no",
             ]
             for e in shown
         ],
