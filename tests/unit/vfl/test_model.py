@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,26 @@ def test_binary_metrics() -> None:
     result = binary_metrics([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8])
     assert result["auc"] == 1.0 and 0 < result["logloss"] < 0.25
     assert binary_metrics([0, 0], [0.1, 0.2])["auc"] is None
+
+
+@pytest.mark.parametrize("kind", ["float32", "ties", "signed", "float64"])
+def test_binary_metrics_match_the_pairwise_definition(kind: str) -> None:
+    """AUC = P(positive scored above negative) + P(tie) / 2, on both the sort-key path
+    (float32 scores) and the rank path (scores float32 cannot hold)."""
+    rng = np.random.default_rng(len(kind))
+    n = 300
+    scores = {
+        "float32": rng.random(n).astype(np.float32),
+        "ties": (rng.integers(0, 5, n) / 4).astype(np.float32),
+        "signed": np.where(rng.random(n) < 0.2, np.float32(-0.0), rng.normal(size=n).astype(np.float32)),
+        "float64": rng.random(n),
+    }[kind]
+    labels = (rng.random(n) < 0.4).astype(np.float32)
+    pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
+    pairwise = ((pos > neg) + 0.5 * (pos == neg)).mean()
+    likelihood = np.where(labels == 1, scores, 1 - scores).astype(np.float64)
+    result = binary_metrics(labels, scores)
+    assert result["auc"] == pytest.approx(pairwise, abs=1e-12)
+    if kind != "signed":
+        expected = -np.log(np.clip(likelihood, 1e-7, None)).mean()
+        assert result["logloss"] == pytest.approx(expected, rel=1e-5)
