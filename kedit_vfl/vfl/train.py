@@ -34,9 +34,10 @@ class FitResult:
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     """AUC and log loss; AUC is None when only one class is present.
 
-    Both are exact. Scores that float32 holds exactly (every caller's sigmoid outputs) are
-    ranked by one sort of 64-bit keys instead of ``np.unique``'s argsort (about 4x faster
-    at 8M scores); other scores take the rank path.
+    The AUC is exact: scores that float32 holds exactly (every caller's sigmoid outputs)
+    are ranked by one sort of 64-bit keys instead of ``np.unique``'s argsort (about 4x
+    faster at 8M scores), other scores take the rank path. The log loss sums float32
+    terms in float64.
     """
     positive = np.asarray(labels) == 1
     scores = np.asarray(probs)
