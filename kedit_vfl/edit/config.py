@@ -64,7 +64,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 1  # edit records per meta-training step (their updates sum)
     lr: float = 1e-4  # Adam, hypernetwork
-    lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; chosen on worlds 1 and 2, see README)
+    lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; compared on worlds 0-2, README)
     c_edit: float = 0.1
     c_loc: float = 1.0
     use_rephrase: bool = True
