@@ -11,9 +11,9 @@ kvtool vfl score --mode local
 kvtool vfl score --mode federated
 
 echo "== InstructEdit on the embedded world (zsre held out) ==" >&2
-# Demo preset: 800 meta-training steps, a fraction of the default 2000, so that the quick
+# Demo preset: 800 meta-training steps, a fraction of the default 3000, so that the quick
 # start stays short; expect lower scores than the README's tables (full defaults).
-echo "(demo preset: train-editor --steps 800; the default is 2000 steps)" >&2
+echo "(demo preset: train-editor --steps 800; the default is 3000 steps)" >&2
 kvtool edit train-editor --steps 800
 kvtool edit apply --overwrite
 kvtool edit evaluate

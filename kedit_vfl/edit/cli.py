@@ -115,6 +115,10 @@ def train_editor_command(
     ] = TrainConfig.lr_alpha,
     c_edit: Annotated[float, typer.Option("--c-edit", help="Weight of the edit loss.")] = TrainConfig.c_edit,
     c_loc: Annotated[float, typer.Option("--c-loc", help="Weight of the locality loss.")] = TrainConfig.c_loc,
+    ema: Annotated[
+        float,
+        typer.Option("--ema", help="Decay of the weight average that validation scores and keeps (0: off)."),
+    ] = TrainConfig.ema,
     val_every: Annotated[
         int, typer.Option("--val-every", help="Steps between validations.")
     ] = TrainConfig.val_every,
@@ -169,6 +173,7 @@ def train_editor_command(
         lr_alpha=lr_alpha,
         c_edit=c_edit,
         c_loc=c_loc,
+        ema=ema,
         val_every=val_every,
         patience=patience,
         seed=seed,

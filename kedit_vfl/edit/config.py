@@ -61,13 +61,14 @@ class TrainConfig:
     holdout: str | None = "zsre"
     instructions: bool = True
     instructions_file: str | None = None
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 1  # edit records per meta-training step (their updates sum)
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; compared on worlds 0-2, README)
     c_edit: float = 0.1
     c_loc: float = 1.0
     use_rephrase: bool = True
+    ema: float = 0.995  # decay of the weight average that validation scores and training keeps; 0: off
     val_every: int = 250
     val_records: int = 64  # per task
     patience: int = 6  # validations without improvement before stopping
@@ -95,6 +96,8 @@ class TrainConfig:
             _positive("--" + name.replace("_", "-"), getattr(self, name))
         if self.c_edit < 0 or self.c_loc < 0:
             raise UserError("--c-edit/--c-loc: must be non-negative")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema {self.ema}: must be in [0, 1) (0 turns the weight average off)")
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,8 @@ def test_apply_refuses_an_existing_output_folder(
     result = kvtool(*_apply(gpt2_editor, edit_files, edit_files["edits"], out, "--overwrite", "--json"))
     assert result.exit_code == 0, result.stderr
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--ema", "1"), ("--ema", "-0.5"), ("--lr-alpha", "0")])
+def test_out_of_range_training_options(option: str, value: str, edit_files: dict[str, Path]) -> None:
+    _fails("edit", "train-editor", "--model", edit_files["gpt2"], option, value, match=option)

@@ -12,7 +12,7 @@ from kedit_vfl.edit.editor import Editor
 from kedit_vfl.edit.instructions import default_pools
 from kedit_vfl.edit.models import load_base_model
 from kedit_vfl.edit.sources import split_validation
-from kedit_vfl.edit.training import meta_step, sample_records
+from kedit_vfl.edit.training import _Trainer, meta_step, sample_records
 from tests.unit.edit.tiny import records, save_tiny
 
 
@@ -52,3 +52,32 @@ def test_meta_training_lowers_the_loss_on_repeated_edits(tmp_path: Path) -> None
         assert set(logs) >= {"loss", "loss/edit", "loss/loc", "edit/acc"}
     assert losses[-1] < losses[0] - 0.02
     assert float(editor.x_norms[0].count[0]) > 0  # running statistics were updated
+
+
+def test_weight_average_is_the_decayed_mean_of_the_trajectory(tmp_path: Path) -> None:
+    base = load_base_model(str(save_tiny("gpt2", tmp_path / "gpt2")), torch.device("cpu"), n_blocks=1)
+    editor = Editor(base.targets, EditorConfig())
+    start = {k: p.detach().clone() for k, p in editor.named_parameters()}
+    config = TrainConfig(model=str(tmp_path), tasks=("counterfact",), holdout=None, ema=0.5)
+    trainer = _Trainer(config, editor, None)
+    for _ in range(3):  # stand-in optimizer steps: every weight goes up by 1
+        with torch.no_grad():
+            for p in editor.parameters():
+                p.add_(1.0)
+        trainer.update_average()
+        trainer.step += 1
+    # steps 1..3 weighted 0.25, 0.5, 1 (bias-corrected: the starting weights do not count)
+    shift = (0.25 * 1 + 0.5 * 2 + 1 * 3) / 1.75
+    with trainer.averaged_weights():
+        for name, p in editor.named_parameters():
+            torch.testing.assert_close(p, start[name] + shift)
+    for name, p in editor.named_parameters():  # the trained weights are back
+        torch.testing.assert_close(p, start[name] + 3)
+
+    plain = _Trainer(
+        TrainConfig(model=str(tmp_path), tasks=("counterfact",), holdout=None, ema=0), editor, None
+    )
+    plain.update_average()
+    with plain.averaged_weights():  # off: the trained weights themselves
+        for name, p in editor.named_parameters():
+            torch.testing.assert_close(p, start[name] + 3)
