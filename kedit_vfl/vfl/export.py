@@ -49,7 +49,7 @@ from kedit_vfl.vfl.data import (
     read_table,
 )
 from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.model import LocalModel
+from kedit_vfl.vfl.model import LocalModel, ServingLocal
 from kedit_vfl.vfl.store import LOCAL, SPLIT, local_from, schemas_of, split_from
 from kedit_vfl.vfl.train import predict
 
@@ -183,9 +183,9 @@ def _load(path: Path) -> tuple[Artifact, LocalModel, Any, str]:
             "export the active party's artifact (local mode scores the active party's rows)"
         )
     if artifact.kind == SPLIT:
-        return artifact, local_from(artifact), split_from(artifact).local_logit, "split local branch"
+        return artifact, local_from(artifact), ServingLocal.of(split_from(artifact)), "split local branch"
     model = local_from(artifact)
-    return artifact, model, model, "student"
+    return artifact, model, ServingLocal.of(model), "student"
 
 
 def _edge_table(schema: PartySchema, rows: int, seed: int = 0) -> pa.Table:

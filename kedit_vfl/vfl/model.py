@@ -9,6 +9,7 @@ passive party at all.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -116,7 +117,8 @@ class Head(nn.Module):
         )
 
     def forward(self, *h: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat(h, dim=1)).squeeze(1)  # (B, d) -> (B,)
+        x = h[0] if len(h) == 1 else torch.cat(h, dim=1)  # one input: no copy
+        return self.net(x).squeeze(1)  # (B, d) -> (B,)
 
 
 class ActiveSplit(nn.Module):
@@ -183,6 +185,64 @@ class LocalModel(nn.Module):
 
     def forward(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
         return self.local_head(self.tower_a(a_num, a_cat))
+
+
+class ServingLocal(nn.Module):
+    """The local branch (``f_A`` then ``l_L``) in a cheaper form, for scoring only.
+
+    Each category's embedding meets the first layer alone, so the embeddings fold into
+    one table of first-layer contributions per category value, summed per row by
+    ``embedding_bag``, with the first layer's bias folded into the first column's rows.
+    That drops the concatenation, most of the first matrix product and the module calls
+    per layer: about half the network's CPU per row when scoring millions of rows
+    (measured). Logits equal the modules' up to float32 rounding (about 1e-6). A
+    snapshot: build it again after the weights change; no dropout, it never trains.
+    """
+
+    def __init__(self, tower: Tower, head: Head) -> None:
+        super().__init__()
+        first, second = tower.mlp[0], tower.mlp[3]
+        head_first, head_last = head.net[1], head.net[3]
+        weight, bias = first.weight.detach(), first.bias.detach()  # (hidden, n_numeric + n_cat * dim)
+        n_numeric = weight.shape[1]
+        if tower.embed is not None:
+            table, dim = tower.embed.table.weight.detach(), tower.embed.table.embedding_dim
+            starts = [*tower.embed.offsets.tolist(), len(table)]
+            n_numeric -= dim * (len(starts) - 1)
+            blocks = [
+                table[lo:hi] @ weight[:, n_numeric + j * dim : n_numeric + (j + 1) * dim].T
+                for j, (lo, hi) in enumerate(pairwise(starts))
+            ]
+            folded = torch.cat(blocks)  # (sum of cardinalities, hidden)
+            folded[: starts[1]] += bias  # each row holds exactly one value of the first column
+            self.register_buffer("folded", folded)
+            self.register_buffer("offsets", tower.embed.offsets.to(torch.int32))
+        else:
+            self.folded = None
+        self.register_buffer("numeric_weight", weight[:, :n_numeric].T.contiguous())  # (n_numeric, hidden)
+        self.register_buffer("first_bias", bias.clone())
+        for name, layer in (("second", second), ("head_first", head_first)):
+            self.register_buffer(f"{name}_weight", layer.weight.detach().T.contiguous())  # (in, out)
+            self.register_buffer(f"{name}_bias", layer.bias.detach().clone())
+        self.register_buffer("last_weight", head_last.weight.detach()[0].clone())  # (head_hidden,)
+        self.register_buffer("last_bias", head_last.bias.detach().clone())
+
+    @classmethod
+    def of(cls, model: LocalModel | ActiveSplit) -> ServingLocal:
+        """The local branch of a student or of a split model."""
+        return cls(model.tower_a, model.local_head)
+
+    @torch.no_grad()
+    def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:
+            h = F.embedding_bag(cat.to(self.offsets.dtype) + self.offsets, self.folded, mode="sum")
+            if num.shape[1]:
+                h.addmm_(num, self.numeric_weight)
+        else:
+            h = torch.addmm(self.first_bias, num, self.numeric_weight)  # (B, hidden)
+        h = torch.addmm(self.second_bias, h.relu_(), self.second_weight)  # (B, out_dim) = h_A
+        h = torch.addmm(self.head_first_bias, h.relu_(), self.head_first_weight)  # the head's ReLU first
+        return torch.mv(h.relu_(), self.last_weight).add_(self.last_bias)  # (B,)
 
 
 class MatchingHead(nn.Module):

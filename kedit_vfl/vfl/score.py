@@ -38,6 +38,7 @@ from kedit_vfl.vfl.data import (
 )
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.distill import open_serving, serve_embeddings
+from kedit_vfl.vfl.model import ServingLocal
 from kedit_vfl.vfl.session import ActiveSide
 from kedit_vfl.vfl.store import (
     LOCAL,
@@ -193,15 +194,15 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     if config.mode == "local":
         artifact = load_artifact(model_path, (LOCAL, SPLIT))
         if artifact.kind == SPLIT:
-            local_fn, used = split_from(artifact).to(device).local_logit, "split local branch"
+            local_fn, used = ServingLocal.of(split_from(artifact)).to(device), "split local branch"
         else:
-            local_fn, used = local_from(artifact).to(device), "student"
+            local_fn, used = ServingLocal.of(local_from(artifact)).to(device), "student"
         split = None
     else:
         artifact = load_for_party(model_path, SPLIT, config.party, "--model")
         split = split_from(artifact).to(device)
         fallback = _fallback_path(config, model_path, artifact.sha256)
-        local_fn, used = split.local_logit, "split local branch"
+        local_fn, used = ServingLocal.of(split).to(device), "split local branch"
         if fallback is not None:
             student, student_artifact = load_local(fallback)
             if student_artifact.extra["schema"]["active"] != artifact.extra["schema"]["active"]:
@@ -209,7 +210,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
                     f"{fallback}: this fallback model's feature schema differs from {model_path}'s; "
                     "use a student distilled from that split model"
                 )
-            local_fn, used = student.to(device), f"student {fallback}"
+            local_fn, used = ServingLocal.of(student).to(device), f"student {fallback}"
     passive = config.passive
     if config.mode == "federated" and passive is None and config.party == "both":
         if config.active != embedded("active_test.csv"):

@@ -9,7 +9,7 @@ import torch
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import SplitConfig
 from kedit_vfl.vfl.data import PartySchema
-from kedit_vfl.vfl.model import LocalModel, ModelConfig, SplitModel
+from kedit_vfl.vfl.model import LocalModel, ModelConfig, ServingLocal, SplitModel
 from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, save_vfl
 from kedit_vfl.vfl.train import binary_metrics, intercept_shift
 
@@ -54,6 +54,40 @@ def test_partial_batch_matches_the_full_forward_on_overlapped_rows() -> None:
     none = torch.zeros(6, dtype=torch.bool)
     local, full = model.partial(a_num, a_cat, none, torch.zeros(0, CONFIG.out_dim))
     assert full.shape == (0,) and torch.allclose(local, ref_local)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        PartySchema(
+            numeric=["a1", "a2", "a3"],
+            mean=[0.0] * 3,
+            std=[1.0] * 3,
+            categorical=["c", "d"],
+            vocab=[["x", "y"], ["u", "v", "w"]],
+            hash_buckets=[0, 7],
+        ),
+        PartySchema(numeric=["a1", "a2"], mean=[0.0, 0.0], std=[1.0, 1.0]),  # numbers only
+        PartySchema(categorical=["c", "d"], vocab=[["x"], ["u", "v"]]),  # categories only
+    ],
+    ids=["mixed", "numeric", "categorical"],
+)
+def test_serving_form_scores_like_the_modules(schema: PartySchema) -> None:
+    torch.manual_seed(1)
+    student = LocalModel(schema, ModelConfig(hidden=16, out_dim=8, head_hidden=8, dropout=0.3)).eval()
+    split = SplitModel({"active": schema, "passive": SCHEMAS["passive"]}, CONFIG).eval()
+    n = 50
+    num = torch.randn(n, len(schema.numeric)) * 3
+    cat = torch.zeros(n, len(schema.categorical), dtype=torch.int32)
+    for j, cardinality in enumerate(schema.cardinalities):
+        cat[:, j] = torch.randint(0, cardinality, (n,))
+    with torch.no_grad():
+        for model, expected in ((student, student(num, cat)), (split, split.local_logit(num, cat))):
+            serving = ServingLocal.of(model)
+            got = serving(num, cat)
+            assert got.shape == (n,) and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(serving(num, cat.long()), expected, atol=1e-5, rtol=1e-5)  # int64 indices too
+            assert serving(num[:0], cat[:0]).shape == (0,)
 
 
 def test_split_and_local_artifacts_round_trip(tmp_path: Path) -> None:
