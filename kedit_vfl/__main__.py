@@ -1,4 +1,4 @@
-from kedit_vfl.cli import main
+from kedit_vfl.launch import main
 
 if __name__ == "__main__":
     main()

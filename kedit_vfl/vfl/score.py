@@ -49,7 +49,7 @@ from kedit_vfl.vfl.store import (
     schemas_of,
     split_from,
 )
-from kedit_vfl.vfl.train import binary_metrics, predict
+from kedit_vfl.vfl.train import StreamingMetrics, predict
 
 COMMAND = "score"
 
@@ -81,7 +81,8 @@ class ScoredChunk:
     federated: np.ndarray  # (B,) bool: scored with the publisher's embedding
 
 
-OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64()), ("mode_used", pa.string())])
+# float32 scores: what the model computes (float64 only added digits, and a quarter of the writing time)
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float32()), ("mode_used", pa.string())])
 
 
 MODES_USED = pa.array(["local", "federated"])
@@ -89,7 +90,7 @@ MODES_USED = pa.array(["local", "federated"])
 
 def _chunk_table(chunk: ScoredChunk) -> pa.Table:
     mode_used = MODES_USED.take(pa.array(chunk.federated.astype(np.int8)))
-    columns = [chunk.ids.cast(pa.string()), pa.array(chunk.probs.astype(np.float64)), mode_used]
+    columns = [chunk.ids.cast(pa.string()), pa.array(chunk.probs.astype(np.float32, copy=False)), mode_used]
     return pa.table(columns, schema=OUTPUT_SCHEMA)
 
 
@@ -253,15 +254,16 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
             logits[local] = predict(lambda i: local_fn(num[at[i]], cat[at[i]]), len(local), config.batch_size)
         return ScoredChunk(batch.ids, torch.sigmoid(logits).numpy(), federated.numpy())
 
-    counts = {"rows": 0, "rows_federated": 0}
-    labelled: list[tuple[np.ndarray, np.ndarray]] = []
+    counts = {"rows": 0, "rows_federated": 0, "rows_labelled": 0}
+    metrics = StreamingMetrics()
 
     def scored(task: Task) -> Iterator[ScoredChunk]:
         for batch in prefetched(_encoded_batches(source, schema, config, has_labels)):
             chunk = score_batch(batch)
             if batch.labels is not None:
                 known = ~np.isnan(batch.labels)
-                labelled.append((batch.labels[known], chunk.probs[known]))
+                metrics.update(batch.labels[known], chunk.probs[known])
+                counts["rows_labelled"] += int(known.sum())
             counts["rows"] += len(chunk.probs)
             counts["rows_federated"] += int(chunk.federated.sum())
             task.advance(len(chunk.probs))
@@ -289,16 +291,9 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         "rows": n,
         "rows_federated": n_federated,
         "rows_local_fallback": n - n_federated if config.mode == "federated" else 0,
-        "rows_labelled": 0,
-        "auc": None,
-        "logloss": None,
+        "rows_labelled": counts["rows_labelled"],
+        **metrics.result(),
     }
-    if labelled:
-        labels = np.concatenate([y for y, _ in labelled])
-        probs = np.concatenate([p for _, p in labelled])
-        result["rows_labelled"] = len(labels)
-        if len(labels):
-            result.update(binary_metrics(labels, probs))
     if side is not None:
         result["traffic"] = side.traffic()
     result["seconds"] = round(time.perf_counter() - start_time, 3)

@@ -11,7 +11,7 @@ from kedit_vfl.vfl.config import SplitConfig
 from kedit_vfl.vfl.data import PartySchema
 from kedit_vfl.vfl.model import LocalModel, ModelConfig, ServingLocal, SplitModel
 from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, save_vfl
-from kedit_vfl.vfl.train import binary_metrics, intercept_shift
+from kedit_vfl.vfl.train import StreamingMetrics, binary_metrics, intercept_shift
 
 SCHEMAS = {
     "active": PartySchema(
@@ -150,3 +150,18 @@ def test_binary_metrics_match_the_pairwise_definition(kind: str) -> None:
     if kind != "signed":
         expected = -np.log(np.clip(likelihood, 1e-7, None)).mean()
         assert result["logloss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_streamed_metrics_equal_the_whole_table_metrics() -> None:
+    rng = np.random.default_rng(3)
+    scores = (rng.integers(0, 50, 1000) / 49).astype(np.float32)  # many ties across chunks
+    labels = (rng.random(1000) < scores).astype(np.float32)
+    metrics = StreamingMetrics()
+    for part in np.array_split(np.arange(1000), [10, 11, 400, 400, 999]):  # an empty chunk too
+        metrics.update(labels[part], scores[part])
+    streamed, whole = metrics.result(), binary_metrics(labels, scores)
+    assert streamed["auc"] == whole["auc"] and streamed["logloss"] == pytest.approx(whole["logloss"], rel=1e-12)
+    assert StreamingMetrics().result() == {"auc": None, "logloss": None}
+    one_class = StreamingMetrics()
+    one_class.update(np.zeros(3), np.full(3, 0.5, np.float32))
+    assert one_class.result()["auc"] is None
