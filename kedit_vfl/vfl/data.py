@@ -240,24 +240,25 @@ def check_unique_ids(ids: pa.ChunkedArray, id_col: str, path: Path | str) -> pa.
 def read_labels(table: pa.Table, label_col: str, path: Path | str, ids: pa.ChunkedArray) -> np.ndarray:
     """Labels as float32 with NaN for unlabelled rows; only 0, 1 or empty are allowed."""
     column = require_column(table, label_col, path, "label")
-    if not _is_numeric_type(column.type):
+    numeric = _is_numeric_type(column.type)
+    if numeric:  # one pass each in NumPy: Arrow's is_in / if_else / fill_null took 3x longer
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)  # missing -> NaN
+        bad = ~np.isnan(values) & (values != 0.0) & (values != 1.0)
+    else:
         text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
         column = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
         bad = pc.invert(pc.is_in(column, value_set=pa.array(["0", "1", "0.0", "1.0"])))
-    else:
-        column = pc.cast(column, pa.float64())
-        bad = pc.invert(pc.is_in(column, value_set=pa.array([0.0, 1.0])))
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, pa.float64()), column)
-        bad = pc.and_(bad, pc.is_valid(column))
-    bad = pc.fill_null(pc.and_(bad, pc.is_valid(column)), False)
-    if pc.any(bad).as_py():
-        values = column.filter(bad)[:3].to_pylist()
-        where = ids.filter(bad)[:3].to_pylist()
+        bad = pc.fill_null(pc.and_(bad, pc.is_valid(column)), False).to_numpy(zero_copy_only=False)
+    if bad.any():
+        at = pa.array(np.flatnonzero(bad)[:3])
+        shown = values[bad][:3].tolist() if numeric else column.take(at).to_pylist()
         raise UserError(
             f"{path}: label column '{label_col}' must hold 0, 1 or nothing; "
-            f"found {', '.join(repr(v) for v in values)} (ids {', '.join(where)})"
+            f"found {', '.join(repr(v) for v in shown)} (ids {', '.join(ids.take(at).to_pylist())})"
         )
-    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
+    if not numeric:
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    return values.astype(np.float32)
 
 
 def _non_numeric(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -557,15 +558,20 @@ def _category_index(column: pa.ChunkedArray, vocab: list[str], buckets: int) -> 
     the same indices as for the plain values, without touching a string per row.
     """
     if pa.types.is_dictionary(column.type):
-        parts = [np.zeros(0, dtype=np.int64)]
+        out = np.empty(len(column), dtype=np.int64)
+        start = 0
         for chunk in column.chunks:
             mapped = _category_index(pa.chunked_array([chunk.dictionary]), vocab, buckets)
-            codes = pc.fill_null(chunk.indices, 0).to_numpy(zero_copy_only=False)
-            rows = mapped[codes] if len(mapped) else np.full(len(chunk), MISSING, dtype=np.int64)
+            rows = out[start : start + len(chunk)]
+            start += len(chunk)
+            if not len(mapped):  # an empty dictionary: every value is missing
+                rows[:] = MISSING
+                continue
+            codes = pc.fill_null(chunk.indices, 0) if chunk.null_count else chunk.indices
+            np.take(mapped, codes.to_numpy(zero_copy_only=False), out=rows)
             if chunk.null_count:
-                rows = np.where(chunk.is_null().to_numpy(zero_copy_only=False), MISSING, rows)
-            parts.append(rows)
-        return np.concatenate(parts)
+                rows[chunk.is_null().to_numpy(zero_copy_only=False)] = MISSING
+        return out
     text = as_strings(column)
     missing = pc.is_null(text).to_numpy(zero_copy_only=False)
     if buckets:

@@ -81,15 +81,19 @@ class ScoredChunk:
     federated: np.ndarray  # (B,) bool: scored with the publisher's embedding
 
 
-# float32 scores: what the model computes (float64 only added digits, and a quarter of the writing time)
-OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float32()), ("mode_used", pa.string())])
+# float32 scores: what the model computes (float64 only added digits, and a quarter of the
+# writing time). mode_used goes out dictionary-encoded, as its two values, never a string
+# per row; Parquet readers see a string column (the Arrow schema is not stored).
+OUTPUT_SCHEMA = pa.schema(
+    [("id", pa.string()), ("score", pa.float32()), ("mode_used", pa.dictionary(pa.int8(), pa.string()))]
+)
 
 
 MODES_USED = pa.array(["local", "federated"])
 
 
 def _chunk_table(chunk: ScoredChunk) -> pa.Table:
-    mode_used = MODES_USED.take(pa.array(chunk.federated.astype(np.int8)))
+    mode_used = pa.DictionaryArray.from_arrays(pa.array(chunk.federated.view(np.int8)), MODES_USED)
     columns = [chunk.ids.cast(pa.string()), pa.array(chunk.probs.astype(np.float32, copy=False)), mode_used]
     return pa.table(columns, schema=OUTPUT_SCHEMA)
 
@@ -103,7 +107,11 @@ def write_scores(out: Path, chunks: Iterable[ScoredChunk]) -> None:
     def write(tmp: Path) -> None:
         if parquet:  # no dictionary or statistics for the (unique) ids: they cost a third of the time
             writer = pq.ParquetWriter(
-                tmp, OUTPUT_SCHEMA, use_dictionary=["mode_used"], write_statistics=["score", "mode_used"]
+                tmp,
+                OUTPUT_SCHEMA,
+                use_dictionary=["mode_used"],
+                write_statistics=["score", "mode_used"],
+                store_schema=False,
             )
         else:
             writer = pacsv.CSVWriter(tmp, OUTPUT_SCHEMA)
