@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from kedit_vfl import __version__
@@ -46,3 +50,16 @@ def test_groups_have_help() -> None:
     for group in ("vfl", "edit"):
         result = kvtool(group, "--help")
         assert result.exit_code == 0, result.stderr
+
+
+def test_the_executable_runs_commands_with_the_collector_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry point imports with gc off; the command itself must run with it on."""
+    import kedit_vfl.cli
+    from kedit_vfl import launch
+
+    seen = []
+    monkeypatch.setattr(kedit_vfl.cli, "main", lambda: seen.append(gc.isenabled()))
+    launch.main()
+    assert seen == [True] and gc.isenabled()
+    done = subprocess.run([sys.executable, "-m", "kedit_vfl", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and __version__ in done.stdout
