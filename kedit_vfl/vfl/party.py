@@ -24,7 +24,7 @@ import torch
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.checkpoint import CheckpointStore, Tag
 from kedit_vfl.vfl.data import Party
-from kedit_vfl.vfl.model import Tower
+from kedit_vfl.vfl.model import ServingTower, Tower
 from kedit_vfl.vfl.train import FlatAdamW, single_thread
 
 KEY_DTYPE = torch.int64  # rows are addressed by a key: overlap position, or an alignment's key
@@ -125,6 +125,8 @@ class PassiveParty:
         # (N,) the ascending wire keys of an alignment, or None when keys are the positions
         self.keys = keys.to(device) if keys is not None else None
         self.tower = tower.to(device)
+        # a party that never trains (serving embeddings to score) runs the cheaper serving form
+        self.serving = ServingTower(self.tower) if not training.phase_lrs else None
         self.generator = torch.Generator(device=device).manual_seed(passive_seed(seed))
         self.tower.use_generator(self.generator)
         self.protection, self.training = protection, training
@@ -157,7 +159,8 @@ class PassiveParty:
         self._mode(train)
         if not train:
             with torch.no_grad():
-                return clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
+                tower = self.serving if self.serving is not None else self.tower
+                return clip_rows(tower(self.num[rows], self.cat[rows]), self.protection.clip)
         h = clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
         if attached:
             return add_noise(h, self.protection.embedding_noise, self.generator)
@@ -207,7 +210,13 @@ class PassiveParty:
     def restore(self) -> None:
         if self.best is not None:
             self.tower.load_state_dict(self.best)
+            self._refresh_serving()
         self._mode(False)
+
+    def _refresh_serving(self) -> None:
+        """The serving form is a snapshot of the tower's weights: rebuilt when they are loaded."""
+        if self.serving is not None:
+            self.serving = ServingTower(self.tower)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +229,7 @@ class PassiveParty:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tower.load_state_dict(state["tower"])
+        self._refresh_serving()
         self.phase_index = -1
         if state["phase"] >= 0:
             self.phase(state["phase"])

@@ -38,7 +38,7 @@ from kedit_vfl.vfl.data import (
 )
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.distill import open_serving, serve_embeddings
-from kedit_vfl.vfl.model import ServingLocal
+from kedit_vfl.vfl.model import ServingLocal, ServingSplit
 from kedit_vfl.vfl.session import ActiveSide
 from kedit_vfl.vfl.store import (
     LOCAL,
@@ -173,7 +173,11 @@ class _Federated:
 
     def __init__(self, side: ActiveSide) -> None:
         self.side = side
-        self.order = torch.argsort(side.rows_a, stable=True)  # overlap positions by active row
+        rows = side.rows_a
+        if bool((rows[1:] >= rows[:-1]).all()):  # already in table order (a join in one process)
+            self.order = torch.arange(len(rows))
+        else:
+            self.order = torch.argsort(rows, stable=True)  # overlap positions by active row
         self.rows = side.rows_a[self.order].numpy()  # (N_overlap,) ascending active rows
 
     def in_batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,9 +213,9 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         split = None
     else:
         artifact = load_for_party(model_path, SPLIT, config.party, "--model")
-        split = split_from(artifact).to(device)
+        split = ServingSplit(split_from(artifact)).to(device)
         fallback = _fallback_path(config, model_path, artifact.sha256)
-        local_fn, used = ServingLocal.of(split).to(device), "split local branch"
+        local_fn, used = split.local_logit, "split local branch"
         if fallback is not None:
             student, student_artifact = load_local(fallback)
             if student_artifact.extra["schema"]["active"] != artifact.extra["schema"]["active"]:

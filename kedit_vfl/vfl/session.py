@@ -24,7 +24,7 @@ from kedit_vfl.artifacts import Artifact, config_to_dict
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
-from kedit_vfl.vfl.data import PartySchema, PartyTable, align, load_party, open_table
+from kedit_vfl.vfl.data import PartySchema, PartyTable, align_unique, load_party, open_table
 from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
 from kedit_vfl.vfl.party import (
     PassiveLink,
@@ -209,6 +209,7 @@ def open_active(
         getattr(config, "features_passive", None),
         getattr(config, "categorical", ()),
         schema=passive_schema,
+        unique_ids=False,
     )
     declared = getattr(config, "categorical", ())
     if declared:
@@ -218,7 +219,7 @@ def open_active(
         undeclared = [c for c in declared if c not in known]
         if undeclared:
             raise UserError(f"--categorical names columns no table has: {', '.join(undeclared)}")
-    rows_a, rows_b = align(table.rows.ids, passive.rows.ids)
+    rows_a, rows_b = align_unique(table.rows.ids, passive.rows.ids, config.id_col, passive.path)
     if len(rows_a) == 0:
         raise UserError(
             f"{table.path} and {passive.path}: no id appears in both tables (id column '{config.id_col}'); "

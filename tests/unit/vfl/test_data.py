@@ -129,3 +129,13 @@ def test_json_lines_with_a_value_of_another_type_is_a_clear_error(tmp_path: Path
     path = _write(tmp_path / "t.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(UserError, match="t.jsonl: cannot read this input table as json"):
         read_table(path)
+
+
+def test_repeated_passive_ids_are_refused_while_joining(tmp_path: Path) -> None:
+    active = _write(tmp_path / "a.csv", "id,y,x\n1,0,1\n2,1,2\n3,0,3\n")
+    passive = _write(tmp_path / "p.csv", "id,z\n2,5\n3,6\n2,7\n")
+    with pytest.raises(UserError, match=r"p\.csv: duplicate ids in column 'id': '2'"):
+        load_two_party(active, passive, "id", "y")
+    unique = _write(tmp_path / "q.csv", "id,z\n3,6\n2,5\n9,1\n")
+    data = load_two_party(active, unique, "id", "y")
+    assert data.rows_a.tolist() == [1, 2] and data.passive.ids.to_pylist() == ["2", "3"]

@@ -9,7 +9,7 @@ import torch
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import SplitConfig
 from kedit_vfl.vfl.data import PartySchema
-from kedit_vfl.vfl.model import LocalModel, ModelConfig, ServingLocal, SplitModel
+from kedit_vfl.vfl.model import LocalModel, ModelConfig, ServingLocal, ServingSplit, SplitModel
 from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, save_vfl
 from kedit_vfl.vfl.train import StreamingMetrics, binary_metrics, intercept_shift
 
@@ -86,8 +86,17 @@ def test_serving_form_scores_like_the_modules(schema: PartySchema) -> None:
             serving = ServingLocal.of(model)
             got = serving(num, cat)
             assert got.shape == (n,) and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
-            assert torch.allclose(serving(num, cat.long()), expected, atol=1e-5, rtol=1e-5)  # int64 indices too
+            assert torch.allclose(
+                serving(num, cat.long()), expected, atol=1e-5, rtol=1e-5
+            )  # int64 indices too
             assert serving(num[:0], cat[:0]).shape == (0,)
+        h_b = torch.randn(n, CONFIG.out_dim)
+        serving_split = ServingSplit(split)
+        for got, expected in zip(
+            serving_split.with_embedding(num, cat, h_b), split.with_embedding(num, cat, h_b), strict=True
+        ):
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(serving_split.local_logit(num, cat), split.local_logit(num, cat), atol=1e-5)
 
 
 def test_split_and_local_artifacts_round_trip(tmp_path: Path) -> None:
@@ -160,7 +169,9 @@ def test_streamed_metrics_equal_the_whole_table_metrics() -> None:
     for part in np.array_split(np.arange(1000), [10, 11, 400, 400, 999]):  # an empty chunk too
         metrics.update(labels[part], scores[part])
     streamed, whole = metrics.result(), binary_metrics(labels, scores)
-    assert streamed["auc"] == whole["auc"] and streamed["logloss"] == pytest.approx(whole["logloss"], rel=1e-12)
+    assert streamed["auc"] == whole["auc"] and streamed["logloss"] == pytest.approx(
+        whole["logloss"], rel=1e-12
+    )
     assert StreamingMetrics().result() == {"auc": None, "logloss": None}
     one_class = StreamingMetrics()
     one_class.update(np.zeros(3), np.full(3, 0.5, np.float32))

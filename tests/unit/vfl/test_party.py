@@ -158,3 +158,24 @@ def test_training_state_restores_weights_optimizer_and_generators(tmp_path: Path
 
 def test_average_ranks_share_ties() -> None:
     assert np.allclose(average_ranks(np.array([0.3, 0.1, 0.3, 0.2])), [3.5, 1.0, 3.5, 2.0])
+
+
+def test_a_party_that_never_trains_serves_the_towers_embeddings() -> None:
+    torch.manual_seed(2)
+    schema = PartySchema(numeric=["b1"], mean=[0.0], std=[1.0], categorical=["c"], vocab=[["x", "y"]])
+    rows = Party(
+        pa.chunked_array([[str(i) for i in range(8)]]), torch.randn(8, 1), torch.randint(0, 4, (8, 1))
+    )
+    tower = Tower(schema, CONFIG).eval()
+    party = PassiveParty(rows, torch.arange(8).flip(0), tower, seed=0, protection=Protection(clip=0.5))
+    assert party.serving is not None  # no training phases: the serving form
+    with torch.no_grad():
+        expected = clip_rows(tower(rows.num.flip(0), rows.cat.flip(0)), 0.5)
+    assert torch.allclose(party.embed(torch.arange(8), train=False), expected, atol=1e-6)
+    with torch.no_grad():
+        tower.mlp[0].bias.add_(1.0)
+        changed = clip_rows(tower(rows.num.flip(0), rows.cat.flip(0)), 0.5)
+    assert not torch.allclose(changed, expected, atol=1e-3)
+    party.load_state_dict(party.state_dict())  # weights loaded (a resume): the serving form follows them
+    assert torch.allclose(party.embed(torch.arange(8), train=False), changed, atol=1e-6)
+    assert _passive().serving is None  # a training party runs the modules
