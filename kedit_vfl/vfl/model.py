@@ -197,7 +197,7 @@ class ServingTower(nn.Module):
     per layer: with :class:`ServingHead`, about half the network's CPU per row when
     scoring millions of rows (measured). Outputs equal the modules' up to float32
     rounding (about 1e-6). A snapshot: build it again after the weights change; no
-    dropout, it never trains.
+    dropout, it never trains, and its weights are buffers, so no autograd graph is built.
     """
 
     def __init__(self, tower: Tower) -> None:
@@ -224,7 +224,6 @@ class ServingTower(nn.Module):
         self.register_buffer("second_weight", second.weight.detach().T.contiguous())  # (hidden, out_dim)
         self.register_buffer("second_bias", second.bias.detach().clone())
 
-    @torch.no_grad()
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         """``h`` (B, out_dim), as :class:`Tower` computes it in eval mode."""
         if self.folded is not None:
@@ -251,7 +250,6 @@ class ServingHead(nn.Module):
         self.register_buffer("last_weight", last.weight.detach()[0].clone())  # (head_hidden,)
         self.register_buffer("last_bias", last.bias.detach().clone())
 
-    @torch.no_grad()
     def forward(self, *relu_h: torch.Tensor) -> torch.Tensor:
         z = torch.addmm(self.first_bias, relu_h[0], self.first_weight_0)
         for k in range(1, self.inputs):
@@ -272,7 +270,6 @@ class ServingLocal(nn.Module):
     def of(cls, model: LocalModel | ActiveSplit) -> ServingLocal:
         return cls(model.tower_a, model.local_head)
 
-    @torch.no_grad()
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         return self.head(self.tower(num, cat).relu_())  # (B,) logits
 
@@ -287,11 +284,9 @@ class ServingSplit(nn.Module):
         self.local_head = ServingHead(split.local_head, [out_dim])
         self.fed_head = ServingHead(split.fed_head, [out_dim, out_dim])
 
-    @torch.no_grad()
     def local_logit(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
         return self.local_head(self.tower(a_num, a_cat).relu_())
 
-    @torch.no_grad()
     def with_embedding(
         self, a_num: torch.Tensor, a_cat: torch.Tensor, h_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
