@@ -49,7 +49,7 @@ from kedit_vfl.vfl.store import (
     schemas_of,
     split_from,
 )
-from kedit_vfl.vfl.train import StreamingMetrics, predict
+from kedit_vfl.vfl.train import StreamingMetrics, predict, single_thread
 
 COMMAND = "score"
 
@@ -197,7 +197,16 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
 
     In a two-party run (federated mode) the passive party serves its embeddings for the
     overlapping rows and writes nothing; the active party writes the scores.
+
+    PyTorch runs on one thread throughout: the stages already keep the cores busy, and
+    its idle OpenMP workers would spin on them (measured: 20% more CPU and wall time
+    for 8M rows with two).
     """
+    with single_thread():
+        return _score(config, reporter)
+
+
+def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     start_time = time.perf_counter()
     device = resolve_device(config.device)
     model_path = _model_path(config)
