@@ -78,10 +78,12 @@ def open_serving(
     artifact: Artifact,
     device: torch.device,
     passive_path: Path | None = None,
+    check_beside_join: bool = False,
 ) -> ActiveSide:
     """The active side of a stage that only scores with a split model (``distill``'s
     teacher, federated ``score``): the passive party serves embeddings, trains nothing,
-    and the parties need agree only on the model's sizes."""
+    and the parties need agree only on the model's sizes. ``check_beside_join``: see
+    :func:`kedit_vfl.vfl.data.align_unique`."""
     model_config = model_config_of(artifact)
     return open_active(
         config,
@@ -97,6 +99,7 @@ def open_serving(
         device=device,
         passive_path=passive_path,
         shared={"model": model_config.to_dict()},
+        check_beside_join=check_beside_join,
     )
 
 

@@ -249,7 +249,9 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
             ids = _read_ids(source, config.id_col)
             no_features = torch.zeros((len(ids), 0))  # the features stream in later, batch by batch
             table = PartyTable(Party(ids, no_features, no_features.int()), None, schema, source.path)
-            side = open_serving(config, COMMAND, table, artifact, device, passive_path=passive)
+            side = open_serving(
+                config, COMMAND, table, artifact, device, passive_path=passive, check_beside_join=True
+            )
             federated_rows = _Federated(side)
 
     @torch.no_grad()

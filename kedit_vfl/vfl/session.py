@@ -189,6 +189,7 @@ def open_active(
     device: torch.device,
     passive_path: Path | None = None,
     shared: dict[str, Any] | None = None,
+    check_beside_join: bool = False,
 ) -> ActiveSide:
     """The active side of a stage: a link to the passive party in this process or remote.
 
@@ -219,7 +220,9 @@ def open_active(
         undeclared = [c for c in declared if c not in known]
         if undeclared:
             raise UserError(f"--categorical names columns no table has: {', '.join(undeclared)}")
-    rows_a, rows_b = align_unique(table.rows.ids, passive.rows.ids, config.id_col, passive.path)
+    rows_a, rows_b = align_unique(
+        table.rows.ids, passive.rows.ids, config.id_col, passive.path, beside=check_beside_join
+    )
     if len(rows_a) == 0:
         raise UserError(
             f"{table.path} and {passive.path}: no id appears in both tables (id column '{config.id_col}'); "

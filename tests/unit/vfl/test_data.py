@@ -14,6 +14,7 @@ from kedit_vfl.vfl.data import (
     MISSING,
     OOV,
     align,
+    align_unique,
     encode,
     fit_schema,
     holdout_mask,
@@ -136,6 +137,10 @@ def test_repeated_passive_ids_are_refused_while_joining(tmp_path: Path) -> None:
     passive = _write(tmp_path / "p.csv", "id,z\n2,5\n3,6\n2,7\n")
     with pytest.raises(UserError, match=r"p\.csv: duplicate ids in column 'id': '2'"):
         load_two_party(active, passive, "id", "y")
+    ids = pa.chunked_array([["2", "3", "2"]])
+    for beside in (False, True):  # checked after, or on a thread beside, the join
+        with pytest.raises(UserError, match=r"p\.csv: duplicate ids in column 'id': '2'"):
+            align_unique(pa.chunked_array([["1", "2"]]), ids, "id", passive, beside=beside)
     unique = _write(tmp_path / "q.csv", "id,z\n3,6\n2,5\n9,1\n")
     data = load_two_party(active, unique, "id", "y")
     assert data.rows_a.tolist() == [1, 2] and data.passive.ids.to_pylist() == ["2", "3"]
