@@ -99,8 +99,9 @@ class OnnxScorer(nn.Module):
     """The served graph: raw inputs -> the training transform -> the local model -> score.
 
     ``numeric`` (B, n_numeric) float32 raw values, NaN for missing; ``categorical``
-    (B, n_categorical) int64 vocabulary indices. The transform runs in float64, as
-    :func:`kedit_vfl.vfl.data.encode` does; indices outside a column's range count as unseen.
+    (B, n_categorical) int64 vocabulary indices. The transform runs in float64 (where
+    :func:`kedit_vfl.vfl.data.encode` takes the ``asinh`` in float32: the two agree to
+    a float32 rounding or two); indices outside a column's range count as unseen.
     """
 
     def __init__(self, model: LocalModel, schema: PartySchema) -> None:
