@@ -217,10 +217,10 @@ class ServingTower(nn.Module):
             folded[: starts[1]] += bias  # each row holds exactly one value of the first column
             self.register_buffer("folded", folded)
             self.register_buffer("offsets", tower.embed.offsets.to(torch.int32))
-        else:
+        else:  # numbers only: the bias is added by the matrix product
             self.folded = None
+            self.register_buffer("first_bias", bias.clone())
         self.register_buffer("numeric_weight", weight[:, :n_numeric].T.contiguous())  # (n_numeric, hidden)
-        self.register_buffer("first_bias", bias.clone())
         self.register_buffer("second_weight", second.weight.detach().T.contiguous())  # (hidden, out_dim)
         self.register_buffer("second_bias", second.bias.detach().clone())
 
