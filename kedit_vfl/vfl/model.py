@@ -274,25 +274,21 @@ class ServingLocal(nn.Module):
         return self.head(self.tower(num, cat).relu_())  # (B,) logits
 
 
-class ServingSplit(nn.Module):
-    """The active party's part of a split model, for scoring only: local and full logits."""
+class ServingSplit(ServingLocal):
+    """The active party's part of a split model, for scoring only: its local branch
+    (called as :class:`ServingLocal`) and the full federated logit."""
 
     def __init__(self, split: ActiveSplit) -> None:
-        super().__init__()
-        self.tower = ServingTower(split.tower_a)
+        super().__init__(split.tower_a, split.local_head)
         out_dim = self.tower.second_weight.shape[1]
-        self.local_head = ServingHead(split.local_head, [out_dim])
         self.fed_head = ServingHead(split.fed_head, [out_dim, out_dim])
-
-    def local_logit(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
-        return self.local_head(self.tower(a_num, a_cat).relu_())
 
     def with_embedding(
         self, a_num: torch.Tensor, a_cat: torch.Tensor, h_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(local logit, full federated logit), each (B,), as :meth:`ActiveSplit.with_embedding`."""
         relu_a = self.tower(a_num, a_cat).relu_()
-        local = self.local_head(relu_a)
+        local = self.head(relu_a)
         return local, local + self.fed_head(relu_a, torch.relu(h_b))
 
 

@@ -227,7 +227,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
         artifact = load_for_party(model_path, SPLIT, config.party, "--model")
         split = ServingSplit(split_from(artifact)).to(device)
         fallback = _fallback_path(config, model_path, artifact.sha256)
-        local_fn, used = split.local_logit, "split local branch"
+        local_fn, used = split, "split local branch"
         if fallback is not None:
             student, student_artifact = load_local(fallback)
             if student_artifact.extra["schema"]["active"] != artifact.extra["schema"]["active"]:
@@ -280,7 +280,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
             logits[local] = predict(lambda i: local_fn(num[at[i]], cat[at[i]]), len(local), config.batch_size)
         return ScoredChunk(batch.ids, torch.sigmoid(logits).numpy(), federated.numpy())
 
-    counts = {"rows": 0, "rows_federated": 0, "rows_labelled": 0}
+    counts = {"rows": 0, "rows_federated": 0}
     metrics = StreamingMetrics()
 
     def scored(task: Task) -> Iterator[ScoredChunk]:
@@ -290,7 +290,6 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
             if batch.labels is not None:
                 known = ~np.isnan(batch.labels)
                 metrics.update(batch.labels[known], chunk.probs[known])
-                counts["rows_labelled"] += int(known.sum())
             counts["rows"] += len(chunk.probs)
             counts["rows_federated"] += int(chunk.federated.sum())
             task.advance(len(chunk.probs))
@@ -318,7 +317,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
         "rows": n,
         "rows_federated": n_federated,
         "rows_local_fallback": n - n_federated if config.mode == "federated" else 0,
-        "rows_labelled": counts["rows_labelled"],
+        "rows_labelled": metrics.rows,
         **metrics.result(),
     }
     if side is not None:

@@ -64,17 +64,17 @@ class StreamingMetrics:
     def __init__(self) -> None:
         self._keys: list[np.ndarray] = []
         self._loss = 0.0
-        self._rows = 0
+        self.rows = 0  # scored rows so far
 
     def update(self, labels: np.ndarray, probs: np.ndarray) -> None:
         positive = np.asarray(labels) == 1
         single = np.asarray(probs).astype(np.float32, copy=False)
         self._loss += _log_loss_sum(positive, single)
-        self._rows += len(single)
+        self.rows += len(single)
         self._keys.append(_order_keys(positive, single))
 
     def result(self) -> dict[str, float | None]:
-        if not self._rows:
+        if not self.rows:
             return {"auc": None, "logloss": None}
         keys = np.concatenate(self._keys) if len(self._keys) > 1 else self._keys[0]
         positives = int(np.count_nonzero(keys & np.uint64(1)))
@@ -83,7 +83,7 @@ class StreamingMetrics:
         if positives and negatives:  # Mann-Whitney U with tied scores sharing their mean rank
             keys.sort()
             auc = _u_statistic(keys) / (positives * negatives)
-        return {"auc": auc, "logloss": self._loss / self._rows}
+        return {"auc": auc, "logloss": self._loss / self.rows}
 
 
 def _log_loss_sum(positive: np.ndarray, single: np.ndarray) -> float:

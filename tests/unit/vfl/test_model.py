@@ -96,7 +96,7 @@ def test_serving_form_scores_like_the_modules(schema: PartySchema) -> None:
             serving_split.with_embedding(num, cat, h_b), split.with_embedding(num, cat, h_b), strict=True
         ):
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
-        assert torch.allclose(serving_split.local_logit(num, cat), split.local_logit(num, cat), atol=1e-5)
+        assert torch.allclose(serving_split(num, cat), split.local_logit(num, cat), atol=1e-5)
 
 
 def test_split_and_local_artifacts_round_trip(tmp_path: Path) -> None:
