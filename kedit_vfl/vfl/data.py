@@ -28,6 +28,7 @@ import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import cache_dir
+from kedit_vfl.vfl import arrays
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 # Categorical index 0 is "unseen in training", 1 is "missing"; known values start at 2.
@@ -243,13 +244,13 @@ def read_labels(table: pa.Table, label_col: str, path: Path | str, ids: pa.Chunk
     column = require_column(table, label_col, path, "label")
     numeric = _is_numeric_type(column.type)
     if numeric:  # one pass each in NumPy: Arrow's is_in / if_else / fill_null took 3x longer
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)  # missing -> NaN
+        values = arrays.floats(column)  # missing -> NaN
         bad = ~np.isnan(values) & (values != 0.0) & (values != 1.0)
     else:
         text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
         column = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
-        bad = pc.invert(pc.is_in(column, value_set=pa.array(["0", "1", "0.0", "1.0"])))
-        bad = pc.fill_null(pc.and_(bad, pc.is_valid(column)), False).to_numpy(zero_copy_only=False)
+        bad = arrays.bools(pc.invert(pc.is_in(column, value_set=arrays.strings(["0", "1", "0.0", "1.0"]))))
+        bad &= ~arrays.missing(column)
     if bad.any():
         at = pa.array(np.flatnonzero(bad)[:3])
         shown = values[bad][:3].tolist() if numeric else column.take(at).to_pylist()
@@ -258,7 +259,7 @@ def read_labels(table: pa.Table, label_col: str, path: Path | str, ids: pa.Chunk
             f"found {', '.join(repr(v) for v in shown)} (ids {', '.join(ids.take(at).to_pylist())})"
         )
     if not numeric:
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        values = arrays.floats(column)
     return values.astype(np.float32)
 
 
@@ -281,7 +282,7 @@ def _numeric_values(column: pa.ChunkedArray, name: str, path: Path | str, ids: p
                 f"{path}: numeric column '{name}' holds non-numeric text {values} (ids {where}); "
                 "fix the values or declare the column with --categorical"
             )
-    return np.asarray(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    return arrays.floats(column)
 
 
 @dataclass
@@ -534,8 +535,8 @@ def encode(
     centred = np.empty(n)
     with np.errstate(over="ignore"):  # beyond float32: infinite here, mended below
         for j, values in enumerate(raw):  # standardised in float64, rounded once to float32
-            np.subtract(values, schema.mean[j], out=centred)
-            np.divide(centred, schema.std[j], out=scaled[j])
+            np.subtract(values, schema.mean[j], out=centred)  # times 1/std: a quarter faster than dividing
+            np.multiply(centred, 1.0 / schema.std[j], out=scaled[j])
     # arcsinh: linear near 0, tames heavy tails. In float32 it takes half the time of
     # float64 and differs by a float32 rounding or two (what the network sees anyway).
     np.arcsinh(scaled, out=scaled)
@@ -544,12 +545,13 @@ def encode(
         at = np.flatnonzero(infinite[j])
         exact = np.arcsinh((raw[j][at] - schema.mean[j]) / schema.std[j])  # float64: finite if the value is
         scaled[j, at] = np.where(np.isfinite(exact), exact, 0.0)
-    np.copyto(scaled, 0.0, where=np.isnan(scaled))  # missing
-    num = scaled.T  # (N, n_numeric), column-major: matrix products read it as it is, without a copy
+    numbers = torch.from_numpy(scaled)
+    torch.nan_to_num_(numbers, nan=0.0)  # missing (no infinity is left); one pass, half of NumPy's two
+    num = numbers.T  # (N, n_numeric), column-major: matrix products read it as it is, without a copy
     cat = np.zeros((n, len(schema.categorical)), dtype=np.int32)  # (N, n_categorical)
     for j, name in enumerate(schema.categorical):
         cat[:, j] = _category_index(table[name], schema.vocab[j], schema.hash_buckets[j])
-    return torch.from_numpy(num), torch.from_numpy(cat)
+    return num, torch.from_numpy(cat)
 
 
 def _category_index(column: pa.ChunkedArray, vocab: list[str], buckets: int) -> np.ndarray:
@@ -568,19 +570,17 @@ def _category_index(column: pa.ChunkedArray, vocab: list[str], buckets: int) -> 
             if not len(mapped):  # an empty dictionary: every value is missing
                 rows[:] = MISSING
                 continue
-            codes = pc.fill_null(chunk.indices, 0) if chunk.null_count else chunk.indices
-            np.take(mapped, codes.to_numpy(zero_copy_only=False), out=rows)
+            np.take(mapped, arrays.integers(chunk.indices, 0), out=rows)
             if chunk.null_count:
-                rows[chunk.is_null().to_numpy(zero_copy_only=False)] = MISSING
+                rows[arrays.missing(chunk.indices)] = MISSING
         return out
     text = as_strings(column)
-    missing = pc.is_null(text).to_numpy(zero_copy_only=False)
+    missing = arrays.missing(text)
     if buckets:
         return np.where(missing, MISSING, FIRST + hashed_bucket(text, buckets))
-    index = pc.index_in(text, value_set=pa.array(vocab, pa.string()))
-    known = pc.add(pc.cast(pc.fill_null(index, 0), pa.int64()), FIRST).to_numpy(zero_copy_only=False)
-    seen = pc.is_valid(index).to_numpy(zero_copy_only=False)
-    return np.where(missing, MISSING, np.where(seen, known, OOV))
+    index = pc.index_in(text, value_set=arrays.strings(vocab))
+    position = arrays.integers(index, OOV - FIRST)  # OOV once FIRST is added: not in the vocabulary
+    return np.where(missing, MISSING, FIRST + position.astype(np.int64))
 
 
 def hashed_bucket(text: pa.ChunkedArray, buckets: int) -> np.ndarray:
@@ -605,7 +605,7 @@ class Party:
     cat: torch.Tensor  # (N, n_categorical) int64
 
     def take(self, index: torch.Tensor) -> Party:
-        return Party(self.ids.take(pa.array(index.numpy())), self.num[index], self.cat[index])
+        return Party(self.ids.take(arrays.from_numpy(index.numpy())), self.num[index], self.cat[index])
 
     def __len__(self) -> int:
         return int(self.num.shape[0])

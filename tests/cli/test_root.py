@@ -59,7 +59,32 @@ def test_the_executable_runs_commands_with_the_collector_on(monkeypatch: pytest.
 
     seen = []
     monkeypatch.setattr(kedit_vfl.cli, "main", lambda: seen.append(gc.isenabled()))
-    launch.main()
+    assert launch.run() == 0
     assert seen == [True] and gc.isenabled()
+
+    def fails() -> None:
+        raise SystemExit(2)
+
+    monkeypatch.setattr(kedit_vfl.cli, "main", fails)
+    assert launch.run() == 2
+
+
+def test_the_executable_exits_as_a_normal_exit_would(tmp_path: Path) -> None:
+    """It skips the interpreter's teardown, but not what can be seen from outside: its
+    output, its exit status, other threads' work, atexit handlers."""
     done = subprocess.run([sys.executable, "-m", "kedit_vfl", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and __version__ in done.stdout
+    done = subprocess.run([sys.executable, "-m", "kedit_vfl", "info", str(tmp_path / "missing.safetensors")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().endswith("missing.safetensors: no such file")
+    script = """
+import atexit, sys, threading, time
+from kedit_vfl import launch
+atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread ran"))).start()
+print("unflushed", end="")
+launch.exit_now(launch.exit_status("a message"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == "a message"
+    assert done.stdout.splitlines() == ["unflushedthread ran", "atexit ran"]

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,26 @@ def test_score_streams_batch_by_batch_with_the_scores_of_one_batch(
             k: one[k] for k in ("rows", "rows_federated", "auc")
         }
     assert 0 < runs["many", "federated"][0]["rows_federated"] < whole.num_rows
+
+
+def test_local_scoring_never_imports_pandas(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """pyarrow's own conversions import pandas (0.3 s) to look for pandas inputs; scoring
+    goes through kedit_vfl.vfl.arrays instead, for CSV and for Parquet (dictionary-encoded
+    categories), missing values and labels included."""
+    from kedit_vfl.vfl import data as data_module
+
+    parquet = tmp_path / "active.parquet"
+    pq.write_table(data_module.read_table(tables["active_test"]), parquet)
+    for active, out in ((tables["active_test"], "scores.csv"), (parquet, "scores.parquet")):
+        argv = ["kvtool", "vfl", "score", "--model", str(trained["local"]), "--active", str(active),
+                "--out", str(tmp_path / out), "--quiet"]  # fmt: skip
+        script = f"import sys; from kedit_vfl import launch; sys.argv = {argv!r}\n"
+        script += "status = launch.run(); print(status, 'pandas' in sys.modules)"
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
+        assert (tmp_path / out).is_file()
 
 
 def test_scoring_keeps_repeated_ids_the_publisher_must_not_repeat_them(
