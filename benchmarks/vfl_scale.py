@@ -7,12 +7,15 @@ each command runs once as its own process, one epoch where it trains:
 and ``score`` in both modes on the whole active training table, beside a process that
 merely reads that table with the same reader (all columns, every batch; for federated
 scoring in one process, both parties' tables). Scoring is compared with the read twice:
-whole process against whole process (both import PyTorch, about 3 s here), and the
-command's own work (its ``seconds``) against the read itself. Peak resident memory is the
-process's ``ru_maxrss``. Training throughput is compared with a plain PyTorch loop
+whole process against whole process (both import PyTorch, about 2 s here), and the
+command's own work (its ``seconds``) against the read itself. Each comparison is the
+median of ``--pairs`` read-then-score pairs run one after the other: on these shared
+cores the same process took from 1x to 1.5x its fastest time within minutes, and a
+pair sees the same machine. Peak resident memory is the process's ``ru_maxrss`` (the
+largest of the runs). Training throughput is compared with a plain PyTorch loop
 (AdamW, in-memory tensors, the same networks and batch size) in this process.
 
-Run: .venv/bin/python benchmarks/vfl_scale.py [--rows 1000000 10000000] [--keep DIR]
+Run: .venv/bin/python benchmarks/vfl_scale.py [--rows 1000000 10000000] [--pairs 5] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +103,7 @@ def plain_rows_per_s(demo: Path, batch: int = 128, steps: int = 400) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run(rows: int, folder: Path) -> dict[str, Any]:
+def run(rows: int, folder: Path, pairs: int) -> dict[str, Any]:
     demo = folder / f"demo_{rows}"
     out = folder / f"runs_{rows}"
     out.mkdir(parents=True, exist_ok=True)
@@ -108,10 +112,6 @@ def run(rows: int, folder: Path) -> dict[str, Any]:
     steps["make-demo"] = measured([*vfl, "make-demo", "--rows", str(rows), "--format", "parquet", *SHAPE,
                                    "--shard-rows", str(max(rows // 10, 1000)),
                                    "--out", str(demo), "--json"])  # fmt: skip
-    steps["read (active train)"] = measured([sys.executable, "-c", READ, str(demo / "active_train")])
-    steps["read (active + passive train)"] = measured(
-        [sys.executable, "-c", READ, str(demo / "active_train"), str(demo / "passive_train")]
-    )
     data = ["--active", str(demo / "active_train"), "--passive", str(demo / "passive_train")]
     one = ["--epochs", "1", "--json", "--quiet"]
     steps["pretrain-mpd"] = measured(
@@ -121,22 +121,51 @@ def run(rows: int, folder: Path) -> dict[str, Any]:
                                      "--out", str(out / "split.safetensors")])  # fmt: skip
     steps["distill"] = measured([*vfl, "distill", *data, *one, "--teacher", str(out / "split.safetensors"),
                                  "--out", str(out / "local.safetensors")])  # fmt: skip
-    # score the whole active training table (the largest one): the read above is its reference
+    # score the whole active training table (the largest one), each run right after a read of it
     scored = ["--active", str(demo / "active_train"), "--json", "--quiet"]
-    steps["score local"] = measured([*vfl, "score", "--model", str(out / "local.safetensors"), *scored,
-                                     "--out", str(out / "scores_local.parquet")])  # fmt: skip
-    federated = ["--mode", "federated", "--model", str(out / "split.safetensors"), "--passive",
-                 str(demo / "passive_train"), "--fallback", str(out / "local.safetensors")]  # fmt: skip
-    steps["score federated"] = measured(
-        [*vfl, "score", *federated, *scored, "--out", str(out / "scores_fed.parquet")]
-    )
+    local = [*vfl, "score", "--model", str(out / "local.safetensors"), *scored,
+             "--out", str(out / "scores_local.parquet")]  # fmt: skip
+    federated = [*vfl, "score", "--mode", "federated", "--model", str(out / "split.safetensors"),
+                 "--passive", str(demo / "passive_train"), "--fallback", str(out / "local.safetensors"),
+                 *scored, "--out", str(out / "scores_fed.parquet")]  # fmt: skip
+    read_active = [sys.executable, "-c", READ, str(demo / "active_train")]
+    read_both = [*read_active, str(demo / "passive_train")]
+    scoring = {
+        mode: [{"read": measured(read), "score": measured(command)} for _ in range(pairs)]
+        for mode, read, command in (("local", read_active, local), ("federated", read_both, federated))
+    }
     plain = plain_rows_per_s(demo)
-    return {"rows": rows, "steps": steps, "plain_rows_per_s": plain}
+    return {"rows": rows, "steps": steps, "scoring": scoring, "plain_rows_per_s": plain}
 
 
 def read_result(result: dict[str, Any]) -> tuple[int, float]:
     rows, seconds = result["stdout"].split()
     return int(rows), float(seconds)
+
+
+def scoring_rows(mode: str, pairs: list[dict[str, Any]]) -> list[str]:
+    """A read row and a score row: medians over the pairs, each ratio taken within its pair."""
+    reads = [pair["read"] for pair in pairs]
+    scores = [pair["score"] for pair in pairs]
+    rows, _ = read_result(reads[0]["result"])
+    reading = [read_result(read["result"])[1] for read in reads]
+    whole = [s["seconds"] / r["seconds"] for s, r in zip(scores, reads, strict=True)]
+    work = [s["result"]["seconds"] / seconds for s, seconds in zip(scores, reading, strict=True)]
+    peak = max(s["peak_gib"] for s in scores)
+    which = "active train" if mode == "local" else "active + passive train"
+    read_note = f"{rows:,} rows; {statistics.median(reading):.1f} s of it reading"
+    score_note = (
+        f"{scores[0]['result']['rows']:,} rows; {statistics.median(whole):.2f}x the read process "
+        f"({min(whole):.2f}-{max(whole):.2f}x over {len(pairs)} pairs); work "
+        f"{statistics.median([s['result']['seconds'] for s in scores]):.1f} s, "
+        f"{statistics.median(work):.2f}x the reading"
+    )
+    read_wall = statistics.median([r["seconds"] for r in reads])
+    score_wall = statistics.median([s["seconds"] for s in scores])
+    return [
+        f"| read ({which}) | {read_wall:.1f} | {max(r['peak_gib'] for r in reads):.2f} | {read_note} |",
+        f"| score {mode} | {score_wall:.1f} | {peak:.2f} | {score_note} |",
+    ]
 
 
 def report(runs: list[dict[str, Any]]) -> str:
@@ -154,18 +183,9 @@ def report(runs: list[dict[str, Any]]) -> str:
             if "train_rows_per_s" in res:
                 speed = res["train_rows_per_s"]
                 note = f"{speed:,.0f} rows/s ({speed / r['plain_rows_per_s']:.2f}x plain loop)"
-            if name.startswith("score"):  # federated scoring in one process also reads the publisher's table
-                read = steps[
-                    "read (active train)" if name == "score local" else "read (active + passive train)"
-                ]
-                in_process = read_result(read["result"])[1]
-                whole, work = step["seconds"] / read["seconds"], res["seconds"] / in_process
-                note = f"{res['rows']:,} rows; {whole:.2f}x the read process; work {res['seconds']:.1f} s, "
-                note += f"{work:.2f}x the reading"
-            if name.startswith("read"):
-                rows, seconds = read_result(res)
-                note = f"{rows:,} rows; {seconds:.1f} s of it reading"
             lines.append(f"| {name} | {step['seconds']:.1f} | {step['peak_gib']:.2f} | {note} |")
+        for mode, runs_of_mode in r["scoring"].items():
+            lines += scoring_rows(mode, runs_of_mode)
         lines += ["", f"Plain PyTorch loop (split model, AdamW, batch 128, in-memory tensors, 1 thread): "
                   f"{r['plain_rows_per_s']:,.0f} rows/s.", ""]  # fmt: skip
     return "\n".join(lines)
@@ -174,13 +194,14 @@ def report(runs: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--pairs", type=int, default=5, help="Read-then-score pairs per scoring mode.")
     parser.add_argument("--keep", type=Path, help="Keep the generated tables and models here.")
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         os.environ["KVTOOL_RUNS"] = str(Path(tmp) / "runs")
         for rows in args.rows:
-            runs.append(run(rows, Path(tmp)))
+            runs.append(run(rows, Path(tmp), args.pairs))
             text = report(runs)
             print(text)
             RESULTS.mkdir(parents=True, exist_ok=True)
