@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="Read-then-score pairs per scoring mode.")
     parser.add_argument("--keep", type=Path, help="Keep the generated tables and models here.")
     args = parser.parse_args()
+    if args.pairs < 1:  # refused now, not after the training commands have run
+        parser.error("--pairs must be at least 1")
     runs = []
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         os.environ["KVTOOL_RUNS"] = str(Path(tmp) / "runs")
