@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,8 +54,8 @@ from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.vfl.config import default_output
 from kedit_vfl.vfl.data import open_table, read_ids
-from kedit_vfl.vfl.protocol import Session, handshake
-from kedit_vfl.vfl.session import read_secret
+from kedit_vfl.vfl.protocol import Session, exchange, handshake, peer_rows
+from kedit_vfl.vfl.session import read_secret, security_of
 from kedit_vfl.vfl.transport import Channel, open_channel
 
 KIND = "vfl.alignment"
@@ -63,6 +64,8 @@ PROTOCOL = "ECDH-PSI, P-256, client=active"
 DATA_STRUCTURE = "gcs"
 REVEALS = ("both", "active-only")
 CHUNK = 50_000  # client ids per PSI request: ~6 s of curve work each on one core
+POINT_BYTES = 64  # a compressed P-256 point (33 bytes) with protobuf framing, generously
+SETUP_BYTES_PER_ID = 32  # a Golomb-compressed set holds log2(n/fpr) + 1.5 bits per id
 KEY_MASK = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 KEEPALIVE, READY, FAILED = 101, 102, 103
 
@@ -81,6 +84,10 @@ class AlignConfig:
     fpr: float = 1e-9
     secret_file: Path | None = None
     timeout: float = 60.0
+    deadline: float = 3600.0
+    identity: Path | None = None
+    peer_cert: Path | None = None
+    insecure: bool = False
     out: Path | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +105,8 @@ class AlignConfig:
             raise UserError(f"--fpr {self.fpr}: must be in (0, 0.01]")
         if self.timeout <= 0:
             raise UserError(f"--timeout {self.timeout}: must be positive")
+        if self.deadline < self.timeout:
+            raise UserError(f"--deadline {self.deadline}: must be at least --timeout ({self.timeout})")
 
     @property
     def output(self) -> Path:
@@ -196,6 +205,25 @@ def chunks(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _setup_limit(rows: int) -> int:
+    return (1 << 20) + SETUP_BYTES_PER_ID * rows
+
+
+def _parsed(parse: Callable[[bytes], T], message: bytes, what: str) -> T:
+    """A PSI message parsed by the library; a malformed one is the peer's fault."""
+    try:
+        return parse(message)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise PeerError(f"protocol error: the other party sent a malformed PSI {what}") from exc
+
+
+def _parsed_answer(client: Any, setup: Any, response: bytes, asked: int) -> np.ndarray:
+    hits = _parsed(lambda r: client_intersection(client, setup, r), response, "answer")
+    if len(hits) and (hits[0] < 0 or hits[-1] >= asked):
+        raise PeerError("protocol error: the PSI answer names rows outside the request")
+    return hits
+
+
 # -- waiting without timing out -------------------------------------------------------------
 def _work(channel: Channel, fn: Callable[[], T]) -> T:
     """Run ``fn`` while the other party waits in :func:`_wait`, sending it a keepalive every
@@ -233,18 +261,9 @@ def _wait(channel: Channel, what: str) -> None:
             return
         if op == FAILED:
             error = channel.recv_json("error")
-            raise UserError(f"the {channel.peer_party} party refused: {error.get('error')}")
+            raise UserError(f"the {channel.peer_party} party refused: {str(error.get('error'))[:300]}")
         if op != KEEPALIVE:
             raise PeerError(f"protocol error: unexpected message {op} from the {channel.peer_party} party")
-
-
-def _exchange(channel: Channel, mine: dict[str, Any], what: str) -> dict[str, Any]:
-    if channel.party == "active":
-        channel.send_json(mine, what)
-        return channel.recv_json(what)
-    theirs = channel.recv_json(what)
-    channel.send_json(mine, what)
-    return theirs
 
 
 # -- the two parties ----------------------------------------------------------------------
@@ -252,7 +271,7 @@ def _run_active(session: Session, ids: pa.ChunkedArray, config: AlignConfig, rep
     channel, items = session.channel, ids.to_pylist()
     client = new_client()
     _wait(channel, "the passive party's PSI setup")
-    setup = parse_setup(channel.recv_bytes("PSI setup"))
+    setup = _parsed(parse_setup, channel.recv_bytes("PSI setup", _setup_limit(peer_rows(session))), "setup")
     found = []
     parts = chunks(len(items))
     with reporter.task("private set intersection", total=len(items)) as task:
@@ -260,8 +279,8 @@ def _run_active(session: Session, ids: pa.ChunkedArray, config: AlignConfig, rep
             request = _work(channel, lambda s=start, e=stop: client_request(client, items[s:e]))
             channel.send_bytes(request, "PSI request")
             _wait(channel, "the passive party's PSI answer")
-            response = channel.recv_bytes("PSI answer")
-            hits = _work(channel, lambda r=response: client_intersection(client, setup, r))
+            response = channel.recv_bytes("PSI answer", 1024 + POINT_BYTES * (stop - start))
+            hits = _work(channel, lambda r=response, n=stop - start: _parsed_answer(client, setup, r, n))
             found.append(hits + start)
             task.advance(stop - start)
     rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)  # ascending
@@ -288,20 +307,25 @@ def _checked_keys(ids: pa.ChunkedArray | pa.Array, key: bytes, party: str) -> np
 def _run_passive(session: Session, ids: pa.ChunkedArray, config: AlignConfig, reporter: Reporter) -> dict:
     channel, items = session.channel, ids.to_pylist()
     server = new_server()
-    client_rows = int(session.peer["rows"])
+    client_rows = peer_rows(session)
     setup = _work(channel, lambda: server_setup(server, items, client_rows, config.fpr))
     channel.send_bytes(setup, "PSI setup")
     with reporter.task("answering PSI requests", total=client_rows) as task:
         for start, stop in chunks(client_rows):
             _wait(channel, "the active party's PSI request")
-            request = channel.recv_bytes("PSI request")
-            channel.send_bytes(_work(channel, lambda r=request: server_answer(server, r)), "PSI answer")
+            request = channel.recv_bytes("PSI request", 1024 + POINT_BYTES * (stop - start))
+            answer = _work(channel, lambda r=request: _parsed(partial(server_answer, server), r, "request"))
+            channel.send_bytes(answer, "PSI answer")
             _wait(channel, "the active party's intersection")
             task.advance(stop - start)
     _wait(channel, "the active party's wire keys")
     if config.reveal == "both":
         (n,) = channel.recv((1,), torch.int64, "intersection size").tolist()
+        if not 0 <= n <= client_rows:
+            raise PeerError(f"protocol error: the active party announced {n:,} intersection keys")
         sent = channel.recv((n,), torch.int64, "intersection keys").numpy()
+        if n > 1 and not bool((np.diff(sent) > 0).all()):
+            raise PeerError("protocol error: the active party's intersection keys are not sorted and unique")
     own = _work(channel, lambda: _checked_keys(ids, session.key, "passive"))
     order = np.argsort(own, kind="stable")
     sorted_own = own[order]
@@ -321,11 +345,14 @@ def _finish(channel: Channel, result: dict[str, Any], reveal: str) -> str:
     if result["size"] == 0:
         error = "no id appears in both parties' tables; the parties must key the same users"
     mine = {"ok": error is None, "error": error, "fingerprint": result["fingerprint"]}
-    theirs = _exchange(channel, mine, "alignment result")
+    theirs = exchange(channel, mine, "alignment result")
     if error is not None:
         raise UserError(error)
     if not theirs.get("ok"):
-        raise UserError(f"the {peer} party refused: {theirs.get('error')}")
+        raise UserError(f"the {peer} party refused: {str(theirs.get('error'))[:300]}")
+    needs_theirs = reveal == "both" or me == "passive"
+    if needs_theirs and not (isinstance(theirs.get("fingerprint"), str) and _hex64(theirs["fingerprint"])):
+        raise PeerError(f"protocol error: the {peer} party sent no valid alignment fingerprint")
     if reveal == "active-only":
         return result["fingerprint"] if me == "active" else str(theirs["fingerprint"])
     if theirs["fingerprint"] != result["fingerprint"]:
@@ -336,12 +363,21 @@ def _finish(channel: Channel, result: dict[str, Any], reveal: str) -> str:
     return result["fingerprint"]
 
 
-def _peer_failed(exc: PeerError) -> PeerError:
-    """The transport suggests --resume; an alignment simply starts again."""
-    text = str(exc).split(". Restart both parties", 1)[0]
-    if text != str(exc):
-        text += ". Nothing was written; start both parties again"
-    return PeerError(text)
+def _hex64(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def private_overlap(
+    session: Session, ids: pa.ChunkedArray, reporter: Reporter | None = None, fpr: float = 1e-9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The overlap of a two-party run, by the same PSI as ``kvtool vfl align --reveal both``
+    inside the run's own session: this party's row and the wire key of each overlap row."""
+    options = AlignConfig(party=session.party, rendezvous="tcp://unused:1", table=Path("."), fpr=fpr)
+    run = _run_active if session.party == "active" else _run_passive
+    result = run(session, ids, options, reporter or SILENT)
+    _finish(session.channel, result, "both")
+    order = np.ascontiguousarray(result["rows"], dtype=np.int64)
+    return torch.from_numpy(order), torch.from_numpy(np.ascontiguousarray(result["keys"], dtype=np.int64))
 
 
 def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
@@ -362,7 +398,14 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     reporter.log(
         f"{config.party} party: {len(ids):,} ids; waiting for the other party at {config.rendezvous}"
     )
-    channel = open_channel(config.party, config.rendezvous, config.timeout)
+    channel = open_channel(
+        config.party,
+        config.rendezvous,
+        config.timeout,
+        security_of(config),
+        hint="nothing was written; start both parties again",
+        deadline=config.deadline,
+    )
     try:
         session = handshake(
             channel, "align", shared, {"rows": len(ids), "id_type": id_type}, secret, None, None
@@ -381,8 +424,6 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         result = run(session, ids, config, reporter)
         final = _finish(channel, result, config.reveal)
         traffic = channel.traffic()
-    except PeerError as exc:
-        raise _peer_failed(exc) from exc
     finally:
         channel.close()
     artifact = Artifact(

@@ -98,7 +98,38 @@ TimeoutOption = Annotated[
 ]
 SecretOption = Annotated[
     Optional[Path],
-    typer.Option("--secret-file", help="File with a secret both parties must hold (never sent)."),
+    typer.Option(
+        "--secret-file",
+        help="Optional extra check: a secret both parties must hold (never sent; checked inside TLS).",
+    ),
+]
+IdentityOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--identity", help="This party's folder from 'kvtool vfl keygen' (key.pem and cert.pem)."
+    ),
+]
+PeerCertOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--peer-cert",
+        help="The other party's cert.pem: the only peer this party accepts (mutual TLS, pinned).",
+    ),
+]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="No TLS and no authentication: allowed only on a loopback address, for tests on one machine.",
+    ),
+]
+IdsInClearOption = Annotated[
+    bool,
+    typer.Option(
+        "--ids-in-clear",
+        help="Find the overlap by sending the passive party's ids to the active party (both must give it). "
+        "Default: a private set intersection, or --alignment.",
+    ),
 ]
 AlignmentOption = Annotated[
     Optional[Path],
@@ -130,6 +161,12 @@ def _party_options(
         "alignment": alignment,
         **more,
     }
+
+
+def _security_options(
+    identity: Path | None, peer_cert: Path | None, insecure: bool, ids_in_clear: bool
+) -> dict[str, Any]:
+    return {"identity": identity, "peer_cert": peer_cert, "insecure": insecure, "ids_in_clear": ids_in_clear}
 
 
 def _out_for(out: Path | None, party: str | None, name: str) -> dict[str, Path]:
@@ -272,6 +309,10 @@ def pretrain_mpd_command(
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = False,
+    ids_in_clear: IdsInClearOption = False,
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -291,6 +332,7 @@ def pretrain_mpd_command(
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
         **_out_for(out, party, "mpd"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
+        **_security_options(identity, peer_cert, insecure, ids_in_clear),
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         negatives=negatives,
         objective=objective,
@@ -362,6 +404,10 @@ def train_split_command(
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = False,
+    ids_in_clear: IdsInClearOption = False,
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -380,6 +426,7 @@ def train_split_command(
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
         **_out_for(out, party, "split"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
+        **_security_options(identity, peer_cert, insecure, ids_in_clear),
         init=init,
         model=ModelConfig(hidden=hidden, out_dim=out_dim),
         aux_weight=aux_weight,
@@ -432,6 +479,10 @@ def distill_command(
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = False,
+    ids_in_clear: IdsInClearOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -448,6 +499,7 @@ def distill_command(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
+        **_security_options(identity, peer_cert, insecure, ids_in_clear),
         temperature=temperature,
         kd_weight=kd_weight,
         kd_local_rows=kd_local_rows,
@@ -494,6 +546,10 @@ def score_command(
     timeout: TimeoutOption = 60.0,
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = False,
+    ids_in_clear: IdsInClearOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -516,9 +572,37 @@ def score_command(
         label_col=label_col,
         device=device,
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
+        **_security_options(identity, peer_cert, insecure, ids_in_clear),
     )
     result = score(config, RichReporter(quiet or json_output))
     _render(f"score ({mode} mode)", result, json_output)
+
+
+@app.command("keygen")
+def keygen_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for key.pem (private) and cert.pem (to share).")],
+    name: Annotated[
+        str, typer.Option("--name", help="A name for the certificate, e.g. the organisation.")
+    ] = "party",
+    force: Annotated[bool, typer.Option("--force", help="Replace an identity already in --out.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Make this party's TLS identity: a private key and a self-signed certificate.
+
+    Send cert.pem (never key.pem) to the other party and compare the fingerprint printed
+    here with the one it sees, over another channel (a call, a signed e-mail). Each party
+    then runs with --identity OUT --peer-cert OTHER_CERT.pem.
+    """
+    from kedit_vfl.vfl.identity import generate_identity
+
+    identity = generate_identity(out, name, force)
+    result = {"key": str(identity.key), "cert": str(identity.cert), "fingerprint": identity.fingerprint}
+    if json_output:
+        emit_json(result)
+        return
+    typer.echo(f"private key (keep it here): {identity.key}")
+    typer.echo(f"certificate (send it to the other party): {identity.cert}")
+    typer.echo(f"fingerprint (compare it with the other party over another channel): {identity.fingerprint}")
 
 
 @app.command("align")
@@ -544,7 +628,14 @@ def align_command(
         float, typer.Option("--fpr", help="PSI false-positive rate over all of the active party's ids.")
     ] = 1e-9,
     secret_file: SecretOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = False,
     timeout: TimeoutOption = 60.0,
+    deadline: Annotated[
+        float,
+        typer.Option("--deadline", help="Seconds the whole alignment may take, keepalives or not."),
+    ] = 3600.0,
     out: Annotated[
         Optional[Path],
         typer.Option(
@@ -557,8 +648,9 @@ def align_command(
     """Find the users both parties hold without sending any id (ECDH private set intersection).
 
     Example: kvtool vfl align --party active --table a.csv --rendezvous tcp://0.0.0.0:29500
-    and, on the publisher's host, kvtool vfl align --party passive --table b.csv
-    --rendezvous tcp://ADVERTISER_HOST:29500 --out al.safetensors
+    --identity me --peer-cert publisher.pem and, on the publisher's host, kvtool vfl align
+    --party passive --table b.csv --rendezvous tcp://ADVERTISER_HOST:29500 --identity me
+    --peer-cert advertiser.pem --out al.safetensors
     """
     from kedit_vfl.vfl.alignment import AlignConfig, align
 
@@ -570,7 +662,11 @@ def align_command(
         reveal=reveal,
         fpr=fpr,
         secret_file=secret_file,
+        identity=identity,
+        peer_cert=peer_cert,
+        insecure=insecure,
         timeout=timeout,
+        deadline=deadline,
         out=out,
     )
     result = align(config, RichReporter(quiet or json_output))

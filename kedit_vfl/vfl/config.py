@@ -53,6 +53,23 @@ def _check_party(owner: TrainOptions | ScoreConfig) -> None:
         raise UserError(
             "--alignment is for two-party runs (with --party); in one process the tables are joined"
         )
+    if party == "both":
+        given = [
+            flag
+            for flag, value in (
+                ("--identity", owner.identity),
+                ("--peer-cert", owner.peer_cert),
+                ("--insecure", owner.insecure),
+                ("--ids-in-clear", owner.ids_in_clear),
+            )
+            if value
+        ]
+        if given:
+            raise UserError(f"{', '.join(given)}: for two-party runs (with --party)")
+    if owner.ids_in_clear and owner.alignment is not None:
+        raise UserError(
+            "--ids-in-clear and --alignment exclude each other: the alignment already holds the overlap"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,10 @@ class TrainOptions:
     secret_file: Path | None = None
     resume: bool = False
     alignment: Path | None = None
+    identity: Path | None = None  # this party's folder from ``kvtool vfl keygen``
+    peer_cert: Path | None = None  # the other party's certificate, pinned
+    insecure: bool = False  # plaintext, unauthenticated: loopback addresses only
+    ids_in_clear: bool = False  # align by sending the passive party's ids (both parties must agree)
 
     def __post_init__(self) -> None:
         _check_party(self)
@@ -183,6 +204,10 @@ class ScoreConfig:
     timeout: float = 60.0
     secret_file: Path | None = None
     alignment: Path | None = None
+    identity: Path | None = None  # this party's folder from ``kvtool vfl keygen``
+    peer_cert: Path | None = None  # the other party's certificate, pinned
+    insecure: bool = False  # plaintext, unauthenticated: loopback addresses only
+    ids_in_clear: bool = False  # align by sending the passive party's ids (both parties must agree)
 
     def __post_init__(self) -> None:
         _check_party(self)

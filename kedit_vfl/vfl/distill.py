@@ -98,7 +98,7 @@ def open_serving(
         store=None,
         device=device,
         passive_path=passive_path,
-        shared={"model": model_config.to_dict()},
+        shared={"model": model_config.to_dict(), "ids_in_clear": config.ids_in_clear},
         check_beside_join=check_beside_join,
     )
 
@@ -270,5 +270,5 @@ def serve_embeddings(
         save=None,
         reporter=reporter,
         device=device,
-        shared={"model": model_config.to_dict()},
+        shared={"model": model_config.to_dict(), "ids_in_clear": config.ids_in_clear},
     )

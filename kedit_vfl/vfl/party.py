@@ -149,18 +149,25 @@ class PassiveParty:
         keys = keys.to(self.device, torch.long)
         if self.keys is not None:  # an alignment's keys: find each in the sorted table
             index = torch.searchsorted(self.keys, keys).clamp_max(max(len(self.keys) - 1, 0))
-            if keys.numel() and not bool((self.keys[index] == keys).all()):
-                raise UserError("the active party asked for a key outside the agreed alignment")
+            agreed = self.keys[index] == keys if len(self.keys) else torch.zeros_like(keys, dtype=torch.bool)
             keys = index
-        if bool(((keys < 0) | (keys >= len(self.overlap_rows))).any()):
-            raise UserError("the active party asked for a row outside the agreed overlap")
+        else:
+            agreed = (keys >= 0) & (keys < len(self.overlap_rows))
+            keys = keys.clamp(0, max(len(self.overlap_rows) - 1, 0))
+        outside = keys.numel() > 0 and not bool(agreed.all())
+        if outside and train:
+            raise UserError("the active party asked to train on a row outside the agreed overlap")
         rows = self.overlap_rows[keys]
-        self.rows_embedded += len(rows)
         self._mode(train)
         if not train:
+            # A row outside the agreement gets zeros, whether this party holds the user or
+            # not: the answer says nothing about its users beyond the agreed overlap.
+            self.rows_embedded += int(agreed.sum())
             with torch.no_grad():
                 tower = self.serving if self.serving is not None else self.tower
-                return clip_rows(tower(self.num[rows], self.cat[rows]), self.protection.clip)
+                out = clip_rows(tower(self.num[rows], self.cat[rows]), self.protection.clip)
+            return out.masked_fill(~agreed.unsqueeze(1), 0.0) if outside else out
+        self.rows_embedded += len(rows)
         h = clip_rows(self.tower(self.num[rows], self.cat[rows]), self.protection.clip)
         if attached:
             return add_noise(h, self.protection.embedding_noise, self.generator)

@@ -36,7 +36,10 @@ from kedit_vfl.vfl.data import align
 from kedit_vfl.vfl.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
 from kedit_vfl.vfl.transport import Channel
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_ROWS_PER_REQUEST = 65_536  # rows one embedding request may ask for
+MAX_TABLE_ROWS = 10**10
+MAX_ID_BYTES = 1024  # longest id, as JSON text, accepted from the peer
 EMBED, STEP, PHASE, SNAPSHOT, RESTORE, CHECKPOINT, FINISH, STEP_EMBED = range(1, 9)
 
 
@@ -49,7 +52,7 @@ class Session:
     run_id: str  # the same on both sides; stored in both parties' artifacts
     resume_from: Tag | None
     peer: dict[str, Any]  # the other party's table summary
-    key: bytes  # a key only these two parties derive (both nonces, and the shared secret if any)
+    key: bytes  # a key only these two parties hold (see :func:`session_key`)
 
 
 def _option(name: str) -> str:
@@ -61,7 +64,7 @@ def _mac(secret: bytes, nonces: tuple[str, str], party: str) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def _exchange(channel: Channel, mine: dict[str, Any], what: str) -> dict[str, Any]:
+def exchange(channel: Channel, mine: dict[str, Any], what: str) -> dict[str, Any]:
     """Active sends first, passive answers: no side waits on a send."""
     if channel.party == "active":
         channel.send_json(mine, what)
@@ -69,6 +72,38 @@ def _exchange(channel: Channel, mine: dict[str, Any], what: str) -> dict[str, An
     theirs = channel.recv_json(what)
     channel.send_json(mine, what)
     return theirs
+
+
+def _field(message: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str, peer: str) -> Any:
+    """One field of a peer's message, of the expected type, or a protocol error."""
+    value = message.get(name)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _as_tuple(kinds):
+        raise PeerError(f"protocol error: the {peer} party's {what} has no valid '{name}'")
+    return value
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _hex(text: str, size: int) -> bool:
+    return len(text) == 2 * size and all(c in "0123456789abcdef" for c in text)
+
+
+def session_key(private: Any, peer_public_hex: str, nonces: tuple[str, str], secret: bytes | None) -> bytes:
+    """A key only the two connected parties hold: X25519 between fresh keys exchanged inside
+    the authenticated channel, through HKDF-SHA256 over both nonces (and the shared secret)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    shared = private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(peer_public_hex)))
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=f"{nonces[0]}|{nonces[1]}".encode(),
+        info=b"kvtool-vfl session key v2|" + (secret or b""),
+    ).derive(shared)
 
 
 def handshake(
@@ -84,14 +119,26 @@ def handshake(
     """Agree on everything before the first row crosses; refuse any mismatch on both sides.
 
     ``partner`` is the run id of the artifact this party starts from, ``alignment`` the
-    fingerprint of the private alignment it uses (``kvtool vfl align``), if any.
+    fingerprint of the private alignment it uses (``kvtool vfl align``), if any. Every
+    field the peer sends is checked for type and size before it is used.
     """
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     me, peer = channel.party, channel.peer_party
-    hello = {"protocol": PROTOCOL_VERSION, "party": me, "command": command, "nonce": secrets.token_hex(16)}
-    theirs = _exchange(channel, hello, "handshake")
+    private = X25519PrivateKey.generate()
+    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    hello = {
+        "protocol": PROTOCOL_VERSION,
+        "party": me,
+        "command": command,
+        "nonce": secrets.token_hex(16),
+        "exchange": public,
+    }
+    theirs = exchange(channel, hello, "handshake")
     if theirs.get("protocol") != PROTOCOL_VERSION:
-        raise UserError(
-            f"the {peer} party speaks protocol version {theirs.get('protocol')}, "
+        raise PeerError(
+            f"the {peer} party speaks protocol version {str(theirs.get('protocol'))[:20]}, "
             f"this one {PROTOCOL_VERSION}; run the same kvtool version on both sides"
         )
     if theirs.get("party") != peer:
@@ -100,10 +147,14 @@ def handshake(
         )
     if theirs.get("command") != command:
         raise UserError(
-            f"the {peer} party runs 'kvtool vfl {theirs.get('command')}', this one 'kvtool vfl {command}'; "
-            "both parties must run the same command"
+            f"the {peer} party runs 'kvtool vfl {str(theirs.get('command'))[:40]}', this one "
+            f"'kvtool vfl {command}'; both parties must run the same command"
         )
-    nonces = (hello["nonce"], theirs["nonce"]) if me == "active" else (theirs["nonce"], hello["nonce"])
+    nonce = _field(theirs, "nonce", str, "handshake", peer)
+    peer_public = _field(theirs, "exchange", str, "handshake", peer)
+    if not _hex(nonce, 16) or not _hex(peer_public, 32):
+        raise PeerError(f"protocol error: the {peer} party's handshake is malformed")
+    nonces = (hello["nonce"], nonce) if me == "active" else (nonce, hello["nonce"])
     details = {
         "shared": shared,
         "summary": summary,
@@ -112,28 +163,41 @@ def handshake(
         "partner": partner,
         "alignment": alignment,
     }
-    other = _exchange(channel, details, "run details")
+    other = exchange(channel, details, "run details")
+    other_shared = _field(other, "shared", dict, "run details", peer)
+    _field(other, "summary", dict, "run details", peer)
+    for name in ("mac", "partner", "alignment"):
+        if other.get(name) is not None:
+            _field(other, name, str, "run details", peer)
+    other_resume = other.get("resume")
+    if other_resume is not None and not (
+        isinstance(other_resume, list)
+        and len(other_resume) <= 1000
+        and all(isinstance(t, list) and len(t) == 2 and all(type(x) is int for x in t) for t in other_resume)
+    ):
+        raise PeerError(f"protocol error: the {peer} party's run details have no valid 'resume'")
     problems = []
     if (secret is None) != (other["mac"] is None):
         who = me if secret is not None else peer
         problems.append(f"the {who} party requires a shared secret (--secret-file) and the other gave none")
     elif secret is not None and not hmac.compare_digest(other["mac"], _mac(secret, nonces, peer)):
         problems.append("the parties' shared secrets (--secret-file) differ")
-    keys = sorted(set(shared) | set(other["shared"]))
-    differ = [k for k in keys if shared.get(k) != other["shared"].get(k)]
+    keys = sorted(set(shared) | set(other_shared))
+    differ = [k for k in keys if shared.get(k) != other_shared.get(k)]
     if differ:
         shown = ", ".join(
-            f"{_option(k)} ({me} {shared.get(k)!r}, {peer} {other['shared'].get(k)!r})" for k in differ[:6]
+            f"{_option(k)} ({me} {shared.get(k)!r}, {peer} {str(other_shared.get(k))[:60]!r})"
+            for k in differ[:6]
         )
         problems.append(f"the parties disagree on {shown}")
-    if partner != other["partner"]:
-        if partner is None or other["partner"] is None:
+    if partner != other.get("partner"):
+        if partner is None or other.get("partner") is None:
             who = me if partner is not None else peer
             problems.append(f"only the {who} party starts from a two-party artifact of an earlier stage")
         else:
             problems.append(
                 "the parties start from artifacts of different two-party runs "
-                f"(run {partner} here, {other['partner']} there); use the pair one run wrote"
+                f"(run {partner} here, {other['partner'][:16]} there); use the pair one run wrote"
             )
     if alignment != other.get("alignment"):
         if alignment is None or other.get("alignment") is None:
@@ -146,36 +210,58 @@ def handshake(
                 "give each party its file from the same 'kvtool vfl align' run"
             )
     resume_from = None
-    if (checkpoints is None) != (other["resume"] is None):
+    if (checkpoints is None) != (other_resume is None):
         who = me if checkpoints is not None else peer
         problems.append(f"only the {who} party was started with --resume")
     elif checkpoints is not None:
-        resume_from = latest_common(checkpoints, [tuple(t) for t in other["resume"]])
+        resume_from = latest_common(checkpoints, [tuple(t) for t in other_resume])
         if resume_from is None:
             problems.append("--resume: the parties hold no checkpoint in common; start both without --resume")
     if problems:
         raise UserError("two-party handshake refused: " + "; ".join(problems))
     run_id = hashlib.sha256(f"{nonces[0]}|{nonces[1]}".encode()).hexdigest()[:16]
-    key = hmac.new(secret or b"", f"kvtool-vfl-key|{nonces[0]}|{nonces[1]}".encode(), hashlib.sha256).digest()
+    key = session_key(private, peer_public, nonces, secret)
     return Session(channel, me, run_id, resume_from, other["summary"], key)
+
+
+def peer_rows(session: Session) -> int:
+    """The row count the peer declared, checked: it sizes what may be received later."""
+    rows = session.peer.get("rows")
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= MAX_TABLE_ROWS:
+        raise PeerError(f"protocol error: the {session.channel.peer_party} party declared no valid row count")
+    return rows
 
 
 def align_in_clear(session: Session, ids: pa.ChunkedArray) -> torch.Tensor:
     """The overlap, found by sending the passive party's ids to the active party.
 
-    Returns this party's own row for each overlap position (in the active party's row
-    order). The ids cross in the clear; ``kvtool vfl align`` is the private alternative.
+    Only with ``--ids-in-clear`` on both sides: the active party then learns every user
+    of the passive party. Returns this party's own row for each overlap position (in the
+    active party's row order).
     """
     channel, what = session.channel, "ids for alignment"
     if session.party == "passive":
-        channel.send_json(ids.to_pylist(), what)
+        channel.send_json({"ids": ids.cast(pa.string()).to_pylist()}, what)
         (n,) = channel.recv((1,), torch.int64, what).tolist()
+        if not 0 <= n <= len(ids):
+            raise PeerError(f"protocol error: the active party announced {n} overlap rows of {len(ids)}")
         rows = channel.recv((n,), torch.int64, what)
+        if n and bool(((rows < 0) | (rows >= len(ids))).any()):
+            raise PeerError("protocol error: the active party named rows this table does not have")
     else:
-        peer_ids = pa.chunked_array([pa.array(channel.recv_json(what), pa.string())])
-        rows, peer_rows = align(ids, peer_ids)
+        declared = peer_rows(session)
+        message = channel.recv_json(what, at_most=1024 + declared * (MAX_ID_BYTES + 4))
+        received = message.get("ids")
+        if (
+            not isinstance(received, list)
+            or len(received) != declared
+            or not all(isinstance(i, str) for i in received)
+        ):
+            raise PeerError(f"protocol error: the passive party sent malformed {what}")
+        peer_ids = pa.chunked_array([pa.array(received, pa.string())])
+        rows, peer_rows_ = align(ids, peer_ids)
         channel.send(torch.tensor([len(rows)], dtype=torch.int64), what)
-        channel.send(peer_rows, what)
+        channel.send(peer_rows_, what)
         n = len(rows)
     if n == 0:
         raise UserError("no id appears in both parties' tables; the parties must key the same users")
@@ -255,9 +341,25 @@ def _split_gradients(flat: torch.Tensor, pending: list[torch.Tensor]) -> list[to
 
 
 def serve(channel: Channel, party: PassiveParty) -> None:
-    """Answer the active party's requests until it says ``FINISH``."""
+    """Answer the active party's requests until it says ``FINISH``.
+
+    A request this party cannot honour (a row outside the agreement, a step before a
+    phase) is the peer's fault: it ends the run with a protocol error, never a traceback.
+    """
+    try:
+        _serve(channel, party)
+    except UserError as exc:
+        raise PeerError(f"protocol error: {exc}") from exc
+
+
+def _serve(channel: Channel, party: PassiveParty) -> None:
     while True:
         op, a, b, c = channel.recv_header()
+        if op in (EMBED, STEP_EMBED) and not 0 <= a <= MAX_ROWS_PER_REQUEST:
+            raise PeerError(
+                f"protocol error: the active party asked for {a:,} rows in one request "
+                f"(at most {MAX_ROWS_PER_REQUEST:,})"
+            )
         if op in (STEP, STEP_EMBED):
             announced = a if op == STEP else c
             if announced != len(party.pending):

@@ -36,13 +36,13 @@ from kedit_vfl.vfl.party import (
 )
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
 from kedit_vfl.vfl.train import single_thread
-from kedit_vfl.vfl.transport import open_channel
+from kedit_vfl.vfl.transport import Security, open_channel
 
 # Options each party sets for itself; every other option must agree across the parties.
 PARTY_LOCAL = {
     "active", "passive", "features_active", "features_passive", "categorical", "id_col", "label_col",
     "out", "device", "init", "teacher", "fallback", "model", "party", "rendezvous", "timeout",
-    "secret_file", "resume", "alignment",
+    "secret_file", "resume", "alignment", "identity", "peer_cert", "insecure",
 }  # fmt: skip
 
 
@@ -84,6 +84,22 @@ def passive_tower(
     return tower
 
 
+def security_of(config: Any) -> Security:
+    """How this party authenticates itself and its peer, from a command's config."""
+    return Security(
+        identity=getattr(config, "identity", None),
+        peer_cert=getattr(config, "peer_cert", None),
+        insecure=bool(getattr(config, "insecure", False)),
+    )
+
+
+def fault_hint(config: Any) -> str:
+    """What a peer fault message tells the user to do next: only flags the command has."""
+    if hasattr(config, "resume"):
+        return "restart both parties with --resume to continue from the last common checkpoint"
+    return "start both parties again"
+
+
 def connect(
     config: Any,
     command: str,
@@ -91,22 +107,30 @@ def connect(
     shared: dict[str, Any],
     partner: str | None,
     store: CheckpointStore | None,
+    reporter: Reporter | None = None,
 ) -> tuple[Session, torch.Tensor, torch.Tensor | None]:
-    """Rendezvous, handshake and alignment.
+    """Connect, authenticate, handshake and align.
 
     Returns the session, this party's row for each overlap position, and the wire key of
-    each (None: the key is the position itself). With ``config.alignment`` (a private
-    alignment from ``kvtool vfl align``) no id crosses: rows and keys come from the
-    alignment file, and the handshake checks both parties hold the same one. Without it
-    the passive party's ids are sent to the active party to find the overlap.
+    each (None: the key is the position itself). No id crosses in the clear unless both
+    parties ask for it (``--ids-in-clear``): with ``config.alignment`` (from ``kvtool vfl
+    align``) rows and keys come from that file, otherwise the parties run the same private
+    set intersection here, revealing the overlap to both and nothing else.
     """
-    from kedit_vfl.vfl.alignment import load_alignment  # the PSI library loads only when used
+    from kedit_vfl.vfl.alignment import load_alignment, private_overlap  # PSI loads only when used
 
     alignment = None
     if getattr(config, "alignment", None) is not None:
         alignment = load_alignment(config.alignment, config.party, table.path)
+        if alignment.reveal != "both":
+            raise UserError(
+                f"--alignment {config.alignment}: made with --reveal {alignment.reveal}; the passive party "
+                "could not restrict what it serves to the overlap it does not know. Align with --reveal both"
+            )
     secret = read_secret(config.secret_file)
-    channel = open_channel(config.party, config.rendezvous, config.timeout)
+    channel = open_channel(
+        config.party, config.rendezvous, config.timeout, security_of(config), hint=fault_hint(config)
+    )
     try:
         session = handshake(
             channel,
@@ -118,9 +142,12 @@ def connect(
             partner,
             alignment.fingerprint if alignment is not None else None,
         )
-        if alignment is None:
+        if alignment is not None:
+            return session, alignment.rows, alignment.keys
+        if getattr(config, "ids_in_clear", False):
             return session, align_in_clear(session, table.rows.ids), None
-        return session, alignment.rows, alignment.keys
+        rows, keys = private_overlap(session, table.rows.ids, reporter)
+        return session, rows, keys
     except BaseException:
         channel.close()
         raise
@@ -269,7 +296,7 @@ def serve_passive(
     store = CheckpointStore(checkpoint_dir(config.out)) if resumable else None
     shared = shared if shared is not None else shared_settings(config, model_config)
     warm_up_autograd()
-    session, rows, keys = connect(config, command, table, shared, partner, store)
+    session, rows, keys = connect(config, command, table, shared, partner, store, reporter)
     with session.channel as channel:
         seed = getattr(config, "seed", 0)
         party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device, keys=keys)

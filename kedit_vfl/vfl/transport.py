@@ -1,36 +1,47 @@
-"""The wire between the two parties: torch.distributed (gloo, TCP rendezvous, two ranks).
+"""The wire between the two parties: one TCP connection under mutual TLS 1.3.
 
-The active party is rank 0 and hosts the rendezvous store on ``HOST:PORT``; the passive
-party is rank 1 and connects to it. Every message is a tensor sent point to point;
-variable-sized ones are preceded by a fixed four-integer header. Every failure on the
-wire (a peer that never comes, dies, or stops answering within ``timeout``) becomes a
-:class:`PeerError` with one clear line, so neither side ever hangs.
+The active party listens on ``HOST:PORT``; the passive party connects to it. Both hold
+their own key and certificate (``kvtool vfl keygen``) and pin the other's certificate
+(``--peer-cert``): the TLS handshake refuses any other peer before a byte of the
+protocol crosses, and TLS gives confidentiality, integrity and replay/reorder protection
+of every message (Python's ``ssl``; no cryptography is written here). Python's ``ssl``
+was measured against gRPC for our message shapes (``benchmarks/vfl_transport_choice.py``):
+2.7x the round trips of gRPC with the same certificates for a training step.
 
-Byte counters record every payload each way; setting ``KVTOOL_RECORD_TRAFFIC`` to a
-folder also keeps a copy of every message sent (the tests' recording transport).
+``--insecure`` drops TLS (and so authentication); it is refused unless the address is a
+loopback address, so it can never carry data between machines.
+
+Every message is a frame: an 8-byte length, then the payload. The receiver always knows
+how much it expects (or a cap for variable-sized messages) and refuses a longer claim
+before reading or allocating anything. Every wait is bounded by ``timeout`` and, where
+one is set, by an overall ``deadline``. Every failure on the wire becomes a
+:class:`PeerError` with one line, so neither side ever hangs or prints a traceback.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
-import os
 import socket
+import ssl
+import struct
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torch.distributed as dist
 
 from kedit_vfl.errors import PeerError, UserError
 
 PARTIES = ("active", "passive")
-RECORD_ENV = "KVTOOL_RECORD_TRAFFIC"
-HEADER_SIZE = 4
+HEADER_SIZE = 4  # int64 fields of a request header
+FRAME = struct.Struct(">Q")  # payload length of one message
+MAX_JSON_BYTES = 1 << 20  # handshake and result messages are a few KB
+INSECURE_PREFACE = b"KVTOOL-INSECURE/1\n"  # what each side says first without TLS
+FLUSH_BYTES = 1 << 20  # queued sends beyond this go out at once
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,19 @@ class Rendezvous:
 
     def __str__(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How this party proves itself and recognises its peer.
+
+    ``identity``: the folder from ``kvtool vfl keygen``; ``peer_cert``: the other party's
+    certificate, pinned; ``insecure``: plaintext without authentication (loopback only).
+    """
+
+    identity: Path | None = None
+    peer_cert: Path | None = None
+    insecure: bool = False
 
 
 def parse_rendezvous(text: str) -> Rendezvous:
@@ -56,8 +80,65 @@ def parse_rendezvous(text: str) -> Rendezvous:
     return Rendezvous(parsed.hostname, port)
 
 
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def check_security(security: Security, where: Rendezvous) -> None:
+    """Refuse, before anything waits on the network, a set-up that is not safe for ``where``."""
+    if security.insecure:
+        if not is_loopback(where.host):
+            raise UserError(
+                f"--insecure: {where.host} is not a loopback address; plaintext is only allowed on "
+                "127.0.0.1 or ::1. Across machines give --identity and --peer-cert instead"
+            )
+        if security.identity is not None or security.peer_cert is not None:
+            raise UserError("--insecure turns TLS off: drop --identity and --peer-cert, or drop --insecure")
+        return
+    missing = [
+        text
+        for text, value in (
+            ("--identity DIR (this party's key and certificate: 'kvtool vfl keygen')", security.identity),
+            ("--peer-cert FILE (the other party's cert.pem)", security.peer_cert),
+        )
+        if value is None
+    ]
+    if missing:
+        raise UserError(
+            "two-party runs are authenticated and encrypted: give "
+            + " and ".join(missing)
+            + " (or --insecure, for a test on this machine's loopback address only)"
+        )
+
+
+def _tls_context(security: Security, server: bool) -> tuple[ssl.SSLContext, str]:
+    """A TLS 1.3 context that presents this party's certificate and trusts only the peer's."""
+    from kedit_vfl.vfl.identity import load_certificate, load_identity
+
+    assert security.identity is not None and security.peer_cert is not None
+    identity = load_identity(security.identity)
+    peer_pem, peer_fingerprint = load_certificate(security.peer_cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(identity.cert, identity.key)
+    context.load_verify_locations(cadata=peer_pem.decode("ascii", "replace"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    if not server:
+        context.check_hostname = False  # the peer is recognised by its pinned certificate, not a name
+    return context, peer_fingerprint
+
+
 def _port_in_use(where: Rendezvous) -> bool:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is no conflict
     try:
         probe.bind(("" if where.host in ("0.0.0.0", "*") else where.host, where.port))
@@ -68,66 +149,188 @@ def _port_in_use(where: Rendezvous) -> bool:
     return False
 
 
-class Channel:
-    """Point-to-point messages to the other party, with byte counters.
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc.__class__.__name__}".replace("_", " ").lower()
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return text
 
-    ``send``/``recv`` move one tensor each; the receiver must know its shape and dtype
-    (the protocol makes that so, with a header where it would not).
+
+class Channel:
+    """Framed messages to the other party over one authenticated connection.
+
+    ``send`` queues a message and returns; queued messages go out together at the next
+    :meth:`recv`, :meth:`flush` or :meth:`close`, so a request's header and payload
+    travel as one write and a training step costs one round trip.
     """
 
-    def __init__(self, party: str, where: Rendezvous, timeout: float) -> None:
-        self.party, self.where, self.timeout = party, where, timeout
+    def __init__(
+        self,
+        party: str,
+        where: Rendezvous,
+        timeout: float,
+        security: Security,
+        *,
+        hint: str = "start both parties again",
+        deadline: float | None = None,
+    ) -> None:
+        self.party, self.where, self.timeout, self.hint = party, where, timeout, hint
         self.peer_party = "passive" if party == "active" else "active"
+        self.deadline = time.monotonic() + deadline if deadline is not None else None
+        self.deadline_seconds = deadline
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._in_flight: list[tuple[Any, torch.Tensor, str]] = []  # sends not yet confirmed
-        self._peer_rank = 1 if party == "active" else 0
-        self._record: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
-        self._open()
+        self.peer_fingerprint: str | None = None
+        self.encrypted = not security.insecure
+        self._outbox: list[bytes | memoryview] = []
+        self._outbox_bytes = 0
+        self._sock: socket.socket | None = None
+        self._sock = self._open(security)
 
     # -- set-up and tear-down -------------------------------------------------------------
-    def _open(self) -> None:
-        where, wait = self.where, timedelta(seconds=self.timeout)
-        is_server = self.party == "active"
-        if is_server and _port_in_use(where):
+    def _left(self, limit: float) -> float:
+        if self.deadline is None:
+            return limit
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise PeerError(
+                f"the run with the {self.peer_party} party did not finish within its deadline "
+                f"({self.deadline_seconds:g} s); raise --deadline if the tables are that large"
+            )
+        return min(limit, left)
+
+    def _open(self, security: Security) -> socket.socket:
+        if security.insecure:
+            context, fingerprint = None, None
+        else:
+            context, fingerprint = _tls_context(security, self.party == "active")
+        if self.party == "active":
+            sock = self._accept(context, fingerprint)
+        else:
+            sock = self._connect(context, fingerprint)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer_fingerprint = fingerprint
+        return sock
+
+    def _accept(self, context: ssl.SSLContext | None, fingerprint: str | None) -> socket.socket:
+        """Wait for the passive party; refuse (and keep waiting past) anyone else."""
+        where = self.where
+        if _port_in_use(where):
             raise UserError(
                 f"--rendezvous {where}: port {where.port} is already in use on this host; "
                 "pick a free port (and give the passive party the same one)"
             )
+        host = "" if where.host in ("0.0.0.0", "*") else where.host
         try:
-            store = dist.TCPStore(
-                where.host, where.port, world_size=2, is_master=is_server, timeout=wait, wait_for_workers=True
-            )
-            dist.init_process_group(
-                "gloo", store=store, rank=0 if is_server else 1, world_size=2, timeout=wait
-            )
-        except (OSError, RuntimeError) as exc:  # DistNetworkError, DistStoreError: before the peer joined
-            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            if "address already in use" in detail.lower():
-                raise UserError(f"--rendezvous {where}: port {where.port} is already in use") from exc
-            if is_server:
+            listener = socket.create_server((host, where.port), family=_family(where.host))
+        except OSError as exc:
+            raise UserError(f"--rendezvous {where}: cannot listen there ({_reason(exc)})") from exc
+        refused: list[str] = []
+        give_up = time.monotonic() + self.timeout
+        with listener:
+            while True:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise PeerError(self._nobody_came(refused))
+                listener.settimeout(self._left(left))
+                try:
+                    conn, address = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(self._left(max(left, 1.0)))
+                try:
+                    return self._greet(conn, context, fingerprint, server=True)
+                except _Refused as exc:
+                    conn.close()
+                    refused.append(f"{address[0]}: {exc}")
+
+    def _nobody_came(self, refused: list[str]) -> str:
+        text = (
+            f"the passive party did not connect to {self.where} within {self.timeout:g} s "
+            "(start it with the same --rendezvous, or raise --timeout)"
+        )
+        if refused:
+            text += f"; refused {len(refused)} connection(s), the last from {refused[-1]}"
+        return text
+
+    def _connect(self, context: ssl.SSLContext | None, fingerprint: str | None) -> socket.socket:
+        """Reach the active party, retrying until it listens or ``timeout`` passes."""
+        give_up, last = time.monotonic() + self.timeout, "no answer"
+        while True:
+            left = give_up - time.monotonic()
+            if left <= 0:
                 raise PeerError(
-                    f"the passive party did not connect to {where} within {self.timeout:g} s "
-                    "(start it with the same --rendezvous, or raise --timeout)"
+                    f"could not reach the active party at {self.where} within {self.timeout:g} s ({last}); "
+                    "start the active party first, or check the host, port and firewall"
+                )
+            try:
+                conn = socket.create_connection((self.where.host, self.where.port), timeout=self._left(left))
+            except OSError as exc:
+                last = _reason(exc)
+                time.sleep(min(0.2, max(left, 0)))
+                continue
+            conn.settimeout(self._left(self.timeout))
+            try:
+                return self._greet(conn, context, fingerprint, server=False)
+            except _Refused as exc:
+                conn.close()
+                raise PeerError(f"refused the party at {self.where}: {exc}") from None
+
+    def _greet(
+        self, conn: socket.socket, context: ssl.SSLContext | None, fingerprint: str | None, server: bool
+    ) -> socket.socket:
+        """TLS handshake and certificate pin, or the insecure preface; raise _Refused."""
+        if context is None:
+            try:
+                conn.sendall(INSECURE_PREFACE)
+                got = _read_exactly(conn, len(INSECURE_PREFACE))
+            except (OSError, EOFError) as exc:
+                raise _Refused(
+                    "it closed the connection during set-up (do both parties run with --insecure?)"
                 ) from exc
-            raise PeerError(
-                f"could not reach the active party at {where} within {self.timeout:g} s ({detail}); "
-                "start the active party first, or check the host, port and firewall"
+            if got != INSECURE_PREFACE:
+                raise _Refused("it speaks TLS or another protocol; give both parties --insecure, or neither")
+            return conn
+        if server:
+            try:
+                first = conn.recv(len(INSECURE_PREFACE), socket.MSG_PEEK)
+            except OSError as exc:
+                raise _Refused(_reason(exc)) from exc
+            if first.startswith(INSECURE_PREFACE[:6]):
+                raise _Refused("it runs with --insecure (no TLS); give both parties --insecure, or neither")
+        try:
+            tls = context.wrap_socket(conn, server_side=server)
+        except ssl.SSLCertVerificationError as exc:
+            raise _Refused(
+                "it presented a certificate other than the pinned one (--peer-cert " + str(fingerprint) + ")"
             ) from exc
-        self._store = store
+        except ssl.SSLError as exc:
+            if "certificate" in str(exc).lower():
+                raise _Refused(f"certificate refused ({_reason(exc)}); check --peer-cert on both") from exc
+            raise _Refused(f"the TLS handshake failed ({_reason(exc)}); is it kvtool with TLS?") from exc
+        except (OSError, EOFError) as exc:
+            raise _Refused(f"the TLS handshake failed ({_reason(exc)}); is it kvtool with TLS?") from exc
+        from kedit_vfl.vfl.identity import fingerprint_der
+
+        der = tls.getpeercert(binary_form=True)
+        if der is None or fingerprint_der(der) != fingerprint:
+            tls.close()
+            raise _Refused(f"its certificate is not the pinned one (--peer-cert {fingerprint})")
+        return tls
 
     def close(self) -> None:
-        if self._in_flight and dist.is_initialized():
-            try:
-                self._confirm_sends()
-            except PeerError:
-                pass  # closing after a failure: the caller already reports it
-        if self._record is not None:
-            folder = Path(os.environ[RECORD_ENV])
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self._record, folder / f"{self.party}-{os.getpid()}-{time.time_ns()}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self._sock is None:
+            return
+        try:
+            if self._outbox:
+                self.flush()
+        except PeerError:
+            pass  # closing after a failure: the caller already reports it
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._sock = None
 
     def __enter__(self) -> Channel:
         return self
@@ -137,56 +340,101 @@ class Channel:
 
     # -- messages ------------------------------------------------------------------------
     def _failed(self, exc: BaseException, doing: str) -> PeerError:
-        text = str(exc).lower()
-        if "timed out" in text or "timeout" in text:
+        if isinstance(exc, TimeoutError):
             why = f"no answer within {self.timeout:g} s"
+        elif isinstance(exc, ssl.SSLError) and "certificate" in str(exc).lower():
+            return PeerError(
+                f"the {self.peer_party} party refused this party's certificate ({_reason(exc)}); "
+                "it must pin this party's cert.pem with --peer-cert"
+            )
+        elif isinstance(exc, ssl.SSLError):
+            why = f"{_reason(exc)}: the connection was tampered with or broken"
         else:
             why = "the connection was closed"
         return PeerError(
             f"the {self.peer_party} party stopped responding while {doing} ({why}); "
-            "it may have crashed or the network dropped. Restart both parties with --resume "
-            "to continue from the last common checkpoint"
+            f"it may have crashed or the network dropped. {self.hint[:1].upper()}{self.hint[1:]}"
         )
 
-    def send(self, tensor: torch.Tensor, what: str = "data") -> None:
-        """Queue ``tensor`` for the peer and return at once (messages arrive in order).
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise PeerError(f"the connection to the {self.peer_party} party is closed")
+        return self._sock
 
-        Not waiting for each send lets a request's header and payload travel together:
-        a training step then costs one round trip. Sends are confirmed at the next
-        :meth:`recv` (by then the peer has answered) or at :meth:`close`.
-        """
+    def send_raw(self, payload: bytes | memoryview, what: str = "data") -> None:
+        """Queue one framed message."""
+        self._outbox.append(FRAME.pack(len(payload)))
+        self._outbox.append(payload)
+        self._outbox_bytes += FRAME.size + len(payload)
+        self.bytes_sent += FRAME.size + len(payload)
+        if self._outbox_bytes >= FLUSH_BYTES:
+            self.flush(what)
+
+    def flush(self, what: str = "data") -> None:
+        """Send everything queued now."""
+        if not self._outbox:
+            return
+        sock = self._socket()
+        data, self._outbox, self._outbox_bytes = b"".join(self._outbox), [], 0
+        try:
+            sock.settimeout(self._left(self.timeout))
+            sock.sendall(data)
+        except (OSError, ssl.SSLError) as exc:
+            raise self._failed(exc, f"sending {what}") from exc
+
+    def send(self, tensor: torch.Tensor, what: str = "data") -> None:
+        """Queue ``tensor``'s bytes for the peer (the peer knows its shape and dtype)."""
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.numel() == 0:
             return
+        self.send_raw(memoryview(tensor.numpy()).cast("B").tobytes(), what)
+
+    def _read_into(self, view: memoryview, what: str) -> None:
+        sock, got = self._socket(), 0
         try:
-            work = dist.isend(tensor, self._peer_rank)
-        except RuntimeError as exc:
-            raise self._failed(exc, f"sending {what}") from exc
-        self._in_flight = [(w, t, d) for w, t, d in self._in_flight if not w.is_completed()]
-        self._in_flight.append((work, tensor, what))
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        if self._record is not None:
-            self._record.append({"what": what, "tensor": tensor.clone()})
+            while got < len(view):
+                sock.settimeout(self._left(self.timeout))
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("closed")
+                got += n
+        except (OSError, ssl.SSLError) as exc:
+            raise self._failed(exc, f"waiting for {what}") from exc
+        self.bytes_received += len(view)
+
+    def _frame(self, what: str, exactly: int | None = None, at_most: int | None = None) -> int:
+        """Read one frame's length and check it before anything is allocated."""
+        self.flush(what)
+        header = bytearray(FRAME.size)
+        self._read_into(memoryview(header), what)
+        (size,) = FRAME.unpack(header)
+        if exactly is not None and size != exactly:
+            raise PeerError(
+                f"protocol error: the {self.peer_party} party sent {size:,} bytes of {what}, "
+                f"{exactly:,} were expected"
+            )
+        if at_most is not None and size > at_most:
+            raise PeerError(
+                f"protocol error: the {self.peer_party} party announced {size:,} bytes of {what}, "
+                f"more than the {at_most:,} allowed"
+            )
+        return size
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, what: str = "data") -> torch.Tensor:
         tensor = torch.empty(shape, dtype=dtype)
         if tensor.numel() == 0:
             return tensor
-        try:
-            dist.recv(tensor, self._peer_rank)
-        except RuntimeError as exc:
-            raise self._failed(exc, f"waiting for {what}") from exc
-        self.bytes_received += tensor.numel() * tensor.element_size()
-        self._confirm_sends()
+        size = tensor.numel() * tensor.element_size()
+        self._frame(what, exactly=size)
+        self._read_into(memoryview(tensor.numpy()).cast("B"), what)
         return tensor
 
-    def _confirm_sends(self) -> None:
-        in_flight, self._in_flight = self._in_flight, []
-        for work, _, what in in_flight:
-            try:
-                work.wait()
-            except RuntimeError as exc:
-                raise self._failed(exc, f"sending {what}") from exc
+    def recv_raw(self, what: str, at_most: int) -> bytes:
+        size = self._frame(what, at_most=at_most)
+        payload = bytearray(size)
+        if size:
+            self._read_into(memoryview(payload), what)
+        return bytes(payload)
 
     def send_header(self, op: int, a: int = 0, b: int = 0, c: int = 0) -> None:
         self.send(torch.tensor([op, a, b, c], dtype=torch.int64), "header")
@@ -196,33 +444,61 @@ class Channel:
         return op, a, b, c
 
     def send_json(self, value: Any, what: str = "message") -> None:
-        payload = json.dumps(value, sort_keys=True).encode()
-        self.send(torch.tensor([len(payload)], dtype=torch.int64), what)
-        self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), what)
+        self.send_raw(json.dumps(value, sort_keys=True).encode(), what)
 
-    def recv_json(self, what: str = "message") -> Any:
-        (size,) = self.recv((1,), torch.int64, what).tolist()
-        payload = self.recv((size,), torch.uint8, what)
+    def recv_json(self, what: str = "message", at_most: int = MAX_JSON_BYTES) -> dict[str, Any]:
+        """A JSON object from the peer; anything else is a protocol error."""
+        payload = self.recv_raw(what, at_most)
         try:
-            return json.loads(bytes(payload.numpy()).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PeerError(f"the {self.peer_party} party sent a malformed {what}") from exc
+            value = json.loads(payload.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise PeerError(f"protocol error: the {self.peer_party} party sent a malformed {what}") from exc
+        if not isinstance(value, dict):
+            raise PeerError(f"protocol error: the {self.peer_party} party sent a malformed {what}")
+        return value
 
     def send_bytes(self, payload: bytes, what: str) -> None:
-        self.send(torch.tensor([len(payload)], dtype=torch.int64), what)
-        self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), what)
+        self.send_raw(payload, what)
 
-    def recv_bytes(self, what: str) -> bytes:
-        (size,) = self.recv((1,), torch.int64, what).tolist()
-        return bytes(self.recv((size,), torch.uint8, what).numpy())
+    def recv_bytes(self, what: str, at_most: int) -> bytes:
+        return self.recv_raw(what, at_most)
 
     def traffic(self) -> dict[str, int]:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
 
-def open_channel(party: str, rendezvous: str, timeout: float) -> Channel:
+class _Refused(Exception):
+    """A connection attempt that failed authentication or set-up (one line)."""
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError("closed")
+        data += chunk
+    return data
+
+
+def open_channel(
+    party: str,
+    rendezvous: str,
+    timeout: float,
+    security: Security,
+    *,
+    hint: str = "start both parties again",
+    deadline: float | None = None,
+) -> Channel:
+    """Check the options, then connect (active: listen) and authenticate the peer."""
     if party not in PARTIES:
         raise UserError(f"--party {party}: expected active or passive")
     if timeout <= 0:
         raise UserError(f"--timeout {timeout}: must be positive")
-    return Channel(party, parse_rendezvous(rendezvous), timeout)
+    where = parse_rendezvous(rendezvous)
+    check_security(security, where)
+    return Channel(party, where, timeout, security, hint=hint, deadline=deadline)
