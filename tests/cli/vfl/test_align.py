@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from kedit_vfl.artifacts import load_artifact
+from tests.cli.vfl.parties import security_args
+from tests.relay import Relay
 
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
 WAIT = 90  # seconds: generous for two cold starts on a busy 2-core machine
@@ -33,10 +35,18 @@ def _env(tmp_path: Path, **more: str) -> dict[str, str]:
 
 
 def _start(
-    party: str, table: Path, out: Path, port: int, env: dict[str, str], *extra: object, timeout: float = 20
+    party: str,
+    table: Path,
+    out: Path,
+    port: int,
+    env: dict[str, str],
+    *extra: object,
+    timeout: float = 20,
+    secure: bool = True,
 ) -> subprocess.Popen:
     args = [KVTOOL, "vfl", "align", "--party", party, "--table", table, "--out", out]
     args += ["--rendezvous", f"tcp://127.0.0.1:{port}", "--timeout", timeout, *extra]
+    args += security_args(party, secure)
     return subprocess.Popen(
         [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -52,13 +62,26 @@ def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, stdout, stderr
 
 
-def _pair(tmp_path: Path, a: Path, b: Path, *extra: object, env: dict[str, str] | None = None) -> dict:
+def _pair(
+    tmp_path: Path,
+    a: Path,
+    b: Path,
+    *extra: object,
+    env: dict[str, str] | None = None,
+    relay: Relay | None = None,
+    secure: bool = True,
+) -> dict:
     port, env = free_port(), env or _env(tmp_path)
     outs = {"active": tmp_path / "active.safetensors", "passive": tmp_path / "passive.safetensors"}
-    active = _start("active", a, outs["active"], port, env, "--quiet", *extra)
+    active = _start("active", a, outs["active"], port, env, "--quiet", *extra, secure=secure)
     time.sleep(0.5)  # the active party hosts the rendezvous
-    passive = _start("passive", b, outs["passive"], port, env, "--quiet", *extra)
-    return {"active": _finish(active), "passive": _finish(passive), "outs": outs}
+    passive_port = relay.start(port) if relay is not None else port
+    passive = _start("passive", b, outs["passive"], passive_port, env, "--quiet", *extra, secure=secure)
+    try:
+        return {"active": _finish(active), "passive": _finish(passive), "outs": outs}
+    finally:
+        if relay is not None:
+            relay.stop()
 
 
 def _tables(tmp_path: Path, kind: str, dup: str | None = None) -> tuple[Path, Path, list, list, set]:
@@ -91,21 +114,20 @@ def _no_output(outs: dict[str, Path]) -> None:
         assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
-def _sent_bytes(folder: Path) -> list[bytes]:
-    messages = []
-    for path in sorted(folder.glob("*.pt")):
-        for message in torch.load(path, weights_only=True):
-            messages.append(message["tensor"].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return messages
+def _no_id_crossed(blob: bytes, ids: list) -> None:
+    for value in {str(i) for i in ids}:
+        raw = value.encode()
+        assert raw not in blob, f"id {value} was sent in the clear"
+        for digest in (hashlib.sha256, hashlib.md5, hashlib.sha1):
+            assert digest(raw).digest()[:7] not in blob, f"an unsalted {digest.__name__} of {value} was sent"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "reveal"), [("int", "both"), ("str", "both"), ("str", "active-only")])
 def test_align_two_processes(tmp_path: Path, kind: str, reveal: str) -> None:
     a, b, ids_a, ids_b, shared = _tables(tmp_path, kind)
-    record = tmp_path / "traffic"
-    env = _env(tmp_path, KVTOOL_RECORD_TRAFFIC=str(record))
-    run = _pair(tmp_path, a, b, "--reveal", reveal, env=env)
+    relay = Relay()
+    run = _pair(tmp_path, a, b, "--reveal", reveal, relay=relay)
     for party in ("active", "passive"):
         assert run[party][0] == 0, run[party][2]
     active = load_artifact(run["outs"]["active"], "vfl.alignment")
@@ -128,15 +150,26 @@ def test_align_two_processes(tmp_path: Path, kind: str, reveal: str) -> None:
     # The same key names the same user on both sides.
     where = torch.searchsorted(keys_b, keys_a)
     assert [str(ids_a[r]) for r in rows_a.tolist()] == [str(ids_b[r]) for r in rows_b[where].tolist()]
-    # No id, and no unsalted digest of one, ever crossed the wire.
-    messages = _sent_bytes(record)
-    assert len({p.name.split("-")[0] for p in record.glob("*.pt")}) == 2 and messages
-    blob = b"\x00".join(messages)
-    for value in {str(i) for i in ids_a + ids_b}:
-        raw = value.encode()
-        assert raw not in blob, f"id {value} was sent in the clear"
-        for digest in (hashlib.sha256, hashlib.md5, hashlib.sha1):
-            assert digest(raw).digest()[:7] not in blob, f"an unsalted {digest.__name__} of {value} was sent"
+    # What a listener on the path saw: no id, no unsalted digest of one, no handshake field.
+    assert relay.connections == 1
+    for blob in relay.recorded.values():
+        assert len(blob) > 1000
+        _no_id_crossed(bytes(blob), ids_a + ids_b)
+        for field in (b"protocol", b"nonce", b"reveal", b"fingerprint", b"rows", b"id_type"):
+            assert field not in blob, f"handshake field {field!r} crossed in the clear"
+
+
+@pytest.mark.slow
+def test_align_insecure_on_loopback_is_plain_but_sends_no_id(tmp_path: Path) -> None:
+    """--insecure: the relay reads the protocol (so the test above can fail), yet no id crosses."""
+    a, b, ids_a, ids_b, _ = _tables(tmp_path, "str")
+    relay = Relay()
+    run = _pair(tmp_path, a, b, relay=relay, secure=False)
+    for party in ("active", "passive"):
+        assert run[party][0] == 0, run[party][2]
+    blob = bytes(relay.recorded["to_active"] + relay.recorded["to_passive"])
+    assert b"nonce" in blob and b"reveal" in blob  # plaintext: the handshake is readable
+    _no_id_crossed(blob, ids_a + ids_b)
 
 
 def test_duplicate_ids_are_refused(tmp_path: Path) -> None:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
-import torch
 
 from kedit_vfl.artifacts import load_artifact
+from kedit_vfl.vfl.transport import INSECURE_PREFACE
 from tests.cli.runner import kvtool_json
 from tests.cli.vfl.parties import finish, free_port, run_pair, start
+from tests.relay import Relay
 
 EPOCHS = ("--epochs", "2")
 
@@ -127,53 +130,54 @@ def test_federated_score_in_two_processes_matches(
     assert not list(tmp_path.glob("*passive*"))  # the passive party writes nothing when it scores
 
 
-def test_recorded_messages_carry_no_label_and_no_raw_feature(tables: dict[str, Path], tmp_path: Path) -> None:
-    record = tmp_path / "record"
-    a, p = run_pair(
-        "train-split",
-        ["--active", tables["active_train"], *EPOCHS, "--out", tmp_path / "a.safetensors"],
-        ["--passive", tables["passive_train"], *EPOCHS, "--out", tmp_path / "p.safetensors"],
-        env={"KVTOOL_RECORD_TRAFFIC": str(record)},
-    )
-    _ok(a, p)
-    sent = {party: torch.load(next(record.glob(f"{party}-*.pt"))) for party in ("active", "passive")}
-    kinds = {party: {m["what"] for m in messages} for party, messages in sent.items()}
-    assert kinds["active"] <= {
-        "handshake",
-        "run details",
-        "ids for alignment",
-        "header",
-        "row keys",
-        "gradients",
-        "gradients and row keys",
-    }
-    passive_kinds = {
-        "handshake",
-        "run details",
-        "ids for alignment",
-        "embeddings",
-        "checkpoint saved",
-        "result",
-    }
-    assert kinds["passive"] <= passive_kinds
-    for m in sent["active"]:  # floats leave the active party only as gradients, a width per row
-        if m["tensor"].is_floating_point():
-            assert m["what"] == "gradients" and m["tensor"].numel() % 32 == 0
-        if m["what"] == "gradients and row keys":  # raw bytes: float32 gradients, then int64 keys
-            assert m["tensor"].dtype == torch.uint8 and m["tensor"].numel() % 8 == 0
-    for m in sent["passive"]:
-        if m["tensor"].is_floating_point():
-            assert m["what"] == "embeddings" and m["tensor"].shape[1] == 32
+def _frames(stream: bytes) -> list[bytes]:
+    """The messages of one direction of an ``--insecure`` run: the preface, then length-prefixed frames."""
+    assert stream.startswith(INSECURE_PREFACE)
+    frames, at = [], len(INSECURE_PREFACE)
+    while at + 8 <= len(stream):
+        (size,) = struct.unpack(">Q", stream[at : at + 8])
+        frames.append(stream[at + 8 : at + 8 + size])
+        at += 8 + size
+    assert at == len(stream), "the recorded stream does not split into frames"
+    return frames
+
+
+@pytest.fixture(scope="module")
+def recorded(tables: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """One train-split through a recording relay in plaintext (--insecure) and one under TLS."""
+    folder, runs = tmp_path_factory.mktemp("recorded"), {}
+    for name, secure in (("plain", False), ("tls", True)):
+        relay = Relay()
+        a, p = run_pair(
+            "train-split",
+            ["--active", tables["active_train"], *EPOCHS, "--out", folder / f"{name}_a.safetensors"],
+            ["--passive", tables["passive_train"], *EPOCHS, "--out", folder / f"{name}_p.safetensors"],
+            secure=secure,
+            relay=relay,
+        )
+        _ok(a, p)
+        runs[name] = {"relay": relay, "active": a.json()}
+    return runs
+
+
+def test_plaintext_messages_carry_no_label_and_no_raw_feature(
+    recorded: dict[str, dict], tables: dict[str, Path]
+) -> None:
+    """What crosses, read in the clear: embeddings, gradients, keys, PSI points; no label, no feature."""
+    relay = recorded["plain"]["relay"]
+    sent = {"active": _frames(bytes(relay.recorded["to_passive"])),
+            "passive": _frames(bytes(relay.recorded["to_active"]))}  # fmt: skip
     passive = pacsv.read_csv(tables["passive_train"])
     active = pacsv.read_csv(tables["active_train"])
-    blob = {party: b"".join(m["tensor"].numpy().tobytes() for m in sent[party]) for party in sent}
+    blob = {party: b"".join(frames) for party, frames in sent.items()}
     for party, table in (("passive", passive), ("active", active)):
         numeric = [
             n for n in table.column_names if n not in ("id", "y") and pa.types.is_floating(table[n].type)
         ]
         for name in table.column_names:
-            if name not in numeric and name not in ("id", "y"):
-                needles = [v.encode() for v in set(table[name].drop_null().to_pylist()) if len(v) >= 4][:50]
+            if name not in numeric and name not in ("y",):
+                needles = [str(v).encode() for v in set(table[name].drop_null().to_pylist())]
+                needles = [n for n in needles if len(n) >= 4][:200]
                 assert not any(n in blob[party] for n in needles), f"a value of {party} column {name} crossed"
         # a row's features, as they would cross: consecutive values, in float32 or float64
         rows = np.stack([table[n].to_numpy(zero_copy_only=False) for n in numeric], axis=1)[:300]
@@ -183,9 +187,31 @@ def test_recorded_messages_carry_no_label_and_no_raw_feature(tables: dict[str, P
             assert not any(n in blob[party] for n in needles), (
                 f"raw {party} features crossed as {dtype.__name__}"
             )
-    details = [m for m in sent["active"] if m["what"] in ("handshake", "run details")]
-    text = b"".join(m["tensor"].numpy().tobytes() for m in details).decode(errors="replace")
-    assert '"y"' not in text and "label" not in text.replace("label_col", "")
+    handshake = b"".join(sent["active"][:2]).decode(errors="replace")
+    assert '"nonce"' in handshake  # the first two messages are the handshake
+    assert '"y"' not in handshake and "label" not in handshake.replace("label_col", "")
+
+
+def test_a_listener_under_tls_reads_nothing(recorded: dict[str, dict], tables: dict[str, Path]) -> None:
+    """The same run under TLS: no handshake field, no id, no embedding a plaintext run sent."""
+    plain, tls = recorded["plain"]["relay"], recorded["tls"]["relay"]
+    assert recorded["tls"]["active"]["val_auc"] == pytest.approx(
+        recorded["plain"]["active"]["val_auc"], abs=1e-6
+    )
+    frames = _frames(bytes(plain.recorded["to_active"]))
+    embeddings = [f for f in frames[2:] if len(f) % (32 * 4) == 0 and len(f) >= 4096]  # rows x 32 floats
+    assert embeddings, "no batch of embeddings in the plaintext run"
+    needles = [embeddings[0][i : i + 16] for i in range(0, len(embeddings[0]), 512)]
+    ids = {str(v) for path in (tables["active_train"], tables["passive_train"])
+           for v in pacsv.read_csv(path)["id"].to_pylist()}  # fmt: skip
+    for direction, stream in tls.recorded.items():
+        data = bytes(stream)
+        assert len(data) > 100_000 and not data.startswith(INSECURE_PREFACE)
+        assert not any(n in data for n in needles), f"an embedding crossed in the clear ({direction})"
+        for field in (b"nonce", b"protocol", b"shared", b"summary", b"train-split", b"id_col"):
+            assert field not in data, f"handshake field {field!r} crossed in the clear ({direction})"
+        assert not any(i.encode() in data for i in ids if len(i) >= 5), f"an id crossed ({direction})"
+        assert len(zlib.compress(data)) > 0.99 * len(data)  # ciphertext: nothing to compress
 
 
 def test_peer_killed_mid_epoch_then_both_resume(tables: dict[str, Path], tmp_path: Path) -> None:

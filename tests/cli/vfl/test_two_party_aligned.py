@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 import pytest
-import torch
 
 from tests.cli.runner import kvtool_json
-from tests.cli.vfl.parties import KVTOOL, finish, free_port, run_pair
+from tests.cli.vfl.parties import KVTOOL, finish, free_port, run_pair, security_args
+from tests.relay import Relay
 
 EPOCHS = ("--epochs", "2")
 
@@ -32,7 +32,7 @@ def _align(active: Path, passive: Path, folder: Path, name: str) -> tuple[Path, 
 
 def _start_align(party: str, table: Path, out: Path, port: int) -> subprocess.Popen:
     argv = [KVTOOL, "vfl", "align", "--party", party, "--rendezvous", f"tcp://127.0.0.1:{port}",
-            "--table", str(table), "--out", str(out), "--quiet", "--json"]  # fmt: skip
+            "--table", str(table), "--out", str(out), "--quiet", "--json", *security_args(party)]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -40,13 +40,13 @@ def test_aligned_training_and_scoring_send_no_id_and_match_in_process(
     tables: dict[str, Path], tmp_path: Path
 ) -> None:
     train_a, train_p = _align(tables["active_train"], tables["passive_train"], tmp_path, "train")
-    record = tmp_path / "record"
+    relay = Relay()
     a_split, p_split = tmp_path / "a_split.safetensors", tmp_path / "p_split.safetensors"
     a, p = run_pair(
         "train-split",
         ["--active", tables["active_train"], "--alignment", train_a, *EPOCHS, "--out", a_split],
         ["--passive", tables["passive_train"], "--alignment", train_p, *EPOCHS, "--out", p_split],
-        env={"KVTOOL_RECORD_TRAFFIC": str(record)},
+        relay=relay,
     )
     _ok(a, p)
     single = kvtool_json(
@@ -56,9 +56,8 @@ def test_aligned_training_and_scoring_send_no_id_and_match_in_process(
     assert a.json()["val_auc"] == pytest.approx(single["val_auc"], abs=1e-3)
     assert a.json()["rows_overlapped"] == single["rows_overlapped"]
 
-    sent = [m for f in record.glob("*.pt") for m in torch.load(f)]
-    assert sent and not any(m["what"] == "ids for alignment" for m in sent)
-    blob = b"".join(m["tensor"].numpy().tobytes() for m in sent)
+    blob = bytes(relay.recorded["to_active"] + relay.recorded["to_passive"])
+    assert len(blob) > 100_000
     ids = set()
     for path in (tables["active_train"], tables["passive_train"]):
         ids |= {str(v) for v in pacsv.read_csv(path)["id"].to_pylist()}
