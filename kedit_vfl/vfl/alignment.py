@@ -55,6 +55,7 @@ from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.vfl.config import default_output
 from kedit_vfl.vfl.data import open_table, read_ids
 from kedit_vfl.vfl.protocol import Session, exchange, handshake, peer_rows
+from kedit_vfl.vfl.security import Security, check_security, parse_rendezvous
 from kedit_vfl.vfl.session import read_secret, security_of
 from kedit_vfl.vfl.transport import Channel, open_channel
 
@@ -105,6 +106,9 @@ class AlignConfig:
             raise UserError(f"--fpr {self.fpr}: must be in (0, 0.01]")
         if self.timeout <= 0:
             raise UserError(f"--timeout {self.timeout}: must be positive")
+        check_security(
+            Security(self.identity, self.peer_cert, self.insecure), parse_rendezvous(self.rendezvous)
+        )
         if self.deadline < self.timeout:
             raise UserError(f"--deadline {self.deadline}: must be at least --timeout ({self.timeout})")
 
@@ -372,7 +376,9 @@ def private_overlap(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The overlap of a two-party run, by the same PSI as ``kvtool vfl align --reveal both``
     inside the run's own session: this party's row and the wire key of each overlap row."""
-    options = AlignConfig(party=session.party, rendezvous="tcp://unused:1", table=Path("."), fpr=fpr)
+    options = AlignConfig(
+        party=session.party, rendezvous="tcp://127.0.0.1:1", table=Path("."), fpr=fpr, insecure=True
+    )  # only .fpr and .reveal are read: the session is already open
     run = _run_active if session.party == "active" else _run_passive
     result = run(session, ids, options, reporter or SILENT)
     _finish(session.channel, result, "both")

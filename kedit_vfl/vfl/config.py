@@ -14,6 +14,7 @@ from kedit_vfl.paths import runs_dir
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.model import ModelConfig
 from kedit_vfl.vfl.party import Protection
+from kedit_vfl.vfl.security import Security, check_security, parse_rendezvous
 
 MODES = ("local", "federated")
 PARTIES = ("both", "active", "passive")
@@ -66,6 +67,10 @@ def _check_party(owner: TrainOptions | ScoreConfig) -> None:
         ]
         if given:
             raise UserError(f"{', '.join(given)}: for two-party runs (with --party)")
+    if party != "both":
+        check_security(
+            Security(owner.identity, owner.peer_cert, owner.insecure), parse_rendezvous(str(rendezvous))
+        )
     if owner.ids_in_clear and owner.alignment is not None:
         raise UserError(
             "--ids-in-clear and --alignment exclude each other: the alignment already holds the overlap"

@@ -93,9 +93,12 @@ def security_of(config: Any) -> Security:
     )
 
 
-def fault_hint(config: Any) -> str:
+RESUMABLE = ("pretrain-mpd", "train-split")  # the commands with --resume
+
+
+def fault_hint(command: str) -> str:
     """What a peer fault message tells the user to do next: only flags the command has."""
-    if hasattr(config, "resume"):
+    if command in RESUMABLE:
         return "restart both parties with --resume to continue from the last common checkpoint"
     return "start both parties again"
 
@@ -129,7 +132,7 @@ def connect(
             )
     secret = read_secret(config.secret_file)
     channel = open_channel(
-        config.party, config.rendezvous, config.timeout, security_of(config), hint=fault_hint(config)
+        config.party, config.rendezvous, config.timeout, security_of(config), hint=fault_hint(command)
     )
     try:
         session = handshake(
