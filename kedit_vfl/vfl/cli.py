@@ -105,9 +105,7 @@ SecretOption = Annotated[
 ]
 IdentityOption = Annotated[
     Optional[Path],
-    typer.Option(
-        "--identity", help="This party's folder from 'kvtool vfl keygen' (key.pem and cert.pem)."
-    ),
+    typer.Option("--identity", help="This party's folder from 'kvtool vfl keygen' (key.pem and cert.pem)."),
 ]
 PeerCertOption = Annotated[
     Optional[Path],
