@@ -14,15 +14,8 @@ import torch
 from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.vfl import protocol
 from kedit_vfl.vfl.identity import generate_identity, load_certificate, load_identity
-from kedit_vfl.vfl.transport import (
-    FRAME,
-    Channel,
-    Security,
-    check_security,
-    is_loopback,
-    open_channel,
-    parse_rendezvous,
-)
+from kedit_vfl.vfl.security import Security, check_security, is_loopback, parse_rendezvous
+from kedit_vfl.vfl.transport import FRAME, Channel, open_channel
 
 
 def _free_port() -> int:
