@@ -76,17 +76,27 @@ def test_chunks_cover_every_row_once() -> None:
         ({"fpr": 0.0}, "--fpr 0.0: must be in (0, 0.01]"),
         ({"fpr": 0.5}, "--fpr 0.5"),
         ({"timeout": 0}, "--timeout 0: must be positive"),
+        ({"deadline": 10}, "--deadline 10: must be at least --timeout"),
+        ({"insecure": False}, "--identity DIR"),
+        ({"rendezvous": "tcp://192.0.2.1:1"}, "192.0.2.1 is not a loopback address"),
     ],
 )
 def test_config_validation(options: dict, expected: str) -> None:
-    base = {"party": "active", "rendezvous": "tcp://127.0.0.1:29500", "table": Path("a.csv")}
+    base = {
+        "party": "active",
+        "rendezvous": "tcp://127.0.0.1:29500",
+        "table": Path("a.csv"),
+        "insecure": True,
+    }
     with pytest.raises(UserError) as caught:
         al.AlignConfig(**{**base, **options})
     assert expected in str(caught.value)
 
 
 def test_config_default_output_names_the_party(tmp_path: Path) -> None:
-    config = al.AlignConfig(party="passive", rendezvous="tcp://h:1", table=Path("b.csv"))
+    config = al.AlignConfig(
+        party="passive", rendezvous="tcp://127.0.0.1:1", table=Path("b.csv"), insecure=True
+    )
     assert config.output.name == "alignment_passive.safetensors"
 
 

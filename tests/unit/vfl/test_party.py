@@ -114,8 +114,13 @@ def test_embedding_noise_only_in_training_and_clip_always() -> None:
     assert torch.all(clean.norm(dim=1) <= 0.05 + 1e-6)
     noisy = party.embed(torch.arange(6), train=True)
     assert (noisy - clean).abs().mean() > 0.3  # noise of std 1 on top of the clipped rows
+    # Outside the agreed overlap: zeros when scoring (the same answer for "not a user of mine"
+    # and "not agreed"), a refusal when training.
+    mixed = party.embed(torch.tensor([10, 2, -1]), train=False)
+    assert torch.equal(mixed[0], torch.zeros(mixed.shape[1])) and torch.equal(mixed[2], mixed[0])
+    assert torch.allclose(mixed[1], clean[2])
     with pytest.raises(UserError, match="outside the agreed overlap"):
-        party.embed(torch.tensor([10]), train=False)
+        party.embed(torch.tensor([10]), train=True)
 
 
 def test_checkpoint_store_keeps_the_last_three_and_finds_the_common_one(tmp_path: Path) -> None:
