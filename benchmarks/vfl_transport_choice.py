@@ -133,7 +133,10 @@ def _grpc_client(port: int, folder: Path, request: int, seconds: float) -> float
         private_key=(folder / "p" / "key.pem").read_bytes(),
         certificate_chain=(folder / "p" / "cert.pem").read_bytes(),
     )
-    options = [("grpc.ssl_target_name_override", "kvtool active"), ("grpc.max_receive_message_length", 8 << 20)]
+    options = [
+        ("grpc.ssl_target_name_override", "kvtool active"),
+        ("grpc.max_receive_message_length", 8 << 20),
+    ]
     channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
     call = channel.stream_stream("/kvtool.Bench/Exchange")
     outbox: queue.Queue = queue.Queue()

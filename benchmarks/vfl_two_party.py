@@ -11,7 +11,12 @@ the in-process pipeline runs the same stages with the same seed in one process.
    (training requests: row keys, embeddings, gradients, request headers), beside the
    floor (embedding width x 4 bytes x 2 directions + an 8-byte key); with the
    validation requests counted too; and all bytes on the wire (handshake included).
-3. Throughput: training rows/s of each stage's training loop, two processes vs one.
+3. Throughput: training rows/s of each stage's training loop, two processes vs one, with
+   the channel under mutual TLS (the default), in plaintext (``--insecure``, loopback only),
+   and, for reference, the previous release's plaintext gloo transport (measured with
+   that release's own benchmark on this machine; ``vfl_two_party_gloo_baseline.json``).
+   Bytes on the wire under TLS are counted by a relay between the parties: every byte of
+   ciphertext, TLS records and framing included.
 4. Protection: federated test AUC of ``train-split`` (in process) with ``--clip``,
    ``--embedding-noise`` and ``--gradient-noise`` settings.
 
@@ -32,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kedit_vfl.vfl.identity import generate_identity  # noqa: E402
+from tests.relay import Relay  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "vfl"
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
@@ -61,13 +70,39 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def pair(command: str, active: list[Any], passive: list[Any]) -> tuple[dict, dict, float]:
+IDENTITIES: Path | None = None
+
+
+def security(party: str, mode: str) -> list[str]:
+    if mode == "insecure":
+        return ["--insecure"]
+    assert IDENTITIES is not None
+    other = "passive" if party == "active" else "active"
+    return ["--identity", IDENTITIES / party, "--peer-cert", IDENTITIES / other / "cert.pem"]
+
+
+def pair(
+    command: str, active: list[Any], passive: list[Any], mode: str = "tls", relay: Relay | None = None
+) -> tuple[dict, dict, float]:
     """Both parties of one stage as two processes; (active result, passive result, seconds)."""
-    where = ["--rendezvous", f"tcp://127.0.0.1:{free_port()}", "--json", "--quiet"]
+    port = free_port()
+    ports = {"active": port, "passive": relay.start(port) if relay is not None else port}
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [KVTOOL, "vfl", command, "--party", party, *map(str, args), *where],
+            [
+                KVTOOL,
+                "vfl",
+                command,
+                "--party",
+                party,
+                *map(str, args),
+                *map(str, security(party, mode)),
+                "--rendezvous",
+                f"tcp://127.0.0.1:{ports[party]}",
+                "--json",
+                "--quiet",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -76,6 +111,8 @@ def pair(command: str, active: list[Any], passive: list[Any]) -> tuple[dict, dic
     ]
     outputs = [p.communicate(timeout=1800) for p in procs]
     seconds = time.perf_counter() - start
+    if relay is not None:
+        relay.stop()
     for p, (_, err) in zip(procs, outputs, strict=True):
         if p.returncode:
             raise SystemExit(f"two-party {command} failed: {err}")
@@ -110,7 +147,10 @@ def score(split: Path, local: Path, prefix: Path, passive_split: Path | None = N
     return {"auc_local": local_auc, "auc_federated": fed["auc"]}
 
 
-def two_party(folder: Path, seed: int) -> dict[str, Any]:
+def two_party(folder: Path, seed: int, mode: str = "tls", full: bool = True, count: bool = False) -> dict:
+    """The pipeline in two processes; ``full``: distill and score too; ``count``: through a relay."""
+    folder = folder / f"{mode}{'_relay' if count else ''}"
+    folder.mkdir()
     a = {name: folder / f"a_{name}.safetensors" for name in ("mpd", "split", "local")}
     p = {name: folder / f"p_{name}.safetensors" for name in ("mpd", "split")}
     a_data, p_data, s = (
@@ -126,10 +166,14 @@ def two_party(folder: Path, seed: int) -> dict[str, Any]:
         ("distill", "distill", [*a_data, *s, "--teacher", a["split"], "--out", a["local"]],
          [*p_data, *s, "--teacher", p["split"]]),
     )  # fmt: skip
-    for stage, command, active_args, passive_args in stages:
-        results[stage], passive[stage], timings[stage] = pair(command, active_args, passive_args)
-    scores = score(a["split"], a["local"], folder / "two", passive_split=p["split"])
-    return {"results": results, "passive": passive, "seconds": timings, **scores}
+    on_wire = {}
+    for stage, command, active_args, passive_args in stages if full else stages[:2]:
+        relay = Relay() if count else None
+        results[stage], passive[stage], timings[stage] = pair(command, active_args, passive_args, mode, relay)
+        if relay is not None:
+            on_wire[stage] = sum(len(b) for b in relay.recorded.values())
+    scores = score(a["split"], a["local"], folder / "two", passive_split=p["split"]) if full else {}
+    return {"results": results, "passive": passive, "seconds": timings, "on_wire": on_wire, **scores}
 
 
 def protection(folder: Path, seed: int) -> list[dict[str, Any]]:
@@ -143,7 +187,9 @@ def protection(folder: Path, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def report(one: dict, two: dict, guarded: list[dict], seed: int) -> str:
+def report(
+    one: dict, two: dict, plain: dict, counted: dict, baseline: dict, guarded: list[dict], seed: int
+) -> str:
     lines = [f"### Two parties vs one process: embedded data, seed {seed}", ""]
     lines += [
         "| deployment mode | in-process AUC | two-process AUC | difference |",
@@ -154,24 +200,37 @@ def report(one: dict, two: dict, guarded: list[dict], seed: int) -> str:
         lines.append(f"| {mode} | {x:.4f} | {y:.4f} | {abs(x - y):.1e} |")
     lines += [
         "",
-        "| stage | floor B/row | train B/row (ratio) | with validation B/row | wire bytes, both ways |",
+        "| stage | floor B/row | train B/row (ratio) | with validation B/row | payload bytes, both ways "
+        "| TLS bytes on the wire (relay) | previous gloo payload bytes | TLS / previous |",
     ]
-    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    old = baseline.get("two_party", {}).get("results", {})
     for stage in ("mpd", "split"):
         t = two["results"][stage]["traffic"]
         floor, train = t["floor_bytes_per_row"], t["bytes_per_trained_row"]
         wire = t["wire"]["bytes_sent"] + t["wire"]["bytes_received"]
+        tls = counted["on_wire"][stage]
+        previous = old.get(stage, {}).get("traffic", {}).get("wire")
+        prev = previous["bytes_sent"] + previous["bytes_received"] if previous else None
         lines.append(
             f"| {stage} | {floor} | {train:.1f} ({train / floor:.3f}x) | "
-            f"{t['bytes_per_trained_row_with_evaluation']:.1f} | {wire:,} |"
+            f"{t['bytes_per_trained_row_with_evaluation']:.1f} | {wire:,} | {tls:,} | "
+            + (f"{prev:,} | {tls / prev:.3f}x |" if prev else "n/a | n/a |")
         )
-    lines += ["", "| stage | in-process rows/s | two-process rows/s | ratio | wall s (one / two) |"]
-    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| stage | in-process rows/s | two-process TLS rows/s | ratio | two-process --insecure rows/s "
+        "| previous gloo rows/s | TLS / previous gloo | wall s (one / TLS) |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stage in ("mpd", "split"):
         x, y = one["results"][stage]["train_rows_per_s"], two["results"][stage]["train_rows_per_s"]
+        z = plain["results"][stage]["train_rows_per_s"]
+        g = old.get(stage, {}).get("train_rows_per_s")
         lines.append(
-            f"| {stage} | {x:,.0f} | {y:,.0f} | {y / x:.2f}x | "
-            f"{one['seconds'][stage]:.1f} / {two['seconds'][stage]:.1f} |"
+            f"| {stage} | {x:,.0f} | {y:,.0f} | {y / x:.2f}x | {z:,.0f} | "
+            + (f"{g:,.0f} | {y / g:.2f}x | " if g else "n/a | n/a | ")
+            + f"{one['seconds'][stage]:.1f} / {two['seconds'][stage]:.1f} |"
         )
     if guarded:
         base = guarded[0]["auc_federated"]
@@ -195,14 +254,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["KVTOOL_RUNS"] = str(folder / "runs")
+        global IDENTITIES
+        IDENTITIES = folder / "identities"
+        for party in ("active", "passive"):
+            generate_identity(IDENTITIES / party, party)
         one = in_process(folder, args.seed)
         two = two_party(folder, args.seed)
+        plain = two_party(folder, args.seed, "insecure", full=False)
+        counted = two_party(folder, args.seed, full=False, count=True)
         guarded = [] if args.skip_protection else protection(folder, args.seed)
-    text = report(one, two, guarded, args.seed)
+    baseline_file = RESULTS / "vfl_two_party_gloo_baseline.json"
+    baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else {}
+    text = report(one, two, plain, counted, baseline, guarded, args.seed)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "vfl_two_party.md").write_text(text)
-    raw = {"in_process": one, "two_party": two, "protection": guarded}
+    raw = {"in_process": one, "two_party": two, "insecure": plain, "relay": counted, "protection": guarded}
     (RESULTS / "vfl_two_party.json").write_text(json.dumps(raw, indent=1, default=str))
 
 
