@@ -215,9 +215,11 @@ def _setup_limit(rows: int) -> int:
 
 def _parsed(parse: Callable[[bytes], T], message: bytes, what: str) -> T:
     """A PSI message parsed by the library; a malformed one is the peer's fault."""
+    from google.protobuf.message import Error as ProtobufError
+
     try:
         return parse(message)
-    except (ValueError, RuntimeError, TypeError) as exc:
+    except (ValueError, RuntimeError, TypeError, ProtobufError) as exc:
         raise PeerError(f"protocol error: the other party sent a malformed PSI {what}") from exc
 
 

@@ -110,14 +110,21 @@ def test_traffic_is_counted_and_near_the_floor(pipeline: dict) -> None:
 def test_federated_score_in_two_processes_matches(
     pipeline: dict, tables: dict[str, Path], tmp_path: Path
 ) -> None:
-    out = pipeline["out"]
+    out, relay = pipeline["out"], Relay()
     a, p = run_pair(
         "score",
         ["--mode", "federated", "--model", out["a_split"], "--active", tables["active_test"],
          "--fallback", out["a_local"], "--out", tmp_path / "two.csv"],
         ["--mode", "federated", "--model", out["p_split"], "--passive", tables["passive_test"]],
+        relay=relay,
     )  # fmt: skip
     _ok(a, p)
+    ids = {str(v) for path in (tables["active_test"], tables["passive_test"])
+           for v in pacsv.read_csv(path)["id"].to_pylist()}  # fmt: skip
+    for stream in relay.recorded.values():  # a listener on the path reads nothing
+        data = bytes(stream)
+        assert len(data) > 10_000 and b"nonce" not in data and b"score" not in data
+        assert not any(i.encode() in data for i in ids if len(i) >= 5)
     single = kvtool_json(
         "vfl", "score", "--mode", "federated", "--model", pipeline["both"]["split"], "--active",
         tables["active_test"], "--passive", tables["passive_test"], "--fallback", pipeline["both"]["local"],

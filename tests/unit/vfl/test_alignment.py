@@ -121,3 +121,15 @@ def test_id_types_are_named_by_family() -> None:
     assert al.id_type_name(pa.int32()) == al.id_type_name(pa.int64()) == "int64"
     assert al.id_type_name(pa.large_string()) == al.id_type_name(pa.string()) == "string"
     assert al.id_type_name(pa.float64()) == "double"
+
+
+@pytest.mark.parametrize("message", [b"\x01\x02garbage", b"\xff\xff", b""])
+def test_malformed_psi_messages_are_peer_faults(message: bytes) -> None:
+    from kedit_vfl.errors import PeerError
+
+    server = al.new_server()
+    with pytest.raises(PeerError, match="malformed PSI request"):
+        al._parsed(lambda m: al.server_answer(server, m), message, "request")
+    if message:  # an empty message is a valid, empty protobuf setup
+        with pytest.raises(PeerError, match="malformed PSI setup"):
+            al._parsed(al.parse_setup, message, "setup")
