@@ -242,6 +242,7 @@ def _work(channel: Channel, fn: Callable[[], T]) -> T:
         except BaseException as exc:  # handed to the calling thread below
             box["error"] = exc
 
+    channel.flush("queued messages")  # what was said before the work must not wait for it
     thread = threading.Thread(target=target, daemon=True, name="kvtool-align-work")
     thread.start()
     interval = max(0.1, min(5.0, channel.timeout / 4))
@@ -250,10 +251,12 @@ def _work(channel: Channel, fn: Callable[[], T]) -> T:
         if not thread.is_alive():
             break
         channel.send(torch.tensor([KEEPALIVE, 0, 0, 0], dtype=torch.int64), "keepalive")
+        channel.flush("keepalive")
     if "error" in box:
         if isinstance(box["error"], UserError):
             channel.send(torch.tensor([FAILED, 0, 0, 0], dtype=torch.int64), "status")
             channel.send_json({"error": str(box["error"])}, "error")
+            channel.flush("error")
         raise box["error"]
     channel.send(torch.tensor([READY, 0, 0, 0], dtype=torch.int64), "status")
     return box["value"]

@@ -219,6 +219,7 @@ def handshake(
             problems.append("--resume: the parties hold no checkpoint in common; start both without --resume")
     if problems:
         raise UserError("two-party handshake refused: " + "; ".join(problems))
+    channel.flush("run details")  # the peer must not wait for this side's next message to get them
     run_id = hashlib.sha256(f"{nonces[0]}|{nonces[1]}".encode()).hexdigest()[:16]
     key = session_key(private, peer_public, nonces, secret)
     return Session(channel, me, run_id, resume_from, other["summary"], key)

@@ -233,3 +233,22 @@ def test_identity_files_are_checked(ids: Path, tmp_path: Path) -> None:
     (mixed / "cert.pem").write_bytes((ids / "passive" / "cert.pem").read_bytes())
     with pytest.raises(UserError, match="do not belong together"):
         load_identity(mixed)
+
+
+def test_keepalives_reach_the_waiting_party_during_long_work() -> None:
+    """Work longer than the timeout: queued messages and keepalives go out while it runs."""
+    import time
+
+    from kedit_vfl.vfl import alignment
+
+    def works(channel: Channel) -> int:
+        channel.send_json({"before": "the work"}, "notice")
+        return alignment._work(channel, lambda: time.sleep(2.5) or 7)
+
+    def waits(channel: Channel) -> dict:
+        notice = channel.recv_json("notice")
+        alignment._wait(channel, "the other party's work")
+        return notice
+
+    out = _pair(Security(insecure=True), Security(insecure=True), works, waits, timeout=1)
+    assert out == {"active": 7, "passive": {"before": "the work"}}
