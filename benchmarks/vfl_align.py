@@ -6,6 +6,11 @@ what the protocol itself needs: two compressed P-256 points (33 bytes each) per 
 id, one in the request and one in the answer, plus the passive party's encoded set
 (a Golomb-compressed set of about log2(n_active / fpr) + 1.5 bits per passive id).
 
+Both parties authenticate each other (mutual TLS 1.3, pinned certificates, as in
+production); the bytes counted are the channel's frames inside TLS. Beside each size stands
+the previous release's time (plaintext gloo transport, ``vfl_align_gloo_baseline.json``,
+measured with that release's benchmark on this kind of machine).
+
 Run: .venv/bin/python benchmarks/vfl_align.py [--sizes 100000 1000000] [--fpr 1e-9]
 """
 
@@ -25,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
 POINT = 33  # bytes: a compressed P-256 point
+sys.path.insert(0, str(ROOT))
+from kedit_vfl.vfl.identity import generate_identity  # noqa: E402
 
 
 def free_port() -> int:
@@ -52,11 +59,16 @@ def run_pair(active: Path, passive: Path, folder: Path, fpr: float, timeout: flo
     env = {**os.environ, "KVTOOL_RUNS": str(folder / "runs")}
     common = ["vfl", "align", "--rendezvous", f"tcp://127.0.0.1:{port}", "--fpr", str(fpr)]
     common += ["--timeout", str(timeout), "--json"]
+    for party in ("active", "passive"):
+        generate_identity(folder / "identities" / party, party)
     started = time.perf_counter()
     procs = {}
     for party, table in (("active", active), ("passive", passive)):
         out = folder / f"{party}.safetensors"
+        other = "passive" if party == "active" else "active"
         args = [KVTOOL, *common, "--party", party, "--table", str(table), "--out", str(out)]
+        args += ["--identity", str(folder / "identities" / party)]
+        args += ["--peer-cert", str(folder / "identities" / other / "cert.pem")]
         procs[party] = subprocess.Popen(
             args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -105,12 +117,18 @@ def table(rows: list[dict], fpr: float) -> str:
         "bytes also hold protobuf framing (2 bytes per point), the 8-byte wire key of each intersection",
         "row sent to the passive party (`--reveal both`), its 1-byte answer, keepalives and the handshake.",
         "",
-        "| ids per side | overlap | wall s | MB to passive (floor) | MB to active (floor) | bytes / floor |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| ids per side | overlap | wall s (TLS) | previous wall s (gloo) | ratio "
+        "| MB to passive (floor) | MB to active (floor) | bytes / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    baseline_file = ROOT / "benchmarks" / "results" / "vfl_align_gloo_baseline.json"
+    baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else []
+    before = {b["ids_per_side"]: b["wall_seconds"] for b in baseline}
     for r in rows:
+        old = before.get(r["ids_per_side"])
+        then = f"{old:.1f} | {r['wall_seconds'] / old:.2f}x" if old else "n/a | n/a"
         lines.append(
-            f"| {r['ids_per_side']:,} | {r['overlap']:,} | {r['wall_seconds']:.1f} "
+            f"| {r['ids_per_side']:,} | {r['overlap']:,} | {r['wall_seconds']:.1f} | {then} "
             f"| {r['bytes_to_passive'] / 1e6:.2f} ({r['floor_to_passive'] / 1e6:.2f}) "
             f"| {r['bytes_to_active'] / 1e6:.2f} ({r['floor_to_active'] / 1e6:.2f}) | {r['overhead']:.3f} |"
         )
