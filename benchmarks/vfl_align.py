@@ -9,7 +9,7 @@ id, one in the request and one in the answer, plus the passive party's encoded s
 Both parties authenticate each other (mutual TLS 1.3, pinned certificates, as in
 production); the bytes counted are the channel's frames inside TLS. Beside each size stands
 the previous release's time (plaintext gloo transport, ``vfl_align_gloo_baseline.json``,
-measured with that release's benchmark on this kind of machine).
+measured with that release's own benchmark on the same machine).
 
 Run: .venv/bin/python benchmarks/vfl_align.py [--sizes 100000 1000000] [--fpr 1e-9]
 """
@@ -116,6 +116,8 @@ def table(rows: list[dict], fpr: float) -> str:
         "party's Golomb-compressed set (log2(n_active/fpr) + 1.5 bits per passive id). The measured",
         "bytes also hold protobuf framing (2 bytes per point), the 8-byte wire key of each intersection",
         "row sent to the passive party (`--reveal both`), its 1-byte answer, keepalives and the handshake.",
+        "Both parties authenticated (mutual TLS 1.3). Previous: the release before TLS (plaintext gloo),",
+        "its own benchmark run on this machine the same day (`vfl_align_gloo_baseline.json`).",
         "",
         "| ids per side | overlap | wall s (TLS) | previous wall s (gloo) | ratio "
         "| MB to passive (floor) | MB to active (floor) | bytes / floor |",
