@@ -1,22 +1,27 @@
 """The two-party protocol: handshake, id alignment, and the request loop.
 
-After the rendezvous, the parties exchange, in order:
+Everything below runs inside the authenticated, encrypted channel of
+:mod:`kedit_vfl.vfl.transport`. After the connection the parties exchange, in order:
 
-1. ``hello``: protocol version, party, command and a random nonce each. A second
-   active party, another command or another version is refused on both sides.
+1. ``hello``: protocol version, party, command, a random nonce and a fresh X25519 public
+   key each. A second active party, another command or another version is refused on
+   both sides. The session key (:func:`session_key`) names rows on the wire.
 2. ``details``: the run configuration both sides must share (seeds, epochs, sizes...),
    a summary of each table, the run id of the artifacts each side starts from, the
-   checkpoints each holds (with ``--resume``), and, with ``--secret-file``, an HMAC of
-   both nonces under the shared secret (the secret itself never crosses). Each side
-   checks everything and refuses a mismatch, naming it, so both fail the same way.
-3. alignment: the passive party's ids go to the active party, which finds the overlap
-   and returns, for each overlap position, the passive row it refers to. From then on
-   rows are addressed by overlap position only.
+   checkpoints each holds (with ``--resume``), the fingerprint of the alignment each
+   uses, and, with ``--secret-file``, an HMAC of both nonces under the shared secret (an
+   optional extra check; the secret itself never crosses). Each side checks every field
+   and refuses a mismatch, naming it, so both fail the same way.
+3. alignment: a private set intersection inside the session (or a ``kvtool vfl align``
+   file given as ``--alignment``); only with ``--ids-in-clear`` on both sides do the
+   passive party's ids go to the active party. From then on rows are addressed by keys.
 4. requests, driven by the active party: ``EMBED`` (row keys -> embeddings), ``STEP``
    (gradients for the embeddings since the last step), ``STEP_EMBED`` (both in one
    message: a training step's gradients ride with the next batch's keys, so a step
    costs one round trip), ``PHASE``, ``SNAPSHOT``, ``RESTORE``, ``CHECKPOINT`` and
-   ``FINISH`` (answered with the passive party's result).
+   ``FINISH`` (answered with the passive party's result). A request for more than
+   ``MAX_ROWS_PER_REQUEST`` rows, an unknown request or one the passive party cannot
+   honour ends the run as a protocol error.
 """
 
 from __future__ import annotations
