@@ -4,7 +4,8 @@ Each party keeps its own checkpoints next to its output (``OUT.checkpoints/``), 
 ``(phase, epoch)``; two parties resume from the latest tag both hold. A checkpoint holds
 everything the rest of the run depends on (weights, optimizer moments, every random
 generator, the loop's bookkeeping), so a resumed run ends exactly where an
-uninterrupted one would.
+uninterrupted one would. Checkpoints are safetensors files with their structure as JSON
+(:mod:`kedit_vfl.statefile`), never pickle: a planted file cannot run code.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from kedit_vfl.artifacts import atomic_write
 from kedit_vfl.errors import UserError
+from kedit_vfl.statefile import StateFileError, load_state, save_state
 
 Tag = tuple[int, int]
-_NAME = re.compile(r"^phase(\d+)-epoch(\d+)\.pt$")
+_NAME = re.compile(r"^phase(\d+)-epoch(\d+)\.safetensors$")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -39,22 +41,25 @@ class CheckpointStore:
         return sorted((int(m[1]), int(m[2])) for m in found if m)
 
     def _path(self, tag: Tag) -> Path:
-        return self.directory / f"phase{tag[0]}-epoch{tag[1]:04d}.pt"
+        return self.directory / f"phase{tag[0]}-epoch{tag[1]:04d}.safetensors"
 
     def save(self, tag: Tag, state: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(self._path(tag), lambda tmp: torch.save(state, tmp))
+        save_state(self._path(tag), state, atomic_write)
         for old in self.tags()[: -self.keep]:
             self._path(old).unlink(missing_ok=True)
 
     def load(self, tag: Tag) -> dict[str, Any]:
         path = self._path(tag)
         try:
-            return torch.load(path, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as exc:
+            state = load_state(path)
+        except StateFileError as exc:
             raise UserError(
                 f"{path}: cannot read this checkpoint ({exc}); start again without --resume"
             ) from exc
+        if not isinstance(state, dict):
+            raise UserError(f"{path}: not a training checkpoint; start again without --resume")
+        return state
 
     def clear(self) -> None:
         for tag in self.tags():

@@ -231,7 +231,8 @@ def test_peer_killed_mid_epoch_then_both_resume(tables: dict[str, Path], tmp_pat
     a = start("active", "pretrain-mpd", active, port)
     checkpoints = tmp_path / "p.safetensors.checkpoints"
     deadline = time.monotonic() + 60
-    while len(list(checkpoints.glob("*.pt"))) < 2 and time.monotonic() < deadline and p.poll() is None:
+    running = lambda: p.poll() is None  # noqa: E731
+    while len(list(checkpoints.glob("*.safetensors"))) < 2 and time.monotonic() < deadline and running():
         time.sleep(0.02)
     assert p.poll() is None, "the passive party finished before it could be killed"
     p.send_signal(signal.SIGKILL)
