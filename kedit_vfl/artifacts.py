@@ -6,7 +6,10 @@ holds ``format`` (always ``kvtool``), ``kind`` (``vfl.split``, ``edit.editor``, 
 JSON), ``provenance`` (command, arguments, parents' sha256, data fingerprints, seed,
 time), ``extra`` (kind-specific JSON such as feature statistics) and ``content_sha256``,
 a digest over the tensors and the rest of the metadata, so that truncation or tampering
-is detected on load instead of producing a silently wrong model.
+is detected on load instead of producing a silently wrong model. The digest alone is not
+keyed (anyone can recompute it): with ``--sign-key`` it is also signed, and readers given
+``--trust`` refuse what no trusted key signed (:mod:`kedit_vfl.signing`). Loading refuses
+weights that are NaN or infinite, and metadata that is not what kvtool writes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kedit_vfl import __version__
+from kedit_vfl import __version__, signing
 from kedit_vfl.errors import UserError
 
 FORMAT = "kvtool"
@@ -47,6 +50,7 @@ class Artifact:
     format_version: int = FORMAT_VERSION
     path: Path | None = None
     sha256: str | None = None
+    signer: str | None = None  # fingerprint of the key that signed it, if signed
 
     @property
     def party(self) -> str | None:
@@ -155,9 +159,11 @@ def save_artifact(artifact: Artifact, path: str | Path) -> str:
         "extra": json.dumps(artifact.extra, sort_keys=True),
     }
     metadata["content_sha256"] = _content_digest(tensors, metadata)
+    metadata.update(signing.signature_fields(metadata["content_sha256"]))
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     artifact.path = path
     artifact.sha256 = file_sha256(path)
+    artifact.signer = metadata.get("signer")
     return artifact.sha256
 
 
@@ -195,21 +201,36 @@ def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) ->
         raise UserError(f"{path}: not a kvtool artifact (no 'format: kvtool' in its header)")
     kind = metadata.get("kind", "?")
     if wanted and kind not in wanted:
-        raise UserError(f"{path}: expected a {' or '.join(wanted)} artifact, got {kind}")
-    version = int(metadata.get("format_version", "0"))
+        raise UserError(f"{path}: expected a {' or '.join(wanted)} artifact, got {kind[:60]}")
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        raise UserError(f"{path}: artifact metadata is malformed (format_version is not a number)") from None
     if version > FORMAT_VERSION:
         raise UserError(
             f"{path}: artifact format {version} is newer than this kvtool supports "
             f"({FORMAT_VERSION}); upgrade kvtool"
         )
-    if _content_digest(tensors, metadata) != metadata.get("content_sha256"):
+    digest = _content_digest(tensors, metadata)
+    if digest != metadata.get("content_sha256"):
         raise UserError(f"{path}: artifact content does not match its checksum (tampered or damaged)")
-    try:
-        config = json.loads(metadata["config"])
-        provenance = json.loads(metadata["provenance"])
-        extra = json.loads(metadata.get("extra", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: artifact metadata is malformed ({exc})") from exc
+    signer = signing.check_signature(path, metadata, digest)
+    fields = {}
+    for name, default in (("config", None), ("provenance", None), ("extra", "{}")):
+        try:
+            fields[name] = json.loads(metadata[name] if default is None else metadata.get(name, default))
+        except KeyError:
+            raise UserError(f"{path}: artifact metadata is malformed (no '{name}')") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"{path}: artifact metadata is malformed ('{name}' is not valid JSON)") from None
+        if not isinstance(fields[name], dict):
+            raise UserError(f"{path}: artifact metadata is malformed ('{name}' is not a JSON object)")
+    config, provenance, extra = fields["config"], fields["provenance"], fields["extra"]
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"{path}: tensor '{name[:80]}' holds NaN or infinite values; refusing a broken model"
+            )
     return Artifact(
         kind=kind,
         tensors=tensors,
@@ -220,6 +241,7 @@ def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) ->
         format_version=version,
         path=path,
         sha256=file_sha256(path),
+        signer=signer,
     )
 
 
@@ -233,6 +255,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "kvtool_version": artifact.kvtool_version,
         "format_version": artifact.format_version,
         "sha256": artifact.sha256,
+        "signed_by": artifact.signer,
         "config": artifact.config,
         "provenance": artifact.provenance,
         "extra_keys": sorted(artifact.extra),

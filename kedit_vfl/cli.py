@@ -12,9 +12,19 @@ from typer.core import TyperGroup
 
 from kedit_vfl import __version__
 from kedit_vfl.artifacts import describe
-from kedit_vfl.console import JsonOption, debug_enabled, emit_json, error_line, print_kv, print_table
+from kedit_vfl.console import (
+    JsonOption,
+    TrustOption,
+    debug_enabled,
+    emit_json,
+    error_line,
+    print_kv,
+    print_table,
+)
 from kedit_vfl.edit.cli import app as edit_app
 from kedit_vfl.errors import PeerError, UserError
+from kedit_vfl.signing import generate_signing_key, use_signing
+from kedit_vfl.signing import reset as reset_signing
 from kedit_vfl.vfl.cli import app as vfl_app
 
 
@@ -47,6 +57,8 @@ class _ErrorBoundary(TyperGroup):
                 "(a bug in kvtool; rerun with --debug for the traceback)"
             )
             raise typer.Exit(1) from exc
+        finally:
+            reset_signing()
 
 
 app = typer.Typer(
@@ -87,11 +99,13 @@ def root(
 def info(
     artifact: Annotated[Path, typer.Argument(help="A kvtool artifact (.safetensors).")],
     json_output: JsonOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """Show an artifact's kind, version, config, provenance and tensor shapes.
 
     Example: kvtool info runs/vfl/split.safetensors --json
     """
+    use_signing(None, trust)
     details = describe(artifact)
     if json_output:
         emit_json(details)
@@ -103,6 +117,7 @@ def info(
             "party": details["party"] or "-",
             "kvtool_version": details["kvtool_version"],
             "sha256": details["sha256"],
+            "signed by": details["signed_by"] or "-",
             "parameters": details["parameters"],
             "command": details["provenance"].get("command"),
             "seed": details["provenance"].get("seed"),
@@ -119,6 +134,27 @@ def info(
             for name, t in details["tensors"].items()
         ],
     )
+
+
+@app.command("sign-keygen")
+def sign_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for signing.key (private) and signing.pub.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a key already in --out.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Make an Ed25519 key pair for signing artifacts (--sign-key) and checking them (--trust).
+
+    Example: kvtool sign-keygen --out ci-key && kvtool vfl distill --sign-key ci-key/signing.key
+    && kvtool vfl score --trust ci-key/signing.pub
+    """
+    private, public, fingerprint = generate_signing_key(out, force)
+    result = {"private_key": str(private), "public_key": str(public), "fingerprint": fingerprint}
+    if json_output:
+        emit_json(result)
+        return
+    typer.echo(f"private key (keep it secret; --sign-key): {private}")
+    typer.echo(f"public key (give it to readers; --trust): {public}")
+    typer.echo(f"fingerprint: {fingerprint}")
 
 
 def main() -> None:

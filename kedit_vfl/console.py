@@ -12,7 +12,8 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +35,22 @@ JsonOption = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda if available), cpu or cuda.")]
+SignKeyOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--sign-key",
+        envvar="KVTOOL_SIGN_KEY",
+        help="Sign the artifacts this command writes with this Ed25519 key (from 'kvtool sign-keygen').",
+    ),
+]
+TrustOption = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--trust",
+        envvar="KVTOOL_TRUST",
+        help="Accept only artifacts signed by this public key (signing.pub; repeat for several).",
+    ),
+]
 
 
 def debug_enabled() -> bool:

@@ -14,6 +14,8 @@ from kedit_vfl.console import (
     QuietOption,
     RichReporter,
     SeedOption,
+    SignKeyOption,
+    TrustOption,
     emit_json,
     print_kv,
     print_table,
@@ -28,6 +30,7 @@ from kedit_vfl.edit.config import (
 )
 from kedit_vfl.edit.metrics import METRICS
 from kedit_vfl.paths import runs_dir
+from kedit_vfl.signing import use_signing
 
 app = typer.Typer(
     help="Knowledge editing (InstructEdit): one editor: train, apply, evaluate, analyse its updates.\n\n"
@@ -149,11 +152,14 @@ def train_editor_command(
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Meta-train one instruction-conditioned editor across editing tasks.
 
     Example: kvtool edit train-editor --tasks counterfact,recent,convsent --holdout zsre
     """
+    use_signing(sign_key, trust)
     from kedit_vfl.edit.checkpoint import EDITOR_KIND, editor_extra
     from kedit_vfl.edit.training import train_editor
 
@@ -251,11 +257,13 @@ def apply_command(
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """Apply edits with a trained editor and save the edited model as a Hugging Face folder.
 
     Example: kvtool edit apply --edits requests.jsonl --out runs/edit/edited-model
     """
+    use_signing(None, trust)
     from kedit_vfl.edit.apply import apply_edits
 
     config = ApplyConfig(
@@ -333,11 +341,13 @@ def evaluate_command(
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """Reliability, Generalization, Locality and Portability per task, pre and post edit.
 
     Example: kvtool edit evaluate --json   (the embedded test split, hold-out task included)
     """
+    use_signing(None, trust)
     from kedit_vfl.edit.evaluation import evaluate_editor
 
     config = EvalConfig(
@@ -401,11 +411,13 @@ def analyze_gradients_command(
     seed: SeedOption = 0,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """How the editor's update directions cluster by task: PCA, silhouette, hold-out neighbour.
 
     Example: kvtool edit analyze-gradients --editor runs/edit/editor.safetensors --compare plain.safetensors
     """
+    use_signing(None, trust)
     from kedit_vfl.edit.gradients import AnalyzeConfig, analyze_gradients
 
     config = AnalyzeConfig(

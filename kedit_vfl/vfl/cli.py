@@ -13,9 +13,12 @@ from kedit_vfl.console import (
     QuietOption,
     RichReporter,
     SeedOption,
+    SignKeyOption,
+    TrustOption,
     emit_json,
     print_kv,
 )
+from kedit_vfl.signing import use_signing
 from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig, default_output
 from kedit_vfl.vfl.demo import DemoConfig, write_demo
 from kedit_vfl.vfl.model import ModelConfig
@@ -314,6 +317,8 @@ def pretrain_mpd_command(
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Pretrain both towers with Matched Pair Detection on the overlapped rows (labels unused).
 
@@ -323,6 +328,7 @@ def pretrain_mpd_command(
     and, on the publisher's host, kvtool vfl pretrain-mpd --party passive --passive b.csv
     --rendezvous tcp://ADVERTISER_HOST:29500
     """
+    use_signing(sign_key, trust)
     from kedit_vfl.vfl.mpd import pretrain_mpd
 
     config = MPDConfig(
@@ -409,6 +415,8 @@ def train_split_command(
     resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Train the split model (local + federated branches) on the labelled overlapped rows.
 
@@ -417,6 +425,7 @@ def train_split_command(
     --clip, --embedding-noise and --gradient-noise defend against label inference from
     the gradients the active party returns (at some cost in AUC; see the README).
     """
+    use_signing(sign_key, trust)
     from kedit_vfl.vfl.split import train_split
 
     config = SplitConfig(
@@ -483,6 +492,8 @@ def distill_command(
     ids_in_clear: IdsInClearOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Distil the split teacher into a local model over ALL active rows (SplitKD).
 
@@ -491,6 +502,7 @@ def distill_command(
 
     Example: kvtool vfl distill --teacher split.safetensors --active a.csv --passive b.csv
     """
+    use_signing(sign_key, trust)
     from kedit_vfl.vfl.distill import distill
 
     config = DistillConfig(
@@ -550,6 +562,7 @@ def score_command(
     ids_in_clear: IdsInClearOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """Score the active party's rows; AUC and log loss when labels exist.
 
@@ -561,6 +574,7 @@ def score_command(
 
     Example: kvtool vfl score --model split.safetensors --active a.csv --passive b.csv --mode federated --json
     """
+    use_signing(None, trust)
     from kedit_vfl.vfl.score import score
 
     config = ScoreConfig(
@@ -642,6 +656,7 @@ def align_command(
     ] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
 ) -> None:
     """Find the users both parties hold without sending any id (ECDH private set intersection).
 
@@ -650,6 +665,7 @@ def align_command(
     --party passive --table b.csv --rendezvous tcp://ADVERTISER_HOST:29500 --identity me
     --peer-cert advertiser.pem --out al.safetensors
     """
+    use_signing(sign_key)
     from kedit_vfl.vfl.alignment import AlignConfig, align
 
     config = AlignConfig(
@@ -700,6 +716,7 @@ def export_command(
     id_col: IdColOption = "id",
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    trust: TrustOption = None,
 ) -> None:
     """Export the local-mode model to ONNX, the feature transform inside the graph.
 
@@ -710,6 +727,7 @@ def export_command(
 
     Example: kvtool vfl export --model local.safetensors --format onnx --out local.onnx --json
     """
+    use_signing(None, trust)
     from kedit_vfl.vfl.export import ExportConfig, export_onnx
 
     config = ExportConfig(

@@ -88,3 +88,28 @@ launch.exit_now(launch.exit_status("a message"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip() == "a message"
     assert done.stdout.splitlines() == ["unflushedthread ran", "atexit ran"]
+
+
+def test_sign_then_trust_through_the_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline signs what it trains and refuses what it did not sign, with one line each."""
+    monkeypatch.delenv("KVTOOL_DEBUG")
+    assert kvtool("sign-keygen", "--out", tmp_path / "ci").exit_code == 0
+    assert kvtool("sign-keygen", "--out", tmp_path / "other").exit_code == 0
+    again = kvtool("sign-keygen", "--out", tmp_path / "ci")
+    assert again.exit_code == 2 and "--force" in again.stderr
+    key, pub = tmp_path / "ci" / "signing.key", tmp_path / "ci" / "signing.pub"
+    common = ["--epochs", "1", "--quiet"]
+    signed = kvtool("vfl", "pretrain-mpd", *common, "--out", tmp_path / "s.safetensors", "--sign-key", key)
+    assert signed.exit_code == 0, signed.stderr
+    plain = kvtool("vfl", "pretrain-mpd", *common, "--out", tmp_path / "p.safetensors")
+    assert plain.exit_code == 0, plain.stderr
+    info = json.loads(kvtool("info", tmp_path / "s.safetensors", "--trust", pub, "--json").stdout)
+    assert info["signed_by"].startswith("ed25519:SHA256:")
+    refused = kvtool("vfl", "train-split", *common, "--init", tmp_path / "p.safetensors", "--trust", pub)
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "not signed" in refused.stderr
+    other = kvtool("info", tmp_path / "s.safetensors", "--trust", tmp_path / "other" / "signing.pub")
+    assert other.exit_code == 2 and "not among the --trust keys" in other.stderr
+    init, out = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    trusted = {"KVTOOL_TRUST": str(pub)}
+    accepted = kvtool("vfl", "train-split", *common, "--init", init, "--out", out, env=trusted)
+    assert accepted.exit_code == 0, accepted.stderr

@@ -108,3 +108,74 @@ def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert mode == 0o666 & ~mask
+
+
+def _rewrite(path: Path, tensors: dict | None = None, **metadata: str) -> None:
+    """Rewrite an artifact's tensors or header fields, recomputing the (unkeyed) checksum."""
+    from safetensors.torch import load_file, save_file
+
+    from kedit_vfl.artifacts import _content_digest
+
+    header = {**read_metadata(path), **metadata}
+    data = tensors if tensors is not None else load_file(str(path))
+    header["content_sha256"] = _content_digest(data, header)
+    save_file(data, str(path), metadata=header)
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_artifact(_artifact(), path)
+    _rewrite(path, tensors={"w": torch.tensor([[1.0, float("nan")]]), "b": torch.zeros(3)})
+    with pytest.raises(UserError, match="tensor 'w' holds NaN or infinite values"):
+        load_artifact(path)
+    _rewrite(path, tensors={"w": torch.ones(2), "b": torch.tensor([float("inf")])})
+    with pytest.raises(UserError, match="tensor 'b' holds NaN"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"config": "{not json"}, "'config' is not valid JSON"),
+        ({"extra": "[1, 2]"}, "'extra' is not a JSON object"),
+        ({"format_version": "one"}, "format_version is not a number"),
+    ],
+)
+def test_malformed_metadata_is_one_clear_error(tmp_path: Path, fields: dict, expected: str) -> None:
+    path = tmp_path / "a.safetensors"
+    save_artifact(_artifact(), path)
+    _rewrite(path, **fields)
+    with pytest.raises(UserError, match=expected):
+        load_artifact(path)
+
+
+def test_signed_artifacts_and_trust(tmp_path: Path) -> None:
+    from kedit_vfl import signing
+
+    ours = signing.generate_signing_key(tmp_path / "ours")
+    theirs = signing.generate_signing_key(tmp_path / "theirs")
+    assert (tmp_path / "ours" / "signing.key").stat().st_mode & 0o777 == 0o600
+    try:
+        signing.use_signing(ours[0])
+        save_artifact(_artifact(), tmp_path / "signed.safetensors")
+        signing.use_signing(theirs[0])
+        save_artifact(_artifact(), tmp_path / "theirs.safetensors")
+        signing.reset()
+        save_artifact(_artifact(), tmp_path / "plain.safetensors")
+        assert load_artifact(tmp_path / "plain.safetensors").signer is None  # no --trust: nothing required
+        signing.use_signing(None, [ours[1]])
+        assert load_artifact(tmp_path / "signed.safetensors").signer == ours[2]
+        with pytest.raises(UserError, match="not signed"):
+            load_artifact(tmp_path / "plain.safetensors")
+        with pytest.raises(UserError, match="not among the --trust keys"):
+            load_artifact(tmp_path / "theirs.safetensors")
+        # a forger changes a weight, recomputes the checksum and keeps the signature fields
+        _rewrite(tmp_path / "signed.safetensors", tensors={"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        with pytest.raises(UserError, match="signature does not match"):
+            load_artifact(tmp_path / "signed.safetensors")
+        signing.use_signing(None, [theirs[1], ours[1]])
+        assert load_artifact(tmp_path / "theirs.safetensors").signer == theirs[2]
+    finally:
+        signing.reset()
+    with pytest.raises(UserError, match="not an Ed25519 key|not an unencrypted PEM"):
+        signing.use_signing(tmp_path / "ours" / "signing.pub")
