@@ -10,6 +10,10 @@ is detected on load instead of producing a silently wrong model. The digest alon
 keyed (anyone can recompute it): with ``--sign-key`` it is also signed, and readers given
 ``--trust`` refuse what no trusted key signed (:mod:`kedit_vfl.signing`). Loading refuses
 weights that are NaN or infinite, and metadata that is not what kvtool writes.
+
+The file is checked from its raw bytes (:func:`read_checked`), without PyTorch, so that
+``kvtool info`` starts fast; only :func:`load_artifact` and :func:`save_artifact` build
+tensors.
 """
 
 from __future__ import annotations
@@ -17,22 +21,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from kedit_vfl import __version__, signing
 from kedit_vfl.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT = "kvtool"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+TORCH_DTYPES = {
+    "F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+    "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+    "U8": "torch.uint8", "BOOL": "torch.bool",
+}  # fmt: skip
 FORMAT_VERSION = 1
 _META_KEYS = ("format", "format_version", "kind", "kvtool_version", "config", "provenance", "extra")
 
@@ -42,7 +52,7 @@ class Artifact:
     """What an artifact file holds, in memory."""
 
     kind: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # empty when read by :func:`read_checked` alone
     config: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -105,15 +115,26 @@ def make_provenance(
     }
 
 
-def _content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+def _digest(parts: Iterable[tuple[str, str, tuple[int, ...], bytes]], metadata: Mapping[str, str]) -> str:
+    """sha256 over the metadata fields and each tensor's name, dtype, shape and bytes."""
     digest = hashlib.sha256()
     for key in _META_KEYS:
         digest.update(key.encode() + b"\0" + metadata.get(key, "").encode() + b"\0")
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for name, dtype, shape, data in sorted(parts):
+        digest.update(name.encode() + b"\0" + dtype.encode() + str(shape).encode())
+        digest.update(data)
     return digest.hexdigest()
+
+
+def _content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    import torch
+
+    parts = []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        parts.append((name, str(tensor.dtype), tuple(tensor.shape), data))
+    return _digest(parts, metadata)
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -147,6 +168,8 @@ def _umask() -> int:
 
 def save_artifact(artifact: Artifact, path: str | Path) -> str:
     """Write the artifact atomically; return its file's sha256."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in artifact.tensors.items()}
     metadata = {
@@ -167,16 +190,87 @@ def save_artifact(artifact: Artifact, path: str | Path) -> str:
     return artifact.sha256
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The raw header metadata, without loading tensors (cheap checks, ``kvtool info``)."""
-    from safetensors import safe_open
+def _header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors header and where its data begins, checked against the file's size."""
+    if len(data) < 8:
+        raise UserError(f"{path}: not a safetensors artifact (too short)")
+    size = int.from_bytes(data[:8], "little")
+    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise UserError(f"{path}: damaged or truncated artifact (header of {size:,} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path}: not a safetensors artifact (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors artifact (unreadable header)")
+    return header, 8 + size
 
+
+def _parts(header: dict[str, Any], start: int, data: bytes, path: Path) -> list:
+    """(name, torch dtype, shape, bytes) of each tensor, every offset checked."""
+    parts = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = (
+                entry["dtype"],
+                tuple(int(n) for n in entry["shape"]),
+                entry["data_offsets"],
+            )
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: damaged artifact (tensor '{str(name)[:80]}' is malformed)") from None
+        if dtype not in TORCH_DTYPES:
+            raise UserError(
+                f"{path}: tensor '{str(name)[:80]}' has a type kvtool never writes ({str(dtype)[:20]})"
+            )
+        if not 0 <= begin <= end <= len(data) - start:
+            raise UserError(
+                f"{path}: damaged or truncated artifact (tensor '{str(name)[:80]}' out of bounds)"
+            )
+        parts.append((name, TORCH_DTYPES[dtype], shape, data[start + begin : start + end]))
+    return parts
+
+
+def _finite(dtype: str, data: bytes) -> bool:
+    """Whether a float tensor's raw bytes hold no NaN or infinity (NumPy, no PyTorch)."""
+    import numpy as np
+
+    if dtype == "torch.bfloat16":  # the upper half of a float32
+        values = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    elif dtype in ("torch.float16", "torch.float32", "torch.float64"):
+        values = np.frombuffer(data, dtype={"torch.float16": "<f2", "torch.float32": "<f4"}.get(dtype, "<f8"))
+    else:
+        return True
+    return bool(np.isfinite(values).all())
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    """An artifact file read and verified from its bytes; tensors not built."""
+
+    artifact: Artifact
+    data: bytes
+    parts: list
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The raw header metadata, without reading or checking the tensors (cheap checks)."""
     path = _existing(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable safetensors artifact ({exc})") from exc
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise UserError(f"{path}: not a readable safetensors artifact")
+            header, _ = _header(head + handle.read(size), path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror})") from exc
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: artifact metadata is malformed")
+    return dict(metadata)
 
 
 def _existing(path: str | Path) -> Path:
@@ -188,15 +282,19 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) -> Artifact:
-    """Load and verify an artifact; refuse a wrong kind, a newer format or a damaged file."""
+def read_checked(path: str | Path, kinds: str | Iterable[str] | None = None) -> CheckedFile:
+    """Read and verify an artifact from its bytes: kind, format version, checksum, signature
+    (with ``--trust``), metadata and finite weights; refuse anything else with one line."""
     path = _existing(path)
     wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: damaged or truncated artifact ({exc})") from exc
-    metadata = read_metadata(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror})") from exc
+    header, start = _header(data, path)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: artifact metadata is malformed")
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path}: not a kvtool artifact (no 'format: kvtool' in its header)")
     kind = metadata.get("kind", "?")
@@ -211,7 +309,8 @@ def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) ->
             f"{path}: artifact format {version} is newer than this kvtool supports "
             f"({FORMAT_VERSION}); upgrade kvtool"
         )
-    digest = _content_digest(tensors, metadata)
+    parts = _parts(header, start, data, path)
+    digest = _digest(parts, metadata)
     if digest != metadata.get("content_sha256"):
         raise UserError(f"{path}: artifact content does not match its checksum (tampered or damaged)")
     signer = signing.check_signature(path, metadata, digest)
@@ -225,29 +324,42 @@ def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) ->
             raise UserError(f"{path}: artifact metadata is malformed ('{name}' is not valid JSON)") from None
         if not isinstance(fields[name], dict):
             raise UserError(f"{path}: artifact metadata is malformed ('{name}' is not a JSON object)")
-    config, provenance, extra = fields["config"], fields["provenance"], fields["extra"]
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(
-                f"{path}: tensor '{name[:80]}' holds NaN or infinite values; refusing a broken model"
-            )
-    return Artifact(
+    for name, dtype, _, raw in parts:
+        if not _finite(dtype, raw):
+            raise UserError(f"{path}: tensor '{name[:80]}' holds NaN or infinite values (a broken model)")
+    artifact = Artifact(
         kind=kind,
-        tensors=tensors,
-        config=config,
-        provenance=provenance,
-        extra=extra,
+        tensors={},
+        config=fields["config"],
+        provenance=fields["provenance"],
+        extra=fields["extra"],
         kvtool_version=metadata.get("kvtool_version", "?"),
         format_version=version,
         path=path,
-        sha256=file_sha256(path),
+        sha256=hashlib.sha256(data).hexdigest(),
         signer=signer,
     )
+    return CheckedFile(artifact, data, parts)
+
+
+def load_artifact(path: str | Path, kinds: str | Iterable[str] | None = None) -> Artifact:
+    """Load and verify an artifact; refuse a wrong kind, a newer format or a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    checked = read_checked(path, kinds)
+    try:
+        checked.artifact.tensors = load(checked.data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{checked.artifact.path}: damaged or truncated artifact ({exc})") from exc
+    return checked.artifact
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Everything ``kvtool info`` shows: kind, versions, config, provenance, tensor shapes."""
-    artifact = load_artifact(path)
+    """Everything ``kvtool info`` shows: kind, versions, config, provenance, tensor shapes
+    (checked from the file's bytes, without PyTorch)."""
+    checked = read_checked(path)
+    artifact = checked.artifact
     return {
         "path": str(artifact.path),
         "kind": artifact.kind,
@@ -260,8 +372,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "provenance": artifact.provenance,
         "extra_keys": sorted(artifact.extra),
         "tensors": {
-            name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-            for name, t in sorted(artifact.tensors.items())
+            name: {"shape": list(shape), "dtype": dtype.removeprefix("torch.")}
+            for name, dtype, shape, _ in sorted(checked.parts)
         },
-        "parameters": int(sum(t.numel() for t in artifact.tensors.values())),
+        "parameters": sum(math.prod(shape) for _, _, shape, _ in checked.parts),
     }

@@ -75,7 +75,7 @@ def test_failed_write_leaves_the_old_artifact_intact(tmp_path: Path, monkeypatch
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("kedit_vfl.artifacts.save_file", boom)
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(UserError, match="could not write"):
         save_artifact(_artifact(), path)
     assert path.read_bytes() == before
