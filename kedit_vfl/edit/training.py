@@ -31,7 +31,7 @@ import torch
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, save_artifact
 from kedit_vfl.edit.batches import Prompter, training_batches
-from kedit_vfl.edit.checkpoint import CHECKPOINT_KIND, flatten_optimizer, restore_optimizer
+from kedit_vfl.edit.checkpoint import CHECKPOINT_KIND
 from kedit_vfl.edit.config import TrainConfig
 from kedit_vfl.edit.editor import Editor, edit_gradients, edited_params, forward_with
 from kedit_vfl.edit.evaluation import evaluate_records, summarise
@@ -43,6 +43,7 @@ from kedit_vfl.edit.sources import by_task, embedded_world, open_base, read_reco
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
+from kedit_vfl.statefile import StateFileError, flatten, unflatten
 
 VALIDATION_FRACTION = 0.1  # of each task's records, when training on user files
 
@@ -205,7 +206,7 @@ class _Trainer:
     def save(self) -> None:
         if self.checkpoint is None:
             return
-        tensors, optim_meta = flatten_optimizer(self.optimizer)
+        tensors, optim_meta = flatten(self.optimizer.state_dict(), prefix="optim/")
         tensors.update({f"editor/{k}": v for k, v in self.editor.state_dict().items()})
         tensors.update({f"average/{k}": v for k, v in self.average.items()})
         tensors.update({f"best/{k}": v for k, v in self.best_state.items()})
@@ -230,14 +231,30 @@ class _Trainer:
             raise UserError(
                 f"--resume: {self.checkpoint} was trained with other settings ({', '.join(changed)})"
             )
+        try:
+            self._restore_from(saved)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, StateFileError) as exc:
+            detail = (str(exc).splitlines() or [""])[0][:160]
+            raise UserError(
+                f"--resume: {self.checkpoint} does not fit this run ({type(exc).__name__}: {detail}); "
+                "train again without --resume"
+            ) from exc
+
+    def _restore_from(self, saved: Artifact) -> None:
         self.editor.load_state_dict({k[7:]: v for k, v in saved.tensors.items() if k.startswith("editor/")})
         self.best_state = {k[5:]: v for k, v in saved.tensors.items() if k.startswith("best/")}
+        if set(self.best_state) != set(self.editor.state_dict()):
+            raise KeyError("the best editor's weights are incomplete")
         with torch.no_grad():
             for name, average in self.average.items():
                 average.copy_(saved.tensors[f"average/{name}"])
-        restore_optimizer(self.optimizer, saved.tensors, saved.extra["optim"])
-        self.step, self.best, self.bad = saved.extra["step"], saved.extra["best"], saved.extra["bad"]
-        self.history = saved.extra["history"]
+        self.optimizer.load_state_dict(unflatten(saved.extra["optim"], saved.tensors))
+        step, best, bad, history = (saved.extra[k] for k in ("step", "best", "bad", "history"))
+        if not (isinstance(step, int) and isinstance(bad, int) and isinstance(best, dict)):
+            raise TypeError("the step counters are not numbers")
+        if not isinstance(history, list) or not isinstance(best.get("score"), int | float):
+            raise TypeError("the validation history is malformed")
+        self.step, self.best, self.bad, self.history = step, best, bad, history
 
     def record_validation(self, summary: dict[str, Any]) -> bool:
         """Keep the best editor; True when patience has run out."""

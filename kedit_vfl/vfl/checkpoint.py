@@ -11,8 +11,10 @@ uninterrupted one would. Checkpoints are safetensors files with their structure 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +23,7 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.statefile import StateFileError, load_state, save_state
 
 Tag = tuple[int, int]
+T = TypeVar("T")
 _NAME = re.compile(r"^phase(\d+)-epoch(\d+)\.safetensors$")
 
 
@@ -61,6 +64,25 @@ class CheckpointStore:
             raise UserError(f"{path}: not a training checkpoint; start again without --resume")
         return state
 
+    @contextmanager
+    def fitting(self, tag: Tag) -> Iterator[None]:
+        """Around restoring checkpoint ``tag``: a state that does not fit this run (a key
+        missing, a wrong shape or type) is the file's fault, told in one line, not a bug."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+            detail = (str(exc).splitlines() or [""])[0][:160]
+            raise UserError(
+                f"{self._path(tag)}: this checkpoint does not fit this run ({type(exc).__name__}: "
+                f"{detail}); start again without --resume"
+            ) from exc
+
+    def restore(self, tag: Tag, apply: Callable[[dict[str, Any]], T]) -> T:
+        """Load checkpoint ``tag`` and hand it to ``apply`` (a ``load_state_dict``)."""
+        state = self.load(tag)
+        with self.fitting(tag):
+            return apply(state)
+
     def clear(self) -> None:
         for tag in self.tags():
             self._path(tag).unlink(missing_ok=True)
@@ -95,7 +117,8 @@ class TrainingState:
         if resume_from is not None:
             assert store is not None
             self._loaded = store.load(resume_from)
-            self.extra = dict(self._loaded["extra"])
+            with store.fitting(resume_from):
+                self.extra = dict(self._loaded["extra"])
 
     def register(self, name: str, obj: Any) -> None:
         self.objects[name] = obj
@@ -104,17 +127,23 @@ class TrainingState:
         """Whether ``phase`` finished before the checkpoint being resumed."""
         return self.resume_from is not None and self.resume_from[0] > phase
 
-    def resume(self, phase: int) -> dict[str, Any] | None:
-        """Restore everything if the resumed checkpoint is in ``phase``; its loop state."""
+    def resume(self, phase: int, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Restore everything if the resumed checkpoint is in ``phase``; its loop state
+        (refused unless it has the same keys as ``like``, the loop state a fresh phase has)."""
         if self._loaded is None or self.resume_from is None or self.resume_from[0] != phase:
             return None
         state, self._loaded = self._loaded, None
-        for name, obj in self.objects.items():
-            obj.load_state_dict(state["objects"][name])
-        torch.set_rng_state(state["torch_rng"])
-        for name, generator in self.generators.items():
-            generator.set_state(state["generators"][name])
-        return state["loop"]
+        assert self.store is not None
+        with self.store.fitting(self.resume_from):
+            for name, obj in self.objects.items():
+                obj.load_state_dict(state["objects"][name])
+            torch.set_rng_state(state["torch_rng"])
+            for name, generator in self.generators.items():
+                generator.set_state(state["generators"][name])
+            loop = state["loop"]
+            if not isinstance(loop, dict) or (like is not None and set(loop) != set(like)):
+                raise KeyError("the loop state has other fields than this run keeps")
+            return loop
 
     def save(self, tag: Tag, loop: dict[str, Any]) -> None:
         if self.store is None:

@@ -251,7 +251,7 @@ class PassiveParty:
 
     def resume(self, tag: Tag) -> None:
         assert self.checkpoints is not None
-        self.load_state_dict(self.checkpoints.load(tag))
+        self.checkpoints.restore(tag, self.load_state_dict)
 
     def finish(self) -> None:
         self._mode(False)

@@ -300,7 +300,7 @@ def fit(
     if state is not None:
         state.register("model", model)
         state.register("optimizer", optimizer)
-        loop = state.resume(phase) or loop
+        loop = state.resume(phase, like=loop) or loop
     with single_thread(), reporter.task(description, total=epochs) as task:
         task.advance(loop["epoch"])
         for epoch in range(loop["epoch"] + 1, epochs + 1):

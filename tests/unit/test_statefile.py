@@ -66,3 +66,69 @@ def test_other_safetensors_files_are_not_state_files(tmp_path: Path) -> None:
     )
     with pytest.raises(StateFileError, match="does not hold"):
         load_state(tmp_path / "t.safetensors")
+
+
+def test_numpy_random_states_and_bytes_round_trip_without_pickle(tmp_path: Path) -> None:
+    legacy = np.random.RandomState(5)
+    generator = np.random.default_rng(7)
+    state = {"legacy": legacy.get_state(), "pcg": generator.bit_generator.state, "raw": b"\x00\xffkv"}
+    save_state(tmp_path / "n.safetensors", state, atomic_write)
+    back = load_state(tmp_path / "n.safetensors")
+    assert back["raw"] == b"\x00\xffkv"
+    again = np.random.RandomState()
+    again.set_state(back["legacy"])
+    other = np.random.default_rng()
+    other.bit_generator.state = back["pcg"]
+    assert again.random() == legacy.random() and other.random() == generator.random()
+
+
+@pytest.mark.parametrize(
+    ("structure", "expected"),
+    [
+        ('{"x": {"__tensor__": []}}', "does not hold"),
+        ('{"x": {"__tuple__": 3}}', "malformed tuple"),
+        ('{"x": {"__items__": [[[1], 2]]}}', "key that cannot be one"),
+        ('{"x": {"__items__": [[1]]}}', "malformed mapping"),
+        ('{"x": {"__float__": "1e999"}}', "malformed number"),
+        ('{"x": {"__bytes__": "zz"}}', "malformed bytes"),
+        ('{"x": {"__tensor__": "t0", "y": 1}}', "malformed tensor"),
+        ("[" * 100 + "]" * 100, "nested too deeply"),
+    ],
+)
+def test_crafted_structures_are_refused_in_one_line(tmp_path: Path, structure: str, expected: str) -> None:
+    path = tmp_path / "c.safetensors"
+    save_file({"t0": torch.zeros(1)}, str(path), metadata={"format": "kvtool-state/1", "structure": structure})
+    with pytest.raises(StateFileError, match=expected):
+        load_state(path)
+
+
+def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    save_state(path, {"w": torch.ones(64)}, atomic_write)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(StateFileError, match="unreadable"):
+        load_state(path)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(StateFileError, match="unreadable"):
+        load_state(path)
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_a_user_error(tmp_path: Path) -> None:
+    from kedit_vfl.vfl.checkpoint import TrainingState
+
+    store = CheckpointStore(tmp_path / "c")
+    store.save((0, 1), {"objects": {"model": {"weight": torch.zeros(5)}}, "torch_rng": torch.get_rng_state(),
+                        "generators": {}, "extra": {}, "loop": {"epoch": 1}})  # fmt: skip
+    state = TrainingState(store, {}, resume_from=(0, 1))
+    state.register("model", torch.nn.Linear(3, 2))
+    with pytest.raises(UserError, match="does not fit this run .*start again without --resume"):
+        state.resume(0)
+    store.save((0, 2), {"extra": {}, "loop": {"epoch": 1}, "objects": {}, "torch_rng": torch.get_rng_state(),
+                        "generators": {}})  # fmt: skip
+    with pytest.raises(UserError, match="other fields than this run keeps"):
+        TrainingState(store, {}, resume_from=(0, 2)).resume(0, like={"epoch": 0, "best_value": 1.0})
+    store.save((0, 3), {"loop": {}})
+    with pytest.raises(UserError, match="does not fit this run"):
+        TrainingState(store, {}, resume_from=(0, 3))
+    with pytest.raises(UserError, match="does not fit this run"):
+        store.restore((0, 3), lambda s: s["tower"])
