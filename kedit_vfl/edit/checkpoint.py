@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kedit_vfl.artifacts import Artifact, load_artifact
 from kedit_vfl.edit.config import EditorConfig
 from kedit_vfl.edit.editor import Editor
 from kedit_vfl.edit.instructions import InstructionPools
-from kedit_vfl.edit.models import BaseModel, EditTarget
+from kedit_vfl.edit.models import ALL_WEIGHTS, EDITED_LAYERS, BaseModel, EditTarget
 from kedit_vfl.edit.sources import EMBEDDED, open_base, world_options_of
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
@@ -39,7 +37,12 @@ def editor_extra(
     editor: Editor, base: BaseModel, pools: InstructionPools | None, base_info: dict[str, Any], **more: Any
 ) -> dict[str, Any]:
     return {
-        "base": {**base_info, "fingerprint": base.fingerprint(), "model_type": base.model.config.model_type},
+        "base": {
+            **base_info,
+            "fingerprint": base.fingerprint(ALL_WEIGHTS),
+            "fingerprint_scope": ALL_WEIGHTS,
+            "model_type": base.model.config.model_type,
+        },
         "editor": {**vars(editor.config), "layers": list(editor.config.layers)},
         "targets": [t.to_dict() for t in editor.targets],
         "instructions": pools.to_dict() if pools is not None else None,
@@ -67,9 +70,12 @@ def load_editor(path: str | Path) -> LoadedEditor:
 
 
 def check_fingerprint(loaded: LoadedEditor, base: BaseModel, editor_path: str | Path) -> None:
-    """Refuse to use an editor with a base model other than the one it was trained for."""
+    """Refuse to use an editor with a base model other than the one it was trained for: the
+    fingerprint is computed from the weights actually loaded, wherever they came from."""
     expected = loaded.base.get("fingerprint")
-    actual = base.fingerprint()
+    if not isinstance(expected, str) or not expected:
+        raise UserError(f"{editor_path}: the editor artifact records no base model fingerprint")
+    actual = base.fingerprint(str(loaded.base.get("fingerprint_scope", EDITED_LAYERS)))
     if expected != actual:
         raise UserError(
             f"{editor_path}: this editor was trained for another base model "
@@ -96,27 +102,3 @@ def open_editor_base(
     check_fingerprint(loaded, base, editor_path)
     loaded.editor.to(base.device).eval()
     return base
-
-
-def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Adam's state as flat 1-D+ tensors plus JSON (safetensors holds tensors only)."""
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        meta["state"][str(index)] = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optim/{index}/{key}"] = value.reshape(-1) if value.dim() == 0 else value
-                meta["state"][str(index)][key] = value.dim() == 0  # scalar: reshape back on restore
-    return tensors, meta
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state = {
-        int(index): {
-            key: tensors[f"optim/{index}/{key}"].reshape(()) if scalar else tensors[f"optim/{index}/{key}"]
-            for key, scalar in keys.items()
-        }
-        for index, keys in meta["state"].items()
-    }
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -25,7 +25,7 @@ import torch
 from kedit_vfl.artifacts import atomic_write, config_to_dict
 from kedit_vfl.edit.analysis import UpdateSketch, separation_report
 from kedit_vfl.edit.batches import Prompter
-from kedit_vfl.edit.checkpoint import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.checkpoint import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation import compute_update
 from kedit_vfl.edit.models import BaseModel
 from kedit_vfl.edit.plots import scatter_panels
@@ -196,11 +196,7 @@ def analyze_gradients(config: AnalyzeConfig, reporter: Reporter = SILENT) -> dic
     panels: list[tuple[str, LoadedEditor, Prompter]] = []
     if config.compare:
         other = load_editor(config.compare)
-        if other.base.get("fingerprint") != loaded.base.get("fingerprint"):
-            raise UserError(
-                f"--compare {config.compare}: that editor was trained for another base model "
-                f"({other.base.get('model', '?')}), not the one of {config.editor}"
-            )
+        check_fingerprint(other, base, f"--compare {config.compare}")  # against the weights loaded
         other.editor.to(base.device).eval()
         panels.append(
             (_name(config.editor, loaded), loaded, Prompter(loaded.pools, index=config.instruction_index))

@@ -23,6 +23,8 @@ from torch import nn
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 
+ALL_WEIGHTS, EDITED_LAYERS = "all-weights", "edited-layers"  # what a base model fingerprint covers
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Default edited modules per architecture: the MLP projections of the last blocks.
@@ -79,8 +81,8 @@ class BaseModel:
     def max_length(self) -> int:
         return context_length(self.model)
 
-    def fingerprint(self) -> str:
-        return fingerprint(self.model, self.targets)
+    def fingerprint(self, scope: str = ALL_WEIGHTS) -> str:
+        return fingerprint(self.model, self.targets, scope)
 
 
 def _target_for(name: str, module: nn.Module) -> EditTarget | None:
@@ -169,21 +171,27 @@ def context_length(model: nn.Module) -> int:
 _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
 
 
-def fingerprint(model: nn.Module, targets: Sequence[EditTarget]) -> str:
-    """sha256 over the model config and the edited weights (rounded to bfloat16).
+def fingerprint(model: nn.Module, targets: Sequence[EditTarget], scope: str = ALL_WEIGHTS) -> str:
+    """sha256 over the model config and its weights (rounded to bfloat16).
 
-    Rounding to bfloat16 makes a model loaded as float32 and the same model loaded as
-    bfloat16 share one fingerprint, so an editor trained on CPU applies on a GPU.
+    ``all-weights`` covers every parameter, so a folder whose other layers were swapped is
+    not taken for the base model an editor was trained on; ``edited-layers`` (what editors
+    written before the scope was recorded used) covers only the edited ones. Rounding to
+    bfloat16 makes a model loaded as float32 and the same model loaded as bfloat16 share
+    one fingerprint, so an editor trained on CPU applies on a GPU.
     """
+    if scope not in (ALL_WEIGHTS, EDITED_LAYERS):
+        raise UserError(f"unknown base model fingerprint scope {scope[:40]!r}; upgrade kvtool")
     digest = hashlib.sha256()
     config = model.config.to_dict() if hasattr(model, "config") else {}
     config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     params = dict(model.named_parameters())
-    for target in targets:
-        weight = params[target.param].detach().to("cpu", torch.bfloat16).contiguous()
-        digest.update(target.param.encode() + b"\0")
-        digest.update(weight.view(torch.uint8).numpy().tobytes())
+    names = [t.param for t in targets] if scope == EDITED_LAYERS else sorted(params)
+    for name in names:
+        weight = params[name].detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(name.encode() + b"\0")
+        digest.update(weight.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

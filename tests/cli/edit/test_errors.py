@@ -191,3 +191,79 @@ def test_apply_refuses_an_existing_output_folder(
 @pytest.mark.parametrize(("option", "value"), [("--ema", "1"), ("--ema", "-0.5"), ("--lr-alpha", "0")])
 def test_out_of_range_training_options(option: str, value: str, edit_files: dict[str, Path]) -> None:
     _fails("edit", "train-editor", "--model", edit_files["gpt2"], option, value, match=option)
+
+
+def _retouched(folder: Path, out: Path, parameter: str) -> Path:
+    """A copy of a model folder with one weight nudged (the tokenizer kept)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(folder, out)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        dict(model.named_parameters())[parameter].add_(0.25)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_a_base_model_with_other_layers_swapped_is_refused(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The fingerprint covers every weight, not only the edited layers."""
+    from kedit_vfl.artifacts import load_artifact
+
+    edited = load_artifact(gpt2_editor, "edit.editor").extra["targets"]
+    assert all("wte" not in t["module"] for t in edited)
+    swapped = _retouched(edit_files["gpt2"], tmp_path / "swapped", "transformer.wte.weight")
+    _fails(*_apply(gpt2_editor, edit_files, edit_files["edits"], tmp_path / "o", "--model", swapped),
+           match="trained for another base model")  # fmt: skip
+    _fails("edit", "evaluate", "--editor", gpt2_editor, "--data", edit_files["edits"], "--model", swapped,
+           "--device", "cpu", match="trained for another base model")  # fmt: skip
+
+
+def test_an_editor_pointing_at_another_folder_is_checked_against_what_loads(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """An artifact that names a base model folder (no --model given): the weights loaded from
+    there are fingerprinted, so re-pointing it elsewhere is refused, not silently used."""
+    from kedit_vfl.artifacts import load_artifact, save_artifact
+
+    swapped = _retouched(edit_files["gpt2"], tmp_path / "elsewhere", "transformer.h.0.attn.c_attn.weight")
+    artifact = load_artifact(gpt2_editor, "edit.editor")
+    artifact.extra["base"]["model"] = str(swapped)
+    save_artifact(artifact, tmp_path / "pointed.safetensors")  # checksum recomputed, as a forger would
+    args = ("edit", "apply", "--editor", tmp_path / "pointed.safetensors", "--edits", edit_files["edits"],
+            "--out", tmp_path / "o", "--device", "cpu")  # fmt: skip
+    _fails(*args, match="trained for another base model")
+    artifact.extra["base"]["model"] = str(edit_files["gpt2"])
+    save_artifact(artifact, tmp_path / "home.safetensors")
+    home = kvtool("edit", "apply", "--editor", tmp_path / "home.safetensors", "--edits", edit_files["edits"],
+                  "--out", tmp_path / "o", "--device", "cpu", "--json")  # fmt: skip
+    assert home.exit_code == 0, home.stderr
+
+
+def test_editors_from_before_the_fingerprint_scope_still_apply(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from kedit_vfl.artifacts import load_artifact, save_artifact
+    from kedit_vfl.edit.models import EDITED_LAYERS, load_base_model
+
+    artifact = load_artifact(gpt2_editor, "edit.editor")
+    editor = artifact.extra["editor"]
+    base = load_base_model(str(edit_files["gpt2"]), torch.device("cpu"), layers=editor["layers"],
+                           n_blocks=editor["n_blocks"])  # fmt: skip
+    del artifact.extra["base"]["fingerprint_scope"]
+    artifact.extra["base"]["fingerprint"] = base.fingerprint(EDITED_LAYERS)
+    save_artifact(artifact, tmp_path / "old.safetensors")
+    result = kvtool(
+        *_apply(tmp_path / "old.safetensors", edit_files, edit_files["edits"], tmp_path / "o", "--json")
+    )
+    assert result.exit_code == 0, result.stderr
+    del artifact.extra["base"]["fingerprint"]
+    save_artifact(artifact, tmp_path / "none.safetensors")
+    _fails(*_apply(tmp_path / "none.safetensors", edit_files, edit_files["edits"], tmp_path / "p"),
+           match="records no base model fingerprint")  # fmt: skip
