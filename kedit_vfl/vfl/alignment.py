@@ -52,10 +52,10 @@ from kedit_vfl.artifacts import (
 )
 from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.progress import SILENT, Reporter
-from kedit_vfl.vfl.config import default_output
+from kedit_vfl.vfl.config import REVEALS as REVEALS
+from kedit_vfl.vfl.config import AlignConfig
 from kedit_vfl.vfl.data import open_table, read_ids
 from kedit_vfl.vfl.protocol import Session, exchange, handshake, peer_rows
-from kedit_vfl.vfl.security import Security, check_security, parse_rendezvous
 from kedit_vfl.vfl.session import read_secret, security_of
 from kedit_vfl.vfl.transport import Channel, open_channel
 
@@ -63,7 +63,6 @@ KIND = "vfl.alignment"
 LIBRARY = "openmined.psi 2.0.6"
 PROTOCOL = "ECDH-PSI, P-256, client=active"
 DATA_STRUCTURE = "gcs"
-REVEALS = ("both", "active-only")
 CHUNK = 50_000  # client ids per PSI request: ~6 s of curve work each on one core
 POINT_BYTES = 64  # a compressed P-256 point (33 bytes) with protobuf framing, generously
 SETUP_BYTES_PER_ID = 32  # a Golomb-compressed set holds log2(n/fpr) + 1.5 bits per id
@@ -71,52 +70,6 @@ KEY_MASK = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 KEEPALIVE, READY, FAILED = 101, 102, 103
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """``kvtool vfl align``: one party of a private id alignment."""
-
-    party: str | None = None
-    rendezvous: str | None = None
-    table: Path | None = None
-    id_col: str = "id"
-    reveal: str = "both"
-    fpr: float = 1e-9
-    secret_file: Path | None = None
-    timeout: float = 60.0
-    deadline: float = 3600.0
-    identity: Path | None = None
-    peer_cert: Path | None = None
-    insecure: bool = False
-    out: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.party not in ("active", "passive"):
-            raise UserError(
-                f"--party {self.party}: expected active or passive (align always runs two parties)"
-            )
-        if not self.rendezvous:
-            raise UserError("--rendezvous is required: tcp://HOST:PORT, where the active party listens")
-        if self.table is None:
-            raise UserError("--table is required: this party's table (CSV, Parquet or JSONL)")
-        if self.reveal not in REVEALS:
-            raise UserError(f"--reveal {self.reveal}: expected one of {', '.join(REVEALS)}")
-        if not 0 < self.fpr <= 0.01:
-            raise UserError(f"--fpr {self.fpr}: must be in (0, 0.01]")
-        if self.timeout <= 0:
-            raise UserError(f"--timeout {self.timeout}: must be positive")
-        check_security(
-            Security(self.identity, self.peer_cert, self.insecure), parse_rendezvous(self.rendezvous)
-        )
-        if self.deadline < self.timeout:
-            raise UserError(f"--deadline {self.deadline}: must be at least --timeout ({self.timeout})")
-
-    @property
-    def output(self) -> Path:
-        return (
-            Path(self.out) if self.out is not None else default_output(f"alignment_{self.party}.safetensors")
-        )
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,18 @@ from kedit_vfl.console import (
     print_kv,
 )
 from kedit_vfl.signing import use_signing
-from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig, default_output
-from kedit_vfl.vfl.demo import DemoConfig, write_demo
-from kedit_vfl.vfl.model import ModelConfig
+from kedit_vfl.vfl.config import (
+    AlignConfig,
+    DemoConfig,
+    DistillConfig,
+    ExportConfig,
+    ModelConfig,
+    MPDConfig,
+    ScoreConfig,
+    SplitConfig,
+    default,
+    default_output,
+)
 
 app = typer.Typer(
     help=(
@@ -77,6 +86,12 @@ ValOption = Annotated[
 ]
 HiddenOption = Annotated[int, typer.Option("--hidden", help="Hidden width of each party's tower.")]
 EmbDimOption = Annotated[int, typer.Option("--out-dim", help="Size of each tower's output embedding.")]
+CategoryDimOption = Annotated[
+    int, typer.Option("--emb-dim", help="Embedding size of each categorical column.")
+]
+HeadHiddenOption = Annotated[int, typer.Option("--head-hidden", help="Hidden width of the heads.")]
+DropoutOption = Annotated[float, typer.Option("--dropout", help="Dropout rate in the towers and heads.")]
+WeightDecayOption = Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")]
 
 
 PartyOption = Annotated[
@@ -229,28 +244,38 @@ def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
 
 @app.command("make-demo")
 def make_demo(
-    rows: Annotated[int, typer.Option("--rows", help="Users to generate (train + test).")] = 20_000,
-    seed: SeedOption = 0,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the four tables.")] = Path("vfl_demo"),
+    rows: Annotated[int, typer.Option("--rows", help="Users to generate (train + test).")] = default(
+        DemoConfig, "rows"
+    ),
+    seed: SeedOption = default(DemoConfig, "seed"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the four tables.")] = default(
+        DemoConfig, "out"
+    ),
     overlap: Annotated[
         float, typer.Option("--overlap", help="Share of users the publisher also holds.")
-    ] = 0.5,
+    ] = default(DemoConfig, "overlap"),
     labelled: Annotated[
         float, typer.Option("--labelled", help="Share of training users with a label.")
-    ] = 0.1,
+    ] = default(DemoConfig, "labelled"),
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of users in the test split.")
-    ] = 0.2,
-    file_format: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    ] = default(DemoConfig, "test_fraction"),
+    file_format: Annotated[str, typer.Option("--format", help="csv or parquet.")] = default(
+        DemoConfig, "file_format"
+    ),
     shard_rows: Annotated[
         int,
         typer.Option("--shard-rows", help="Users per shard; more users give folders of shards."),
-    ] = 1_000_000,
-    numeric_active: Annotated[int, typer.Option("--numeric-active", help="Active numeric columns.")] = 6,
-    numeric_passive: Annotated[int, typer.Option("--numeric-passive", help="Passive numeric columns.")] = 5,
+    ] = default(DemoConfig, "shard_rows"),
+    numeric_active: Annotated[
+        int, typer.Option("--numeric-active", help="Active numeric columns.")
+    ] = default(DemoConfig, "numeric_active"),
+    numeric_passive: Annotated[
+        int, typer.Option("--numeric-passive", help="Passive numeric columns.")
+    ] = default(DemoConfig, "numeric_passive"),
     categorical_extra: Annotated[
         int, typer.Option("--categorical-extra", help="Extra categorical columns per party (20 levels).")
-    ] = 0,
+    ] = default(DemoConfig, "categorical_extra"),
     json_output: JsonOption = False,
 ) -> None:
     """Generate a CTR-like two-party data set (active/passive x train/test tables).
@@ -273,6 +298,8 @@ def make_demo(
         numeric_passive=numeric_passive,
         categorical_extra=categorical_extra,
     )
+    from kedit_vfl.vfl.demo import write_demo
+
     counts = write_demo(config)
     _render("demo data", {"out": str(out), **{f"rows/{k}": v for k, v in counts.items()}}, json_output)
 
@@ -281,40 +308,44 @@ def make_demo(
 def pretrain_mpd_command(
     active: ActiveOption = None,
     passive: PassiveOption = None,
-    id_col: IdColOption = "id",
-    label_col: LabelColOption = "y",
+    id_col: IdColOption = default(MPDConfig, "id_col"),
+    label_col: LabelColOption = default(MPDConfig, "label_col"),
     features_active: FeaturesActiveOption = "",
     features_passive: FeaturesPassiveOption = "",
     categorical: CategoricalOption = "",
     negatives: Annotated[
         int, typer.Option("--negatives", "-k", help="Negative pairs per positive (derangements).")
-    ] = 16,
+    ] = default(MPDConfig, "negatives"),
     objective: Annotated[
         str, typer.Option("--objective", help="infonce (softmax over 1+k pairs) or bce (each pair alone).")
-    ] = "infonce",
+    ] = default(MPDConfig, "objective"),
     mpd_temperature: Annotated[
         float, typer.Option("--mpd-temperature", help="Scale of the pair scores.")
-    ] = 0.2,
-    hidden: HiddenOption = 64,
-    out_dim: EmbDimOption = 32,
+    ] = default(MPDConfig, "mpd_temperature"),
+    hidden: HiddenOption = default(ModelConfig, "hidden"),
+    out_dim: EmbDimOption = default(ModelConfig, "out_dim"),
+    emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
+    head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
+    dropout: DropoutOption = default(ModelConfig, "dropout"),
+    weight_decay: WeightDecayOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
     patience: PatienceOption = None,
-    val_fraction: ValOption = 0.2,
-    seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    val_fraction: ValOption = default(MPDConfig, "val_fraction"),
+    seed: SeedOption = default(MPDConfig, "seed"),
+    device: DeviceOption = default(MPDConfig, "device"),
     out: OutOption = None,
     party: PartyOption = None,
     rendezvous: RendezvousOption = None,
-    timeout: TimeoutOption = 60.0,
+    timeout: TimeoutOption = default(MPDConfig, "timeout"),
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
     identity: IdentityOption = None,
     peer_cert: PeerCertOption = None,
-    insecure: InsecureOption = False,
-    ids_in_clear: IdsInClearOption = False,
-    resume: ResumeOption = False,
+    insecure: InsecureOption = default(MPDConfig, "insecure"),
+    ids_in_clear: IdsInClearOption = default(MPDConfig, "ids_in_clear"),
+    resume: ResumeOption = default(MPDConfig, "resume"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     sign_key: SignKeyOption = None,
@@ -333,11 +364,13 @@ def pretrain_mpd_command(
 
     config = MPDConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay),
         **_out_for(out, party, "mpd"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
-        model=ModelConfig(hidden=hidden, out_dim=out_dim),
+        model=ModelConfig(
+            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
+        ),
         negatives=negatives,
         objective=objective,
         mpd_temperature=mpd_temperature,
@@ -359,21 +392,21 @@ def train_split_command(
             "--init", help="vfl.mpd artifact to start the towers from; absent = from scratch (vanilla VFL)."
         ),
     ] = None,
-    id_col: IdColOption = "id",
-    label_col: LabelColOption = "y",
+    id_col: IdColOption = default(SplitConfig, "id_col"),
+    label_col: LabelColOption = default(SplitConfig, "label_col"),
     features_active: FeaturesActiveOption = "",
     features_passive: FeaturesPassiveOption = "",
     categorical: CategoricalOption = "",
     aux_weight: Annotated[
         float, typer.Option("--aux-weight", help="Weight of the local branch's own BCE.")
-    ] = 0.5,
+    ] = default(SplitConfig, "aux_weight"),
     mpd_weight: Annotated[
         float,
         typer.Option("--mpd-weight", help="Weight of the MPD loss kept as an auxiliary task (needs --init)."),
-    ] = 0.0,
+    ] = default(SplitConfig, "mpd_weight"),
     init_lr_scale: Annotated[
         float, typer.Option("--init-lr-scale", help="Learning-rate factor for towers pretrained by MPD.")
-    ] = 0.3,
+    ] = default(SplitConfig, "init_lr_scale"),
     self_train_weight: Annotated[
         float,
         typer.Option(
@@ -381,38 +414,42 @@ def train_split_command(
             help="Weight of the self-training round's soft targets on the unlabelled overlapped rows "
             "(0 = no round).",
         ),
-    ] = SplitConfig.self_train_weight,
+    ] = default(SplitConfig, "self_train_weight"),
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
-    ] = 0.0,
+    ] = default(SplitConfig, "clip"),
     embedding_noise: Annotated[
         float, typer.Option("--embedding-noise", help="Gaussian noise std added to the passive embeddings.")
-    ] = 0.0,
+    ] = default(SplitConfig, "embedding_noise"),
     gradient_noise: Annotated[
         float,
         typer.Option("--gradient-noise", help="Gaussian noise std added to each row's returned gradient."),
-    ] = 0.0,
-    hidden: HiddenOption = 64,
-    out_dim: EmbDimOption = 32,
+    ] = default(SplitConfig, "gradient_noise"),
+    hidden: HiddenOption = default(ModelConfig, "hidden"),
+    out_dim: EmbDimOption = default(ModelConfig, "out_dim"),
+    emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
+    head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
+    dropout: DropoutOption = default(ModelConfig, "dropout"),
+    weight_decay: WeightDecayOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
     patience: PatienceOption = None,
-    val_fraction: ValOption = 0.2,
-    seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    val_fraction: ValOption = default(SplitConfig, "val_fraction"),
+    seed: SeedOption = default(SplitConfig, "seed"),
+    device: DeviceOption = default(SplitConfig, "device"),
     out: OutOption = None,
     party: PartyOption = None,
     rendezvous: RendezvousOption = None,
-    timeout: TimeoutOption = 60.0,
+    timeout: TimeoutOption = default(SplitConfig, "timeout"),
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
     identity: IdentityOption = None,
     peer_cert: PeerCertOption = None,
-    insecure: InsecureOption = False,
-    ids_in_clear: IdsInClearOption = False,
-    resume: ResumeOption = False,
+    insecure: InsecureOption = default(SplitConfig, "insecure"),
+    ids_in_clear: IdsInClearOption = default(SplitConfig, "ids_in_clear"),
+    resume: ResumeOption = default(SplitConfig, "resume"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     sign_key: SignKeyOption = None,
@@ -430,12 +467,14 @@ def train_split_command(
 
     config = SplitConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay),
         **_out_for(out, party, "split"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
         init=init,
-        model=ModelConfig(hidden=hidden, out_dim=out_dim),
+        model=ModelConfig(
+            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
+        ),
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
@@ -459,37 +498,38 @@ def distill_command(
     ] = None,
     active: ActiveOption = None,
     passive: PassiveOption = None,
-    id_col: IdColOption = "id",
-    label_col: LabelColOption = "y",
+    id_col: IdColOption = default(DistillConfig, "id_col"),
+    label_col: LabelColOption = default(DistillConfig, "label_col"),
     temperature: Annotated[
         float, typer.Option("--temperature", "-T", help="Softening temperature of the KD loss.")
-    ] = 2.0,
+    ] = default(DistillConfig, "temperature"),
     kd_weight: Annotated[
         float, typer.Option("--kd-weight", help="lambda: weight of KD against the label BCE.")
-    ] = 0.5,
+    ] = default(DistillConfig, "kd_weight"),
     kd_local_rows: Annotated[
         bool,
         typer.Option(
             "--kd-local-rows", help="Also distil the teacher's local branch on rows without the publisher."
         ),
-    ] = False,
+    ] = default(DistillConfig, "kd_local_rows"),
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
+    weight_decay: WeightDecayOption = None,
     patience: PatienceOption = None,
-    val_fraction: ValOption = 0.2,
-    seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    val_fraction: ValOption = default(DistillConfig, "val_fraction"),
+    seed: SeedOption = default(DistillConfig, "seed"),
+    device: DeviceOption = default(DistillConfig, "device"),
     out: OutOption = None,
     party: PartyOption = None,
     rendezvous: RendezvousOption = None,
-    timeout: TimeoutOption = 60.0,
+    timeout: TimeoutOption = default(DistillConfig, "timeout"),
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
     identity: IdentityOption = None,
     peer_cert: PeerCertOption = None,
-    insecure: InsecureOption = False,
-    ids_in_clear: IdsInClearOption = False,
+    insecure: InsecureOption = default(DistillConfig, "insecure"),
+    ids_in_clear: IdsInClearOption = default(DistillConfig, "ids_in_clear"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     sign_key: SignKeyOption = None,
@@ -507,7 +547,9 @@ def distill_command(
 
     config = DistillConfig(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out),
+        **_given(
+            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out, weight_decay=weight_decay
+        ),
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
         temperature=temperature,
@@ -536,14 +578,16 @@ def score_command(
     passive: Annotated[
         Optional[Path], typer.Option("--passive", help="Publisher's table for federated mode.")
     ] = None,
-    mode: Annotated[str, typer.Option("--mode", help="local (advertiser alone) or federated.")] = "local",
+    mode: Annotated[str, typer.Option("--mode", help="local (advertiser alone) or federated.")] = default(
+        ScoreConfig, "mode"
+    ),
     fallback: Annotated[
         Optional[Path],
         typer.Option("--fallback", help="vfl.local model for rows the publisher lacks (federated mode)."),
     ] = None,
-    id_col: IdColOption = "id",
-    label_col: LabelColOption = "y",
-    device: DeviceOption = "auto",
+    id_col: IdColOption = default(ScoreConfig, "id_col"),
+    label_col: LabelColOption = default(ScoreConfig, "label_col"),
+    device: DeviceOption = default(ScoreConfig, "device"),
     out: Annotated[
         Optional[Path],
         typer.Option(
@@ -553,13 +597,13 @@ def score_command(
     ] = None,
     party: PartyOption = None,
     rendezvous: RendezvousOption = None,
-    timeout: TimeoutOption = 60.0,
+    timeout: TimeoutOption = default(ScoreConfig, "timeout"),
     secret_file: SecretOption = None,
     alignment: AlignmentOption = None,
     identity: IdentityOption = None,
     peer_cert: PeerCertOption = None,
-    insecure: InsecureOption = False,
-    ids_in_clear: IdsInClearOption = False,
+    insecure: InsecureOption = default(ScoreConfig, "insecure"),
+    ids_in_clear: IdsInClearOption = default(ScoreConfig, "ids_in_clear"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     trust: TrustOption = None,
@@ -627,7 +671,7 @@ def align_command(
     table: Annotated[
         Optional[Path], typer.Option("--table", help="This party's table (CSV/Parquet/JSONL file or folder).")
     ] = None,
-    id_col: IdColOption = "id",
+    id_col: IdColOption = default(AlignConfig, "id_col"),
     reveal: Annotated[
         str,
         typer.Option(
@@ -635,19 +679,19 @@ def align_command(
             help="both: both parties learn the intersection; active-only: the passive party learns "
             "nothing about it at alignment time (it maps all its rows).",
         ),
-    ] = "both",
+    ] = default(AlignConfig, "reveal"),
     fpr: Annotated[
         float, typer.Option("--fpr", help="PSI false-positive rate over all of the active party's ids.")
-    ] = 1e-9,
+    ] = default(AlignConfig, "fpr"),
     secret_file: SecretOption = None,
     identity: IdentityOption = None,
     peer_cert: PeerCertOption = None,
-    insecure: InsecureOption = False,
-    timeout: TimeoutOption = 60.0,
+    insecure: InsecureOption = default(AlignConfig, "insecure"),
+    timeout: TimeoutOption = default(AlignConfig, "timeout"),
     deadline: Annotated[
         float,
         typer.Option("--deadline", help="Seconds the whole alignment may take, keepalives or not."),
-    ] = 3600.0,
+    ] = default(AlignConfig, "deadline"),
     out: Annotated[
         Optional[Path],
         typer.Option(
@@ -666,7 +710,7 @@ def align_command(
     --peer-cert advertiser.pem --out al.safetensors
     """
     use_signing(sign_key)
-    from kedit_vfl.vfl.alignment import AlignConfig, align
+    from kedit_vfl.vfl.alignment import align
 
     config = AlignConfig(
         party=party,
@@ -697,23 +741,27 @@ def export_command(
             "[default: runs/vfl/local.safetensors]",
         ),
     ] = None,
-    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = default(
+        ExportConfig, "format"
+    ),
     out: Annotated[
         Optional[Path],
         typer.Option(
             "--out", help="Where to write the graph (OUT.json beside it). [default: runs/vfl/local.onnx]"
         ),
     ] = None,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version (13 to 20).")] = 17,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version (13 to 20).")] = default(
+        ExportConfig, "opset"
+    ),
     verify_rows: Annotated[
         int,
         typer.Option("--verify-rows", help="Table rows on which onnxruntime must match kvtool vfl score."),
-    ] = 1000,
+    ] = default(ExportConfig, "verify_rows"),
     table: Annotated[
         Optional[Path],
         typer.Option("--table", help="Active table to verify on. [default: embedded test table, if it fits]"),
     ] = None,
-    id_col: IdColOption = "id",
+    id_col: IdColOption = default(ExportConfig, "id_col"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     trust: TrustOption = None,
@@ -728,7 +776,7 @@ def export_command(
     Example: kvtool vfl export --model local.safetensors --format onnx --out local.onnx --json
     """
     use_signing(None, trust)
-    from kedit_vfl.vfl.export import ExportConfig, export_onnx
+    from kedit_vfl.vfl.export import export_onnx
 
     config = ExportConfig(
         model=model, format=format, out=out, opset=opset, verify_rows=verify_rows, table=table, id_col=id_col

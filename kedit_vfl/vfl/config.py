@@ -6,19 +6,38 @@ how an artifact was made and the next stage can rebuild its model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import runs_dir
-from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.model import ModelConfig
-from kedit_vfl.vfl.party import Protection
 from kedit_vfl.vfl.security import Security, check_security, parse_rendezvous
 
+DEFAULT_ROWS = 20_000  # embedded demo data
+DEFAULT_SEED = 0
+
 MODES = ("local", "federated")
+REVEALS = ("both", "active-only")
+FORMATS = ("onnx",)
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 20, 17
 PARTIES = ("both", "active", "passive")
 OBJECTIVES = ("infonce", "bce")
+
+
+def embedded(name: str) -> Path:
+    """One of the embedded demo tables (built on first use where not shipped)."""
+    from kedit_vfl.vfl.demo import embedded as embedded_table
+
+    return embedded_table(name)
+
+
+def default(config: type, name: str) -> Any:
+    """A config field's default, for the command line: one source for every default."""
+    found = config.__dataclass_fields__[name]
+    if found.default is not MISSING:
+        return found.default
+    raise TypeError(f"{config.__name__}.{name} has no plain default")
 
 
 def default_output(name: str) -> Path:
@@ -36,6 +55,89 @@ def _fraction(owner: object, name: str, low: float = 0.0, high: float = 1.0) -> 
     value = getattr(owner, name)
     if not low <= value <= high:
         raise UserError(f"--{name.replace('_', '-')} {value}: expected a value between {low} and {high}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the networks (stored in every artifact, so the next stage rebuilds them)."""
+
+    emb_dim: int = 8
+    hidden: int = 64
+    out_dim: int = 32
+    head_hidden: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("emb_dim", "hidden", "out_dim", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Optional defences of what crosses, against label inference from gradients.
+
+    ``clip`` bounds the L2 norm of each row's embedding and of each row's own gradient
+    (the gradient of that row's loss, i.e. batch size x the batch-mean gradient);
+    ``embedding_noise`` and ``gradient_noise`` add Gaussian noise of that standard
+    deviation to every element, during training. The clip also applies when scoring, as
+    it is part of the function the model learned; noise does not.
+    """
+
+    clip: float = 0.0
+    embedding_noise: float = 0.0
+    gradient_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "embedding_noise", "gradient_noise"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``kvtool vfl make-demo`` generates."""
+
+    rows: int = DEFAULT_ROWS
+    seed: int = DEFAULT_SEED
+    overlap: float = 0.5
+    labelled: float = 0.1
+    test_fraction: float = 0.2
+    passive_only: float = 0.1
+    out: Path = Path("vfl_demo")
+    file_format: str = "csv"
+    shard_rows: int = 1_000_000
+    numeric_active: int = 6
+    numeric_passive: int = 5
+    categorical_extra: int = 0  # more categorical columns, this many per party
+
+    def __post_init__(self) -> None:
+        if self.rows < 50:
+            raise UserError(f"--rows {self.rows}: need at least 50 rows")
+        for name in ("overlap", "labelled", "test_fraction", "passive_only"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} {value}: expected a fraction between 0 and 1")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise UserError(
+                f"--test-fraction {self.test_fraction}: expected a fraction strictly between 0 and 1"
+            )
+        if self.file_format not in ("csv", "parquet"):
+            raise UserError(f"--format {self.file_format}: expected csv or parquet")
+        if self.shard_rows < 1000:
+            raise UserError(f"--shard-rows {self.shard_rows}: need at least 1000")
+        if min(self.numeric_active, self.numeric_passive, self.categorical_extra) < 0:
+            raise UserError(
+                "--numeric-active, --numeric-passive and --categorical-extra must not be negative"
+            )
 
 
 def _check_party(owner: TrainOptions | ScoreConfig) -> None:
@@ -225,3 +327,78 @@ class ScoreConfig:
         if self.mode not in MODES:
             raise UserError(f"--mode {self.mode}: expected local or federated")
         _positive(self, "batch_size")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """``kvtool vfl align``: one party of a private id alignment."""
+
+    party: str | None = None
+    rendezvous: str | None = None
+    table: Path | None = None
+    id_col: str = "id"
+    reveal: str = "both"
+    fpr: float = 1e-9
+    secret_file: Path | None = None
+    timeout: float = 60.0
+    deadline: float = 3600.0
+    identity: Path | None = None
+    peer_cert: Path | None = None
+    insecure: bool = False
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.party not in ("active", "passive"):
+            raise UserError(
+                f"--party {self.party}: expected active or passive (align always runs two parties)"
+            )
+        if not self.rendezvous:
+            raise UserError("--rendezvous is required: tcp://HOST:PORT, where the active party listens")
+        if self.table is None:
+            raise UserError("--table is required: this party's table (CSV, Parquet or JSONL)")
+        if self.reveal not in REVEALS:
+            raise UserError(f"--reveal {self.reveal}: expected one of {', '.join(REVEALS)}")
+        if not 0 < self.fpr <= 0.01:
+            raise UserError(f"--fpr {self.fpr}: must be in (0, 0.01]")
+        if self.timeout <= 0:
+            raise UserError(f"--timeout {self.timeout}: must be positive")
+        check_security(
+            Security(self.identity, self.peer_cert, self.insecure), parse_rendezvous(self.rendezvous)
+        )
+        if self.deadline < self.timeout:
+            raise UserError(f"--deadline {self.deadline}: must be at least --timeout ({self.timeout})")
+
+    @property
+    def output(self) -> Path:
+        return (
+            Path(self.out) if self.out is not None else default_output(f"alignment_{self.party}.safetensors")
+        )
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``export``: one local-mode model to one ONNX file and its JSON sidecar."""
+
+    model: Path | None = None
+    format: str = "onnx"
+    out: Path | None = None
+    opset: int = DEFAULT_OPSET
+    verify_rows: int = 1000
+    table: Path | None = None
+    id_col: str = "id"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise UserError(f"--opset {self.opset}: expected a value between {MIN_OPSET} and {MAX_OPSET}")
+        if self.verify_rows < 1:
+            raise UserError(f"--verify-rows {self.verify_rows}: must be positive")
+
+    @property
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else default_output("local.safetensors")
+
+    @property
+    def out_path(self) -> Path:
+        return self.out if self.out is not None else default_output("local.onnx")

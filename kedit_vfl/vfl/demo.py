@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,48 +20,9 @@ import pyarrow.parquet as pq
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import cache_dir, embedded_data_dir
+from kedit_vfl.vfl.config import DemoConfig
 
 FILES = ("active_train.csv", "passive_train.csv", "active_test.csv", "passive_test.csv")
-DEFAULT_ROWS = 20_000
-DEFAULT_SEED = 0
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What ``kvtool vfl make-demo`` generates."""
-
-    rows: int = DEFAULT_ROWS
-    seed: int = DEFAULT_SEED
-    overlap: float = 0.5
-    labelled: float = 0.1
-    test_fraction: float = 0.2
-    passive_only: float = 0.1
-    out: Path = Path("data/vfl")
-    file_format: str = "csv"
-    shard_rows: int = 1_000_000
-    numeric_active: int = 6
-    numeric_passive: int = 5
-    categorical_extra: int = 0  # more categorical columns, this many per party
-
-    def __post_init__(self) -> None:
-        if self.rows < 50:
-            raise UserError(f"--rows {self.rows}: need at least 50 rows")
-        for name in ("overlap", "labelled", "test_fraction", "passive_only"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"--{name.replace('_', '-')} {value}: expected a fraction between 0 and 1")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise UserError(
-                f"--test-fraction {self.test_fraction}: expected a fraction strictly between 0 and 1"
-            )
-        if self.file_format not in ("csv", "parquet"):
-            raise UserError(f"--format {self.file_format}: expected csv or parquet")
-        if self.shard_rows < 1000:
-            raise UserError(f"--shard-rows {self.shard_rows}: need at least 1000")
-        if min(self.numeric_active, self.numeric_passive, self.categorical_extra) < 0:
-            raise UserError(
-                "--numeric-active, --numeric-passive and --categorical-extra must not be negative"
-            )
 
 
 class _Buckets:

@@ -22,7 +22,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from kedit_vfl import __version__
 from kedit_vfl.artifacts import Artifact, atomic_write, load_artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
-from kedit_vfl.vfl.config import default_output
+from kedit_vfl.vfl.config import DEFAULT_OPSET, ExportConfig
 from kedit_vfl.vfl.data import (
     FIRST,
     MISSING,
@@ -53,41 +52,10 @@ from kedit_vfl.vfl.model import LocalModel, ServingLocal
 from kedit_vfl.vfl.store import LOCAL, SPLIT, local_from, schemas_of, split_from
 from kedit_vfl.vfl.train import predict
 
-FORMATS = ("onnx",)
-MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 20, 17
 TOLERANCE = 1e-5  # largest |onnx score - kvtool score| accepted
 EDGE_ROWS = 64  # synthetic rows (NaN, inf, huge values, missing and unseen categories) always checked
 INSTALL_HINT = "pip install 'kvtool[onnx]'"
 _LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """``export``: one local-mode model to one ONNX file and its JSON sidecar."""
-
-    model: Path | None = None
-    format: str = "onnx"
-    out: Path | None = None
-    opset: int = DEFAULT_OPSET
-    verify_rows: int = 1000
-    table: Path | None = None
-    id_col: str = "id"
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UserError(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise UserError(f"--opset {self.opset}: expected a value between {MIN_OPSET} and {MAX_OPSET}")
-        if self.verify_rows < 1:
-            raise UserError(f"--verify-rows {self.verify_rows}: must be positive")
-
-    @property
-    def model_path(self) -> Path:
-        return self.model if self.model is not None else default_output("local.safetensors")
-
-    @property
-    def out_path(self) -> Path:
-        return self.out if self.out is not None else default_output("local.onnx")
 
 
 def sidecar_path(out: Path) -> Path:

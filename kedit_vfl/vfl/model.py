@@ -8,37 +8,15 @@ passive party at all.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from itertools import accumulate, pairwise
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.config import ModelConfig
 from kedit_vfl.vfl.data import PartySchema
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of the networks (stored in every artifact, so the next stage rebuilds them)."""
-
-    emb_dim: int = 8
-    hidden: int = 64
-    out_dim: int = 32
-    head_hidden: int = 32
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("emb_dim", "hidden", "out_dim", "head_hidden"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout {self.dropout}: expected a value in [0, 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class CategoricalEmbedding(nn.Module):

@@ -16,13 +16,14 @@ protection, and counts what crosses.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.checkpoint import CheckpointStore, Tag
+from kedit_vfl.vfl.config import Protection
 from kedit_vfl.vfl.data import Party
 from kedit_vfl.vfl.model import ServingTower, Tower
 from kedit_vfl.vfl.train import FlatAdamW, single_thread
@@ -35,30 +36,6 @@ EVAL_SLICE = 8192  # rows per embedding request when nothing trains
 def passive_seed(seed: int) -> int:
     """The passive party's own stream, distinct from the active party's ``seed``."""
     return (seed * 1_000_003 + 7919) % (2**63)
-
-
-@dataclass(frozen=True)
-class Protection:
-    """Optional defences of what crosses, against label inference from gradients.
-
-    ``clip`` bounds the L2 norm of each row's embedding and of each row's own gradient
-    (the gradient of that row's loss, i.e. batch size x the batch-mean gradient);
-    ``embedding_noise`` and ``gradient_noise`` add Gaussian noise of that standard
-    deviation to every element, during training. The clip also applies when scoring, as
-    it is part of the function the model learned; noise does not.
-    """
-
-    clip: float = 0.0
-    embedding_noise: float = 0.0
-    gradient_noise: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("clip", "embedding_noise", "gradient_noise"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def warm_up_autograd() -> None:
