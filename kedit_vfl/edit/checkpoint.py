@@ -18,6 +18,7 @@ from kedit_vfl.edit.instructions import InstructionPools
 from kedit_vfl.edit.models import ALL_WEIGHTS, EDITED_LAYERS, BaseModel, EditTarget
 from kedit_vfl.edit.sources import EMBEDDED, open_base, world_options_of
 from kedit_vfl.errors import UserError
+from kedit_vfl.metadata import typed
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device
 
@@ -51,22 +52,46 @@ def editor_extra(
 
 
 def editor_from_artifact(artifact: Artifact, where: str) -> Editor:
+    """The editor an artifact holds, its config and targets type-checked first."""
+    raw_targets = artifact.extra.get("targets")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise UserError(f"{where}: the editor artifact is incomplete (no edited layers listed)")
+    targets = [typed(EditTarget, t, where, f"targets[{i}]") for i, t in enumerate(raw_targets)]
+    editor = Editor(targets, typed(EditorConfig, artifact.extra.get("editor"), where, "editor"))
     try:
-        targets = [EditTarget.from_dict(t) for t in artifact.extra["targets"]]
-        editor = Editor(targets, EditorConfig.from_dict(artifact.extra["editor"]))
         editor.load_state_dict(artifact.tensors)
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise UserError(f"{where}: the editor artifact is incomplete ({type(exc).__name__}: {exc})") from exc
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]  # torch lists every mismatch over several lines
+        raise UserError(f"{where}: the editor's weights do not fit its config ({detail})") from exc
     return editor
 
 
+def _base_info(artifact: Artifact, where: str) -> dict[str, Any]:
+    """What the artifact says about its base model, each field's type checked."""
+    base = artifact.extra.get("base", {})
+    expected = {"model": str, "fingerprint": str, "fingerprint_scope": str, "dtype": str, "world": dict}
+    if not isinstance(base, dict) or any(
+        key in base and not isinstance(base[key], kind) for key, kind in expected.items()
+    ):
+        raise UserError(f"{where}: artifact metadata is malformed ('base' does not describe a base model)")
+    world = base.get("world") or {}
+    sizes = world.get("sizes") or {}
+    if not (isinstance(world.get("seed", 0), int) and isinstance(sizes, dict)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()
+    ):
+        raise UserError(
+            f"{where}: artifact metadata is malformed ('base.world' is not a world's seed and sizes)"
+        )
+    return dict(base)
+
+
 def load_editor(path: str | Path) -> LoadedEditor:
-    """Load an ``edit.editor`` artifact (kind and checksum checked)."""
+    """Load an ``edit.editor`` artifact (kind, checksum and metadata types checked)."""
     artifact = load_artifact(path, EDITOR_KIND)
     editor = editor_from_artifact(artifact, str(path))
     pools_data = artifact.extra.get("instructions")
     pools = InstructionPools.from_dict(pools_data, where=f"{path} instructions") if pools_data else None
-    return LoadedEditor(editor, pools, dict(artifact.extra.get("base", {})), artifact)
+    return LoadedEditor(editor, pools, _base_info(artifact, str(path)), artifact)
 
 
 def check_fingerprint(loaded: LoadedEditor, base: BaseModel, editor_path: str | Path) -> None:

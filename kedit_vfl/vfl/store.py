@@ -7,6 +7,7 @@ model exactly and refuses a table that does not fit it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, make_provenance, save_artifact
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.data import PartySchema, schemas_from_dict, schemas_to_dict
+from kedit_vfl.metadata import typed
+from kedit_vfl.vfl.data import PartySchema, schemas_to_dict
 from kedit_vfl.vfl.model import (
     ActiveSplit,
     LocalModel,
@@ -67,12 +69,52 @@ def save_vfl(
     return artifact
 
 
+PARTIES = ("both", "active", "passive")
+
+
+def party_of(artifact: Artifact) -> str:
+    """Whose weights the artifact holds (``both`` for artifacts older than two-party runs)."""
+    holds = artifact.extra.get("party", "both")
+    if holds not in PARTIES:
+        raise UserError(f"{artifact.path}: artifact metadata is malformed (party {str(holds)[:20]!r})")
+    return holds
+
+
 def schemas_of(artifact: Artifact) -> dict[str, PartySchema]:
-    return schemas_from_dict(artifact.extra["schema"])
+    """The feature schemas, every field's type and length checked against the others."""
+    raw, where = artifact.extra.get("schema"), artifact.path
+    if not isinstance(raw, dict) or not raw or not set(raw) <= {"active", "passive"}:
+        raise UserError(f"{where}: artifact metadata is malformed (no feature schema per party)")
+    schemas = {role: typed(PartySchema, value, str(where), f"schema.{role}") for role, value in raw.items()}
+    for role, schema in schemas.items():
+        if not len(schema.numeric) == len(schema.mean) == len(schema.std) or not (
+            len(schema.categorical) == len(schema.vocab) == len(schema.hash_buckets)
+        ):
+            raise UserError(
+                f"{where}: artifact metadata is malformed (schema.{role}: lists of unequal length)"
+            )
+        if any(b < 0 for b in schema.hash_buckets) or not all(
+            math.isfinite(x) for x in schema.mean + schema.std
+        ):
+            raise UserError(f"{where}: artifact metadata is malformed (schema.{role}: values out of range)")
+    party = party_of(artifact)
+    needed = ("active", "passive") if party == "both" else (party,)
+    if not set(needed) <= set(schemas):
+        raise UserError(f"{where}: artifact metadata is malformed (no {' or '.join(needed)} feature schema)")
+    return schemas
 
 
 def model_config_of(artifact: Artifact) -> ModelConfig:
-    return ModelConfig(**artifact.extra["model"])
+    """The network sizes that built the artifact's weights, type-checked."""
+    return typed(ModelConfig, artifact.extra.get("model"), str(artifact.path), "model")
+
+
+def _load_weights(artifact: Artifact, model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    try:
+        for prefix in prefixes:
+            load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
+    except UserError as exc:
+        raise UserError(f"{artifact.path}: {exc}") from exc
 
 
 def split_from(artifact: Artifact) -> ActiveSplit:
@@ -82,15 +124,14 @@ def split_from(artifact: Artifact) -> ActiveSplit:
     both = "passive" in schemas
     with torch.random.fork_rng(devices=[]):  # loading draws no random numbers a run depends on
         model = SplitModel(schemas, config) if both else ActiveSplit(schemas, config)
-    for prefix in ("tower_a", "local_head", "fed_head", *(("tower_b",) if both else ())):
-        load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
+    _load_weights(artifact, model, ("tower_a", "local_head", "fed_head", *(("tower_b",) if both else ())))
     return model.eval()
 
 
 def load_for_party(path: Path, kinds: str | tuple[str, ...], party: str, option: str) -> Artifact:
     """Load an artifact and check it belongs to this process's party."""
     artifact = load_artifact(path, kinds)
-    holds = artifact.extra.get("party", "both")
+    holds = party_of(artifact)
     if holds == party:
         return artifact
     if holds == "both":
@@ -123,8 +164,7 @@ def local_from(artifact: Artifact) -> LocalModel:
     """The student a ``vfl.local`` artifact holds, in eval mode."""
     with torch.random.fork_rng(devices=[]):
         model = LocalModel(schemas_of(artifact)["active"], model_config_of(artifact))
-    for prefix in ("tower_a", "local_head"):
-        load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
+    _load_weights(artifact, model, ("tower_a", "local_head"))
     return model.eval()
 
 

@@ -267,3 +267,30 @@ def test_editors_from_before_the_fingerprint_scope_still_apply(
     save_artifact(artifact, tmp_path / "none.safetensors")
     _fails(*_apply(tmp_path / "none.safetensors", edit_files, edit_files["edits"], tmp_path / "p"),
            match="records no base model fingerprint")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda e: e.update(base=[1]), "'base' does not describe a base model"),
+        (lambda e: e["base"].update(model=5), "'base' does not describe a base model"),
+        (lambda e: e["base"].update(world={"seed": "x"}), "'base.world' is not a world's seed and sizes"),
+        (lambda e: e.pop("editor"), "'editor' is not a JSON object"),
+        (lambda e: e["editor"].update(rank="x"), "editor.rank: expected int, got str"),
+        (lambda e: e["editor"].update(rank=0), "'editor': --rank 0: must be positive"),
+        (lambda e: e.update(targets="x"), "no edited layers listed"),
+        (lambda e: e["targets"][0].update(d_in="x"), "targets[0].d_in: expected int, got str"),
+        (lambda e: e.update(instructions="x"), "instructions: expected a JSON object"),
+    ],
+)
+def test_inconsistent_editor_metadata_with_a_valid_checksum(
+    gpt2_editor: Path, edit_files: dict[str, Path], tmp_path: Path, change, expected: str
+) -> None:
+    from kedit_vfl.artifacts import load_artifact, save_artifact
+
+    artifact = load_artifact(gpt2_editor, "edit.editor")
+    change(artifact.extra)
+    crafted = tmp_path / "crafted.safetensors"
+    save_artifact(artifact, crafted)  # the checksum recomputed, as a forger would
+    _fails(*_apply(crafted, edit_files, edit_files["edits"], tmp_path / "o"), match=str(crafted))
+    _fails(*_apply(crafted, edit_files, edit_files["edits"], tmp_path / "o"), match=expected)

@@ -163,3 +163,35 @@ def test_bad_options() -> None:
     assert result.exit_code == 2 and "--rows 10: need at least 50 rows" in result.stderr
     result = kvtool("vfl", "train-split", "--self-train-weight", "-1")
     assert result.exit_code == 2 and "--self-train-weight must not be negative" in result.stderr
+
+
+def _first(mapping: dict) -> str:
+    return next(iter(mapping))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda a: a.extra.pop("schema"), "no feature schema per party"),
+        (lambda a: a.extra["schema"]["active"].update(numeric=5), "schema.active.numeric: expected list"),
+        (lambda a: a.extra["schema"]["active"].update(mean=[]), "schema.active: lists of unequal length"),
+        (lambda a: a.extra.pop("model"), "'model' is not a JSON object"),
+        (lambda a: a.extra["model"].update(bogus=1), "'model' has unknown fields ['bogus']"),
+        (lambda a: a.extra["model"].update(hidden="big"), "model.hidden: expected int, got str"),
+        (lambda a: a.extra["model"].update(hidden=0), "'model': --hidden must be a positive integer"),
+        (lambda a: a.extra.update(party=["x"]), "malformed (party"),
+        (lambda a: a.tensors.pop(_first(a.tensors)), "do not fit the model its config describes"),
+    ],
+)
+def test_inconsistent_metadata_with_a_valid_checksum(
+    trained: dict[str, Path], tables: dict[str, Path], tmp_path: Path, change, expected: str
+) -> None:
+    """A file crafted with a recomputed checksum: one line naming the file and the field."""
+    from kedit_vfl.artifacts import load_artifact, save_artifact
+
+    artifact = load_artifact(trained["local"])
+    change(artifact)
+    crafted = tmp_path / "crafted.safetensors"
+    save_artifact(artifact, crafted)
+    _fails(["score", "--model", crafted, "--active", tables["active_test"]], expected, tmp_path / "s.csv")
+    _fails(["export", "--model", crafted], str(crafted), tmp_path / "x.onnx")
