@@ -95,6 +95,8 @@ def use_signing(sign_key: Path | None = None, trust: list[Path] | None = None) -
         for path in trust:
             public = load_public(path)
             trusted[fingerprint(public)] = public
+    if trusted is not None and private is not None:  # what this command signs, it also accepts
+        trusted.setdefault(fingerprint(private.public_key()), private.public_key())  # (its own checkpoint)
     policy = SigningPolicy(
         private, fingerprint(private.public_key()) if private is not None else None, trusted
     )
