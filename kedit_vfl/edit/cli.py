@@ -22,13 +22,13 @@ from kedit_vfl.console import (
 )
 from kedit_vfl.edit.config import (
     DEFAULT_TRAIN_TASKS,
+    METRICS,
     ApplyConfig,
     EditorConfig,
     EvalConfig,
     TrainConfig,
     WorldOptions,
 )
-from kedit_vfl.edit.metrics import METRICS
 from kedit_vfl.paths import runs_dir
 from kedit_vfl.signing import use_signing
 

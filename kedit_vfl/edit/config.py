@@ -7,6 +7,8 @@ from typing import Any
 
 from kedit_vfl.errors import UserError
 
+METRICS = ("reliability", "generalization", "locality", "portability")  # what evaluate reports per task
+
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
 DTYPE_NAMES = ("float32", "bfloat16")

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from kedit_vfl.edit.config import METRICS as METRICS
 from kedit_vfl.edit.tokens import TokenBatch, target_logprobs
 
 
@@ -70,9 +71,6 @@ def kl_on_answers(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: To
     post_logp = torch.log_softmax(post_logits[:, :-1].float(), dim=-1)
     kl = (pre_logp.exp() * (pre_logp - post_logp)).sum(-1)  # (B, T-1)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
-METRICS = ("reliability", "generalization", "locality", "portability")
 
 
 def average(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
