@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,9 @@ class SigningPolicy:
 
 
 _NO_POLICY = SigningPolicy()
-_policy: ContextVar[SigningPolicy | None] = ContextVar("kvtool_signing", default=None)
+# Process-wide, not a ContextVar: a worker thread that saves or loads an artifact must see
+# the command's policy too (a new thread starts with an empty context, which would fail open).
+_policy: list[SigningPolicy] = []
 
 
 def fingerprint(public_key: Any) -> str:
@@ -100,17 +101,18 @@ def use_signing(sign_key: Path | None = None, trust: list[Path] | None = None) -
     policy = SigningPolicy(
         private, fingerprint(private.public_key()) if private is not None else None, trusted
     )
-    _policy.set(policy)
+    _policy[:] = [policy]
     return policy
 
 
 def reset() -> None:
     """Back to no signing and no requirement (after each command)."""
-    _policy.set(None)
+    _policy.clear()
 
 
 def current() -> SigningPolicy:
-    return _policy.get() or _NO_POLICY
+    """This command's policy, seen from any thread of the process."""
+    return _policy[0] if _policy else _NO_POLICY
 
 
 def signature_fields(content_digest: str) -> dict[str, str]:

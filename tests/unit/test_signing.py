@@ -71,3 +71,16 @@ def test_key_files_that_are_not_ed25519_pem_are_refused(tmp_path: Path) -> None:
     (tmp_path / "big.pub").write_bytes(b"x" * (signing.MAX_KEY_BYTES + 1))
     with pytest.raises(UserError, match="too large"):
         signing.use_signing(None, [tmp_path / "big.pub"])
+
+
+def test_worker_threads_see_the_commands_policy(tmp_path: Path) -> None:
+    """A policy that a new thread could not see would skip --trust checks there (fail open)."""
+    import threading
+
+    trusted = signing.generate_signing_key(tmp_path / "k")
+    signing.use_signing(None, [trusted[1]])
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(signing.current().trusted))
+    worker.start()
+    worker.join()
+    assert seen[0] is not None and trusted[2] in seen[0]

@@ -246,3 +246,21 @@ def test_apply_result_does_not_depend_on_the_batch_size(
     assert changed  # the edits moved some weights
     for key in original:
         torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6)
+
+
+def test_signed_editor_resumes_and_applies_under_trust(edit_files: dict[str, Path], tmp_path: Path) -> None:
+    """A pipeline signs the editor it trains (its resumable checkpoint too) and refuses others."""
+    assert kvtool("sign-keygen", "--out", tmp_path / "ci").exit_code == 0
+    assert kvtool("sign-keygen", "--out", tmp_path / "other").exit_code == 0
+    key, pub = tmp_path / "ci" / "signing.key", tmp_path / "ci" / "signing.pub"
+    out = train(edit_files, "gpt2", tmp_path / "editor.safetensors", "--sign-key", key)
+    assert load_artifact(out, "edit.editor").signer.startswith("ed25519:SHA256:")
+    resumed = train(edit_files, "gpt2", out, "--sign-key", key, "--trust", tmp_path / "other" / "signing.pub",
+                    "--resume")  # fmt: skip
+    assert resumed == out
+    apply = ("edit", "apply", "--editor", out, "--edits", edit_files["edits"], "--device", "cpu")
+    ok = kvtool(*apply, "--out", tmp_path / "o1", "--trust", pub, "--json")
+    assert ok.exit_code == 0, ok.stderr
+    refused = kvtool(*apply, "--out", tmp_path / "o2", "--trust", tmp_path / "other" / "signing.pub")
+    assert refused.exit_code == 2 and "not among the --trust keys" in refused.stderr
+    assert not (tmp_path / "o2").exists()
