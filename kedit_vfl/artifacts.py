@@ -367,7 +367,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "kvtool_version": artifact.kvtool_version,
         "format_version": artifact.format_version,
         "sha256": artifact.sha256,
-        "signed_by": artifact.signer,
+        "signed_by": artifact.signer,  # as the file claims it, unless verified (--trust)
+        "signature_verified": artifact.signer is not None and signing.current().trusted is not None,
         "config": artifact.config,
         "provenance": artifact.provenance,
         "extra_keys": sorted(artifact.extra),

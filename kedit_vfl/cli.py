@@ -117,7 +117,7 @@ def info(
             "party": details["party"] or "-",
             "kvtool_version": details["kvtool_version"],
             "sha256": details["sha256"],
-            "signed by": details["signed_by"] or "-",
+            "signed by": _signed_by(details),
             "parameters": details["parameters"],
             "command": details["provenance"].get("command"),
             "seed": details["provenance"].get("seed"),
@@ -134,6 +134,14 @@ def info(
             for name, t in details["tensors"].items()
         ],
     )
+
+
+def _signed_by(details: dict) -> str:
+    if details["signed_by"] is None:
+        return "-"
+    if details["signature_verified"]:
+        return f"{details['signed_by']} (verified)"
+    return f"{details['signed_by']} (not verified: pass --trust with the signer's public key)"
 
 
 @app.command("sign-keygen")

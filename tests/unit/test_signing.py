@@ -84,3 +84,19 @@ def test_worker_threads_see_the_commands_policy(tmp_path: Path) -> None:
     worker.start()
     worker.join()
     assert seen[0] is not None and trusted[2] in seen[0]
+
+
+def test_info_says_whether_the_signature_was_verified(tmp_path: Path) -> None:
+    """Without --trust the signer is only what the file claims; info must not present it as checked."""
+    import torch
+
+    from kedit_vfl.artifacts import Artifact, describe, save_artifact
+
+    key = signing.generate_signing_key(tmp_path / "k")
+    signing.use_signing(key[0])
+    save_artifact(Artifact("vfl.local", {"w": torch.ones(2)}, {}, {}, {}), tmp_path / "a.safetensors")
+    signing.reset()
+    claimed = describe(tmp_path / "a.safetensors")
+    assert claimed["signed_by"] == key[2] and not claimed["signature_verified"]
+    signing.use_signing(None, [key[1]])
+    assert describe(tmp_path / "a.safetensors")["signature_verified"]
