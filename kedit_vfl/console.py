@@ -67,10 +67,11 @@ def error_line(message: str) -> None:
     stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
 
 
-def emit_json(payload: Any) -> None:
-    """The command's one JSON object, on stdout and nothing else there."""
-    sys.stdout.write(json.dumps(_json_safe(payload), indent=2, sort_keys=False) + "\n")
-    sys.stdout.flush()
+def emit_json(payload: Any, stream: Any = None) -> None:
+    """The command's one JSON object, on stdout (or ``stream``) and nothing else there."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(_json_safe(payload), indent=2, sort_keys=False) + "\n")
+    stream.flush()
 
 
 def _json_safe(value: Any) -> Any:
@@ -87,18 +88,20 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A Rich table for people, on stdout."""
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], stream: Any = None
+) -> None:
+    """A Rich table for people, on stdout (or ``stream``)."""
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(_format_cell(v) for v in row))
-    Console(file=sys.stdout, highlight=False).print(table)
+    Console(file=stream or sys.stdout, highlight=False).print(table)
 
 
-def print_kv(title: str, items: dict[str, Any]) -> None:
-    print_table(title, ["field", "value"], [[k, v] for k, v in items.items()])
+def print_kv(title: str, items: dict[str, Any], stream: Any = None) -> None:
+    print_table(title, ["field", "value"], [[k, v] for k, v in items.items()], stream)
 
 
 def _format_cell(value: Any) -> str:

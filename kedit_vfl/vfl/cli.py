@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -217,9 +218,10 @@ def _data_options(
     )
 
 
-def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
+def _render(title: str, result: dict[str, Any], json_output: bool, stream: Any = None) -> None:
+    """The command's summary: a table, or one JSON object; on stdout unless ``stream``."""
     if json_output:
-        emit_json(result)
+        emit_json(result, stream)
         return
     shown = {k: v for k, v in result.items() if k != "traffic"}
     traffic = result.get("traffic")
@@ -239,7 +241,7 @@ def _render(title: str, result: dict[str, Any], json_output: bool) -> None:
         shown["on the wire (all messages)"] = (
             f"{traffic['bytes_sent']:,} sent, {traffic['bytes_received']:,} received"
         )
-    print_kv(title, shown)
+    print_kv(title, shown, stream)
 
 
 @app.command("make-demo")
@@ -604,6 +606,10 @@ def score_command(
     peer_cert: PeerCertOption = None,
     insecure: InsecureOption = default(ScoreConfig, "insecure"),
     ids_in_clear: IdsInClearOption = default(ScoreConfig, "ids_in_clear"),
+    json_lines: Annotated[
+        bool,
+        typer.Option("--json-lines", help="With --out -: one JSON object per scored row instead of CSV."),
+    ] = default(ScoreConfig, "json_lines"),
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     trust: TrustOption = None,
@@ -627,11 +633,13 @@ def score_command(
         id_col=id_col,
         label_col=label_col,
         device=device,
+        json_lines=json_lines,
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
     )
     result = score(config, RichReporter(quiet or json_output))
-    _render(f"score ({mode} mode)", result, json_output)
+    # With --out - the scores own stdout; the summary goes to stderr.
+    _render(f"score ({mode} mode)", result, json_output, sys.stderr if config.to_stdout else None)
 
 
 @app.command("keygen")

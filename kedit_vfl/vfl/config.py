@@ -305,7 +305,8 @@ class ScoreConfig:
     label_col: str = "y"
     batch_size: int = 4096  # rows per forward pass and per request for the publisher's embeddings
     device: str = "auto"
-    out: Path | None = None
+    out: Path | None = None  # "-": the scores go to stdout
+    json_lines: bool = False  # with out "-": JSON Lines instead of CSV
     party: str = "both"
     rendezvous: str | None = None
     timeout: float = 60.0
@@ -327,6 +328,14 @@ class ScoreConfig:
         if self.mode not in MODES:
             raise UserError(f"--mode {self.mode}: expected local or federated")
         _positive(self, "batch_size")
+        if self.json_lines and not self.to_stdout:
+            raise UserError(
+                "--json-lines is for --out - (scores on stdout); a file's format follows its name"
+            )
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.out is not None and str(self.out) == "-"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ publisher holds the row and falls back to a local score elsewhere, and says whic
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -98,6 +99,28 @@ def _chunk_table(chunk: ScoredChunk) -> pa.Table:
     probs = arrays.from_numpy(chunk.probs.astype(np.float32, copy=False))
     columns = [chunk.ids.cast(pa.string()), probs, mode_used]
     return pa.table(columns, schema=OUTPUT_SCHEMA)
+
+
+def stream_scores(chunks: Iterable[ScoredChunk], json_lines: bool) -> None:
+    """The scores on stdout as they are computed: CSV, or one JSON object per row."""
+    import json
+
+    sink = sys.stdout.buffer
+    if not json_lines:
+        writer = pacsv.CSVWriter(sink, OUTPUT_SCHEMA)
+        for chunk in chunks:
+            writer.write_table(_chunk_table(chunk))
+        writer.close()
+    else:
+        for chunk in chunks:
+            ids = chunk.ids.cast(pa.string()).to_pylist()
+            modes = np.where(chunk.federated, "federated", "local")
+            lines = (
+                json.dumps({"id": i, "score": float(p), "mode_used": str(m)})
+                for i, p, m in zip(ids, chunk.probs.tolist(), modes, strict=True)
+            )
+            sink.write(("\n".join(lines) + "\n").encode())
+    sink.flush()
 
 
 def write_scores(out: Path, chunks: Iterable[ScoredChunk]) -> None:
@@ -305,7 +328,10 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     out = config.out or default_output(f"scores_{config.mode}.csv")
     try:
         with reporter.task("scoring", total=None) as task:
-            write_scores(out, scored(task))
+            if config.to_stdout:
+                stream_scores(scored(task), config.json_lines)
+            else:
+                write_scores(out, scored(task))
         if side is not None:
             side.link.finish()
     finally:

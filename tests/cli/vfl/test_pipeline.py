@@ -250,3 +250,35 @@ def test_a_bad_value_in_a_late_batch_stops_scoring_and_leaves_no_output(
                     "--out", out, "--quiet")  # fmt: skip
     assert result.exit_code == 2 and "numeric column 'a_num0' holds non-numeric text 'oops'" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".scores.parquet*"))
+
+
+def test_scores_stream_to_stdout_for_a_pipeline(
+    tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """`kvtool vfl score --out - | ...`: CSV or JSON Lines on stdout, the summary on stderr;
+    a reader that stops early ends it quietly with status 0 under pipefail."""
+    kvtool_bin = str(Path(sys.executable).parent / "kvtool")
+    base = [
+        kvtool_bin,
+        "vfl",
+        "score",
+        "--model",
+        str(trained["local"]),
+        "--active",
+        str(tables["active_test"]),
+    ]
+    done = subprocess.run([*base, "--out", "-", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kvtool("vfl", "score", "--model", trained["local"], "--active", tables["active_test"],
+           "--out", tmp_path / "s.csv", "--quiet")  # fmt: skip
+    assert done.stdout == (tmp_path / "s.csv").read_text()  # the same bytes as the file
+    assert "score (local mode)" in done.stderr
+    lines = subprocess.run([*base, "--out", "-", "--json-lines", "--json"], capture_output=True, text=True)
+    rows = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert len(rows) == len(_rows(tmp_path / "s.csv")) and set(rows[0]) == {"id", "score", "mode_used"}
+    assert json.loads(lines.stderr[lines.stderr.index("{") :])["rows"] == len(rows)
+    shell = "set -o pipefail; " + " ".join(base) + " --out - --quiet 2>/dev/null | head -n 2"
+    piped = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2
+    wrong = kvtool("vfl", "score", "--model", trained["local"], "--json-lines", "--out", tmp_path / "x.csv")
+    assert wrong.exit_code == 2 and "--json-lines is for --out -" in wrong.stderr
