@@ -31,6 +31,7 @@ from kedit_vfl.vfl.store import (
     SPLIT,
     load_for_party,
     model_config_of,
+    protection_clip,
     run_id_of,
     save_vfl,
     schemas_of,
@@ -105,7 +106,7 @@ def open_serving(
 
 def serving_protection(artifact: Artifact) -> Protection:
     """What of a split model's protection applies when it only scores: the clip."""
-    return Protection(clip=float(artifact.extra.get("protection", {}).get("clip", 0.0)))
+    return Protection(clip=protection_clip(artifact))
 
 
 def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifact | None, dict[str, Any]]:

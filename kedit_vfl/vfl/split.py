@@ -30,7 +30,7 @@ from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, checkpoint_dir
 from kedit_vfl.vfl.config import SplitConfig
 from kedit_vfl.vfl.data import holdout_mask, load_party
-from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig, load_prefixed
+from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining
 from kedit_vfl.vfl.protocol import Session
@@ -39,7 +39,9 @@ from kedit_vfl.vfl.store import (
     MPD,
     SPLIT,
     load_for_party,
+    load_weights,
     model_config_of,
+    mpd_settings,
     run_id_of,
     save_vfl,
     schemas_of,
@@ -157,10 +159,10 @@ def _train_active(
     model = ActiveSplit({"active": side.table.schema}, model_config).to(device)
     matcher = None
     if init is not None:
-        load_prefixed(model.tower_a, init.tensors, "tower_a")
+        load_weights(init, model.tower_a, "tower_a")
         if config.mpd_weight > 0:
-            matcher = MatchingHead(model_config, init.config.get("mpd_temperature", 0.2)).to(device)
-            load_prefixed(matcher, init.tensors, "matcher")
+            matcher = MatchingHead(model_config, mpd_settings(init)[0]).to(device)
+            load_weights(init, matcher, "matcher")
     shift_bias(model.local_head, base_rate_logit(labels[train_rows]))  # start at the base rate
     heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
@@ -172,8 +174,7 @@ def _train_active(
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    negatives = init.config.get("negatives", 16) if init is not None else 0
-    objective = init.config.get("objective", "infonce") if init is not None else "infonce"
+    _, negatives, objective = mpd_settings(init) if init is not None else (0.0, 0, "infonce")
     resume_from = side.resume_from or resume_tag_in_process(config, store)
     if side.passive is not None and resume_from is not None:
         side.passive.resume(resume_from)

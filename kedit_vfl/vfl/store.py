@@ -17,6 +17,7 @@ from torch import nn
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, make_provenance, save_artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.metadata import typed
+from kedit_vfl.vfl.config import OBJECTIVES
 from kedit_vfl.vfl.data import PartySchema, schemas_to_dict
 from kedit_vfl.vfl.model import (
     ActiveSplit,
@@ -109,12 +110,44 @@ def model_config_of(artifact: Artifact) -> ModelConfig:
     return typed(ModelConfig, artifact.extra.get("model"), str(artifact.path), "model")
 
 
-def _load_weights(artifact: Artifact, model: nn.Module, prefixes: tuple[str, ...]) -> None:
+def mpd_settings(artifact: Artifact) -> tuple[float, int, str]:
+    """The temperature, negatives and objective a ``vfl.mpd`` artifact's head was trained with."""
+    config = artifact.config
+    temperature = config.get("mpd_temperature", 0.2)
+    negatives, objective = config.get("negatives", 16), config.get("objective", "infonce")
+    if (
+        not isinstance(temperature, int | float)
+        or isinstance(temperature, bool)
+        or not 0 < temperature < math.inf
+        or not isinstance(negatives, int)
+        or isinstance(negatives, bool)
+        or negatives < 0
+        or objective not in OBJECTIVES
+    ):
+        raise UserError(f"{artifact.path}: artifact metadata is malformed (config: matching head settings)")
+    return float(temperature), negatives, objective
+
+
+def protection_clip(artifact: Artifact) -> float:
+    """The embedding clip a split model was trained with (0: none)."""
+    protection = artifact.extra.get("protection", {})
+    clip = protection.get("clip", 0.0) if isinstance(protection, dict) else None
+    if not isinstance(clip, int | float) or isinstance(clip, bool) or not 0 <= clip < math.inf:
+        raise UserError(f"{artifact.path}: artifact metadata is malformed (protection.clip)")
+    return float(clip)
+
+
+def load_weights(artifact: Artifact, module: nn.Module, prefix: str) -> None:
+    """Load ``prefix.*`` of the artifact into ``module``; a mismatch names the file."""
     try:
-        for prefix in prefixes:
-            load_prefixed(getattr(model, prefix), artifact.tensors, prefix)
+        load_prefixed(module, artifact.tensors, prefix)
     except UserError as exc:
         raise UserError(f"{artifact.path}: {exc}") from exc
+
+
+def _load_weights(artifact: Artifact, model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    for prefix in prefixes:
+        load_weights(artifact, getattr(model, prefix), prefix)
 
 
 def split_from(artifact: Artifact) -> ActiveSplit:

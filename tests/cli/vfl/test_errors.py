@@ -169,6 +169,10 @@ def _first(mapping: dict) -> str:
     return next(iter(mapping))
 
 
+def _tower_a(tensors: dict) -> str:
+    return next(name for name in tensors if name.startswith("tower_a."))
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -195,3 +199,33 @@ def test_inconsistent_metadata_with_a_valid_checksum(
     save_artifact(artifact, crafted)
     _fails(["score", "--model", crafted, "--active", tables["active_test"]], expected, tmp_path / "s.csv")
     _fails(["export", "--model", crafted], str(crafted), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize(
+    ("kind", "command", "change", "expected"),
+    [
+        ("mpd", "train-split", lambda a: a.config.update(negatives="many"), "matching head settings"),
+        ("mpd", "train-split", lambda a: a.config.update(objective="other"), "matching head settings"),
+        ("mpd", "train-split", lambda a: a.tensors.pop(_tower_a(a.tensors)), "do not fit the model"),
+        ("split", "distill", lambda a: a.extra.update(protection={"clip": "x"}), "protection.clip"),
+    ],
+)
+def test_inconsistent_parent_artifacts(
+    trained: dict[str, Path],
+    tables: dict[str, Path],
+    tmp_path: Path,
+    kind: str,
+    command: str,
+    change,
+    expected: str,
+) -> None:
+    from kedit_vfl.artifacts import load_artifact, save_artifact
+
+    artifact = load_artifact(trained[kind])
+    change(artifact)
+    crafted = tmp_path / "crafted.safetensors"
+    save_artifact(artifact, crafted)
+    option = "--init" if command == "train-split" else "--teacher"
+    data = ["--active", tables["active_train"], "--passive", tables["passive_train"], "--epochs", "1"]
+    _fails([command, *data, option, crafted], f"{crafted}: ", tmp_path / "out.safetensors")
+    _fails([command, *data, option, crafted], expected, tmp_path / "out.safetensors")
