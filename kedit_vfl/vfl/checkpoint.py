@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,6 +122,12 @@ class TrainingState:
 
     def register(self, name: str, obj: Any) -> None:
         self.objects[name] = obj
+
+    def fitting(self) -> AbstractContextManager[None]:
+        """Around reading what the resumed checkpoint's ``extra`` holds: one line if it does not fit."""
+        if self.store is None or self.resume_from is None:
+            return nullcontext()
+        return self.store.fitting(self.resume_from)
 
     def skip(self, phase: int) -> bool:
         """Whether ``phase`` finished before the checkpoint being resumed."""

@@ -233,7 +233,8 @@ def _train_active(
         }
 
     if state.skip(0):
-        result = FitResult(**state.extra["fit0"])
+        with state.fitting():
+            result = FitResult(**state.extra["fit0"])
     else:
         result = fit(
             trained,
@@ -401,7 +402,10 @@ def self_train_round(
         soft = torch.full((len(b_row),), float("nan"), device=y.device)  # active row -> teacher probability
         soft[overlapped] = torch.sigmoid(teacher)
         state.extra["soft"] = soft.cpu()
-    soft = state.extra["soft"].to(y.device)
+    with state.fitting():
+        soft = state.extra["soft"].to(y.device)
+        if soft.shape != (len(b_row),):
+            raise ValueError(f"soft targets for {len(soft)} rows, not {len(b_row)}")
     keep = torch.zeros(len(b_row), dtype=torch.bool, device=y.device)
     keep[train_rows] = True
     keep[overlapped] = True

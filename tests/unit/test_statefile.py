@@ -97,7 +97,8 @@ def test_numpy_random_states_and_bytes_round_trip_without_pickle(tmp_path: Path)
 )
 def test_crafted_structures_are_refused_in_one_line(tmp_path: Path, structure: str, expected: str) -> None:
     path = tmp_path / "c.safetensors"
-    save_file({"t0": torch.zeros(1)}, str(path), metadata={"format": "kvtool-state/1", "structure": structure})
+    metadata = {"format": "kvtool-state/1", "structure": structure}
+    save_file({"t0": torch.zeros(1)}, str(path), metadata=metadata)
     with pytest.raises(StateFileError, match=expected):
         load_state(path)
 
@@ -132,3 +133,17 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_a_user_error(tmp_path: Path) 
         TrainingState(store, {}, resume_from=(0, 3))
     with pytest.raises(UserError, match="does not fit this run"):
         store.restore((0, 3), lambda s: s["tower"])
+
+
+def test_what_a_stage_reads_from_the_resumed_extra_is_checked_too(tmp_path: Path) -> None:
+    from kedit_vfl.vfl.checkpoint import TrainingState
+    from kedit_vfl.vfl.train import FitResult
+
+    store = CheckpointStore(tmp_path / "c")
+    store.save((1, 1), {"extra": {"fit0": {"bogus": 1}}, "loop": {}})
+    state = TrainingState(store, {}, resume_from=(1, 1))
+    with pytest.raises(UserError, match="epoch0001.safetensors: this checkpoint does not fit this run"):
+        with state.fitting():
+            FitResult(**state.extra["fit0"])
+    with TrainingState(None, {}).fitting():  # nothing resumed: errors are not the file's
+        pass
