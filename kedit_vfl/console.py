@@ -62,6 +62,16 @@ def stderr_console() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+def chained(flag: str, path: Any, quiet: bool = False) -> None:
+    """Say on stderr which file a command read because ``flag`` was not given."""
+    if not quiet:
+        stderr_console().print(
+            f"reading {path} ({flag} not given: the default output of the previous command)",
+            markup=False,
+            highlight=False,
+        )
+
+
 def error_line(message: str) -> None:
     """One clear line on stderr for a user error."""
     stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False)

@@ -16,6 +16,7 @@ from kedit_vfl.console import (
     SeedOption,
     SignKeyOption,
     TrustOption,
+    chained,
     emit_json,
     print_kv,
     print_table,
@@ -59,6 +60,13 @@ WorldSizeOption = Annotated[
 
 def _default_editor() -> Path:
     return runs_dir() / "edit" / "editor.safetensors"
+
+
+def _editor_or_default(editor: Path | None, quiet: bool) -> Path:
+    if editor is not None:
+        return editor
+    chained("--editor", _default_editor(), quiet)
+    return _default_editor()
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -276,7 +284,7 @@ def apply_command(
         instruction_index=instruction_index,
         overwrite=overwrite,
     )
-    result = apply_edits(editor or _default_editor(), config, RichReporter(quiet))
+    result = apply_edits(_editor_or_default(editor, quiet), config, RichReporter(quiet))
     n = len(result.edits)
     summary = {
         "out": str(result.out),
@@ -363,7 +371,7 @@ def evaluate_command(
         batch=batch,
         limit=limit,
     )
-    result = evaluate_editor(editor or _default_editor(), config, RichReporter(quiet))
+    result = evaluate_editor(_editor_or_default(editor, quiet), config, RichReporter(quiet))
     if json_output:
         emit_json(result)
         return
@@ -421,7 +429,7 @@ def analyze_gradients_command(
     from kedit_vfl.edit.gradients import AnalyzeConfig, analyze_gradients
 
     config = AnalyzeConfig(
-        editor=str(editor or _default_editor()),
+        editor=str(_editor_or_default(editor, quiet)),
         compare=str(compare) if compare else None,
         out=str(out or runs_dir() / "edit" / "analysis"),
         data=tuple(str(p) for p in data or ()),

@@ -16,6 +16,7 @@ from kedit_vfl.console import (
     SeedOption,
     SignKeyOption,
     TrustOption,
+    chained,
     emit_json,
     print_kv,
 )
@@ -561,6 +562,8 @@ def distill_command(
         seed=seed,
         device=device,
     )
+    if teacher is None and config.teacher is not None:
+        chained("--teacher", config.teacher, quiet)
     _, result = distill(config, RichReporter(quiet or json_output))
     _render("distill", result, json_output)
 
@@ -637,6 +640,10 @@ def score_command(
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
     )
+    if model is None:
+        chained(
+            "--model", default_output("local.safetensors" if mode == "local" else "split.safetensors"), quiet
+        )
     result = score(config, RichReporter(quiet or json_output))
     # With --out - the scores own stdout; the summary goes to stderr.
     _render(f"score ({mode} mode)", result, json_output, sys.stderr if config.to_stdout else None)
@@ -789,5 +796,7 @@ def export_command(
     config = ExportConfig(
         model=model, format=format, out=out, opset=opset, verify_rows=verify_rows, table=table, id_col=id_col
     )
+    if model is None:
+        chained("--model", config.model_path, quiet)
     result = export_onnx(config, RichReporter(quiet or json_output))
     _render(f"export ({format})", result, json_output)
