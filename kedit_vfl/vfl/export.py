@@ -49,7 +49,7 @@ from kedit_vfl.vfl.data import (
 )
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.model import LocalModel, ServingLocal
-from kedit_vfl.vfl.store import LOCAL, SPLIT, local_from, schemas_of, split_from
+from kedit_vfl.vfl.store import LOCAL, SPLIT, local_from, party_of, schemas_of, split_from
 from kedit_vfl.vfl.train import predict
 
 TOLERANCE = 1e-5  # largest |onnx score - kvtool score| accepted
@@ -146,7 +146,7 @@ def _require_runtime() -> Any:
 def _load(path: Path) -> tuple[Artifact, LocalModel, Any, str]:
     """The artifact, the model to export, the scorer ``kvtool vfl score`` uses, and its name."""
     artifact = load_artifact(path, (LOCAL, SPLIT))
-    if artifact.party == "passive" or "active" not in artifact.extra.get("schema", {}):
+    if party_of(artifact) == "passive" or "active" not in schemas_of(artifact):  # both type-checked
         raise UserError(
             f"{path}: holds only the passive party's part of a two-party run; "
             "export the active party's artifact (local mode scores the active party's rows)"

@@ -198,7 +198,7 @@ def test_inconsistent_metadata_with_a_valid_checksum(
     crafted = tmp_path / "crafted.safetensors"
     save_artifact(artifact, crafted)
     _fails(["score", "--model", crafted, "--active", tables["active_test"]], expected, tmp_path / "s.csv")
-    _fails(["export", "--model", crafted], str(crafted), tmp_path / "x.onnx")
+    _fails(["export", "--model", crafted], expected, tmp_path / "x.onnx")
 
 
 @pytest.mark.parametrize(
