@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +28,24 @@ from kedit_vfl.signing import generate_signing_key, use_signing
 from kedit_vfl.signing import reset as reset_signing
 from kedit_vfl.vfl.cli import app as vfl_app
 
+# Which extra brings a package a command needs (``pip install 'kvtool[EXTRA]'``).
+EXTRA_OF = {
+    "transformers": "edit", "tokenizers": "edit", "datasets": "edit", "matplotlib": "edit",
+    "pyarrow": "vfl", "pandas": "vfl", "private_set_intersection": "vfl",
+    "onnx": "onnx", "onnxruntime": "onnx",
+}  # fmt: skip
+
+
+def missing_extra(exc: ModuleNotFoundError, argv: list[str]) -> str | None:
+    """The one line for a command whose optional dependencies are not installed."""
+    package = (exc.name or "").split(".")[0]
+    group = next((a for a in argv if a in ("vfl", "edit")), None)
+    extra = EXTRA_OF.get(package) or (group if package == "sklearn" else None)
+    if extra is None:
+        return None
+    command = " ".join(a for a in argv[:2] if not a.startswith("-")) or "this command"
+    return f"kvtool {command} needs the '{package}' package: pip install 'kvtool[{extra}]'"
+
 
 class _ErrorBoundary(TyperGroup):
     """User errors become one line and exit 2; a failed peer one line and exit 1; bugs exit 1
@@ -48,6 +67,12 @@ class _ErrorBoundary(TyperGroup):
         except KeyboardInterrupt as exc:
             error_line("interrupted; no partial output was written")
             raise typer.Exit(130) from exc
+        except ModuleNotFoundError as exc:
+            line = missing_extra(exc, sys.argv[1:])
+            if line is None or debug_enabled():
+                raise
+            error_line(line)
+            raise typer.Exit(2) from exc
         except Exception as exc:
             # Typer's own control flow (exit, abort, usage errors) passes through untouched.
             if type(exc).__module__.startswith(("typer", "click")) or debug_enabled():

@@ -74,7 +74,9 @@ def chained(flag: str, path: Any, quiet: bool = False) -> None:
 
 def error_line(message: str) -> None:
     """One clear line on stderr for a user error."""
-    stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    stderr_console().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def emit_json(payload: Any, stream: Any = None) -> None:

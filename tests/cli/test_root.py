@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,18 @@ def test_sign_then_trust_through_the_commands(tmp_path: Path, monkeypatch: pytes
     trusted = {"KVTOOL_TRUST": str(pub)}
     accepted = kvtool("vfl", "train-split", *common, "--init", init, "--out", out, env=trusted)
     assert accepted.exit_code == 0, accepted.stderr
+
+
+def test_a_missing_extra_is_named(tmp_path: Path) -> None:
+    """A half of kvtool installed without its extra: one line saying what to install."""
+    script = (
+        "import sys\nsys.modules['pyarrow'] = None\n"
+        "sys.argv = ['kvtool', 'vfl', 'make-demo', '--rows', '100', '--out', sys.argv[1]]\n"
+        "from kedit_vfl import launch\nsys.exit(launch.run())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KVTOOL_DEBUG"}
+    argv = [sys.executable, "-c", script, str(tmp_path / "d")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    expected = "needs the 'pyarrow' package: pip install 'kvtool[vfl]'"
+    assert done.stderr.strip() == f"error: kvtool vfl make-demo {expected}"
