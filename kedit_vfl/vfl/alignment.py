@@ -428,23 +428,57 @@ def align(config: AlignConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class AlignmentRecord:
+    """What an alignment artifact's ``extra`` must hold (checked on load)."""
+
+    party: str
+    reveal: str
+    fingerprint: str
+    table: dict[str, str]
+    intersection_size: int | None = None
+    run_id: str = ""
+
+
 def load_alignment(path: str | Path, party: str, table_path: str | Path) -> Alignment:
-    """This party's alignment for this table; refuse the other party's or another table's."""
+    """This party's alignment for this table; refuse the other party's or another table's,
+    and a file whose record or keys are not what ``kvtool vfl align`` writes."""
+    import dataclasses
+
+    from kedit_vfl.metadata import typed
+
     artifact = load_artifact(path, KIND)
-    extra = artifact.extra
-    if extra.get("party") != party:
+    known = {f.name for f in dataclasses.fields(AlignmentRecord)}
+    record = typed(
+        AlignmentRecord, {k: v for k, v in artifact.extra.items() if k in known}, str(path), "extra"
+    )
+    if record.party != party:
         raise UserError(
-            f"{path}: this is the {extra.get('party')} party's alignment; the {party} party needs its own"
+            f"{path}: this is the {record.party[:20]} party's alignment; the {party} party needs its own"
         )
-    if sorted(data_fingerprint([table_path]).values()) != sorted(extra.get("table", {}).values()):
+    if record.reveal not in REVEALS:
+        raise UserError(f"{path}: artifact metadata is malformed (reveal {record.reveal[:20]!r})")
+    if sorted(data_fingerprint([table_path]).values()) != sorted(record.table.values()):
         raise UserError(
             f"{path}: computed for a different table than {table_path}; run 'kvtool vfl align' again"
         )
+    keys, rows = artifact.tensors.get("keys"), artifact.tensors.get("rows")
+    if (
+        keys is None
+        or rows is None
+        or keys.dtype != torch.int64
+        or rows.dtype != torch.int64
+        or keys.dim() != 1
+        or keys.shape != rows.shape
+        or (len(keys) > 1 and party == "passive" and not bool((keys[1:] > keys[:-1]).all()))
+        or (len(rows) and bool((rows < 0).any()))
+    ):
+        raise UserError(f"{path}: the alignment's keys and rows are malformed; run 'kvtool vfl align' again")
     return Alignment(
-        keys=artifact.tensors["keys"],
-        rows=artifact.tensors["rows"],
-        fingerprint=extra["fingerprint"],
-        reveal=extra["reveal"],
-        intersection_size=extra.get("intersection_size"),
-        run_id=extra.get("run_id", ""),
+        keys=keys,
+        rows=rows,
+        fingerprint=record.fingerprint,
+        reveal=record.reveal,
+        intersection_size=record.intersection_size,
+        run_id=record.run_id,
     )

@@ -25,7 +25,8 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
 from kedit_vfl.vfl.data import PartySchema, PartyTable, align_unique, load_party, open_table
-from kedit_vfl.vfl.model import ModelConfig, Tower, load_prefixed
+from kedit_vfl.vfl.model import ModelConfig, Tower
+from kedit_vfl.vfl.store import load_weights
 from kedit_vfl.vfl.party import (
     PassiveLink,
     PassiveParty,
@@ -80,7 +81,7 @@ def passive_tower(
         torch.manual_seed(passive_seed(seed))
         tower = Tower(schema, model_config)
     if init is not None:
-        load_prefixed(tower, init.tensors, "tower_b")
+        load_weights(init, tower, "tower_b")
     return tower
 
 

@@ -133,3 +133,26 @@ def test_malformed_psi_messages_are_peer_faults(message: bytes) -> None:
     if message:  # an empty message is a valid, empty protobuf setup
         with pytest.raises(PeerError, match="malformed PSI setup"):
             al._parsed(al.parse_setup, message, "setup")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"extra": {"fingerprint": None}}, "fingerprint"),
+        ({"extra": {"table": ["not", "a", "mapping"]}}, "table"),
+        ({"extra": {"reveal": "everything"}}, "reveal"),
+        ({"tensors": {"keys": torch.tensor([1.5, 2.5]), "rows": torch.tensor([0, 1])}}, "keys and rows"),
+        ({"tensors": {"keys": torch.tensor([1, 2, 3]), "rows": torch.tensor([0, 1])}}, "keys and rows"),
+        ({"tensors": {"rows": torch.tensor([0, 1])}}, "keys and rows"),
+    ],
+)
+def test_a_crafted_alignment_is_one_clear_error(tmp_path: Path, change: dict, expected: str) -> None:
+    """A file with a valid checksum but not what 'kvtool vfl align' writes: one line, exit 2."""
+    table = tmp_path / "a.csv"
+    table.write_text("id\n1\n2\n")
+    extra = {"party": "active", "reveal": "both", "intersection_size": 2, "fingerprint": "f" * 64}
+    extra |= {"table": data_fingerprint([table]), "run_id": "r", **change.get("extra", {})}
+    tensors = change.get("tensors", {"keys": torch.tensor([9, 4]), "rows": torch.tensor([0, 1])})
+    save_artifact(Artifact(al.KIND, tensors, {}, extra=extra), tmp_path / "al.safetensors")
+    with pytest.raises(UserError, match=expected):
+        al.load_alignment(tmp_path / "al.safetensors", "active", table)
