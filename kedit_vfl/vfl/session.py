@@ -26,7 +26,6 @@ from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
 from kedit_vfl.vfl.data import PartySchema, PartyTable, align_unique, load_party, open_table
 from kedit_vfl.vfl.model import ModelConfig, Tower
-from kedit_vfl.vfl.store import load_weights
 from kedit_vfl.vfl.party import (
     PassiveLink,
     PassiveParty,
@@ -36,6 +35,7 @@ from kedit_vfl.vfl.party import (
     warm_up_autograd,
 )
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
+from kedit_vfl.vfl.store import load_weights
 from kedit_vfl.vfl.train import single_thread
 from kedit_vfl.vfl.transport import Security, open_channel
 
