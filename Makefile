@@ -1,10 +1,10 @@
 # Two entry points for a fresh clone: `make demo` (set up, run the main job on the
-# embedded data) and `make test` (set up, lint, run the tests).
+# embedded data) and `make test` (set up, lint, build the docs strictly, run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint docs
 
 $(BIN)/kvtool: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 lint: setup
-	$(BIN)/ruff check kedit_vfl tests benchmarks
-	$(BIN)/ruff format --check kedit_vfl tests benchmarks
+	$(BIN)/ruff check kedit_vfl tests benchmarks docs
+	$(BIN)/ruff format --check kedit_vfl tests benchmarks docs
 
-test: lint
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/pytest -q
