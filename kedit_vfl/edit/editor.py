@@ -154,9 +154,6 @@ class Editor(nn.Module):
             updates[target.param] = update.transpose(0, 1) if target.transposed else update
         return updates
 
-    def extra_config(self) -> dict[str, Any]:
-        return {"targets": [t.to_dict() for t in self.targets]}
-
 
 def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``W + dW`` for every updated weight, in the weight's dtype (differentiable in dW)."""

@@ -362,14 +362,6 @@ class PassiveLink:
         own = add_noise(clip_rows(grad * rows, p.clip), p.gradient_noise, self.generator)
         return own / rows
 
-    def step_attached(self) -> None:
-        """The step after a backward pass that already reached the tower (in one process)."""
-        if self.optimizer is None:
-            raise UserError("a training step arrived before a training phase began")
-        with single_thread():
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-
     def phase(self, index: int) -> None:
         self.endpoint.phase(index)
 
