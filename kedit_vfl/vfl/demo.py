@@ -9,6 +9,7 @@ Pair Detection can learn from unlabelled overlapped rows.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,6 +229,8 @@ def embedded_vfl_dir() -> Path:
         return shipped
     cached = cache_dir() / "data" / "vfl"
     if not all((cached / f).is_file() for f in FILES):
+        # Outside a source checkout (a wheel install) the tables are not shipped: say so once.
+        print(f"building the embedded demo tables into {cached} (first use)", file=sys.stderr)
         write_demo(DemoConfig(out=cached))
     return cached
 
