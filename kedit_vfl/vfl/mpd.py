@@ -14,18 +14,18 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from kedit_vfl.artifacts import Artifact, data_fingerprint
+from kedit_vfl.artifacts import Artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
-from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, checkpoint_dir
+from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.config import MPDConfig
-from kedit_vfl.vfl.data import holdout_mask, load_party
+from kedit_vfl.vfl.data import holdout_mask
 from kedit_vfl.vfl.model import MatchingHead, Tower
-from kedit_vfl.vfl.party import PassiveParty, PassiveTraining, Protection
-from kedit_vfl.vfl.protocol import Session
-from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, resume_tag_in_process, serve_passive
-from kedit_vfl.vfl.store import MPD, save_vfl, two_party_extra
+from kedit_vfl.vfl.party import PassiveTraining, Protection
+from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process
+from kedit_vfl.vfl.stage import Stage, Trained, run_stage
+from kedit_vfl.vfl.store import MPD
 from kedit_vfl.vfl.train import FlatAdamW, fit
 
 
@@ -81,36 +81,14 @@ def pretrain_mpd(config: MPDConfig, reporter: Reporter = SILENT) -> tuple[Artifa
     """
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
-    training = PassiveTraining((config.lr,), config.weight_decay)
-    if config.party == "passive":
-        return None, _serve_passive(config, training, reporter, device)
-    table = load_party(
-        config.active,
-        "active",
-        config.id_col,
-        config.label_col,
-        config.features_active,
-        config.categorical,
-        warn=reporter.warn,
+    stage = Stage(
+        COMMAND, MPD, config, config.model, PassiveTraining((config.lr,), config.weight_decay), Protection()
     )
-    store = CheckpointStore(checkpoint_dir(config.out))
-    side = open_active(
-        config,
-        COMMAND,
-        table,
-        model_config=config.model,
-        passive_schema=None,
-        passive_init=None,
-        partner=None,
-        protection=Protection(),
-        training=training,
-        store=store,
-        device=device,
-    )
-    try:
+
+    def train(side: ActiveSide, store: CheckpointStore) -> Trained:
         return _train_active(config, side, store, generator, reporter, device)
-    finally:
-        side.close()
+
+    return run_stage(stage, train, reporter, device)
 
 
 COMMAND = "pretrain-mpd"
@@ -123,7 +101,8 @@ def _train_active(
     generator: torch.Generator,
     reporter: Reporter,
     device: torch.device,
-) -> tuple[Artifact, dict[str, Any]]:
+) -> Trained:
+    """The active side's MPD training: the matching task on the overlapped rows."""
     n_overlap = len(side.rows_a)  # overlap position i -> its active row side.rows_a[i]
     if n_overlap < 4:
         raise UserError(
@@ -193,7 +172,6 @@ def _train_active(
         peer=link,
         state=state,
     )
-    link.finish()
     metrics = {
         "rows_overlapped": n_overlap,
         "rows_train": len(train_rows),
@@ -204,72 +182,4 @@ def _train_active(
         "chance_match_acc": 1.0 / (1 + min(config.negatives, config.batch_size - 1)),
         "train_rows_per_s": round(result.rows_per_s, 1),
     }
-    modules_out, schemas, paths = side.artifact_parts(
-        {"tower_a": tower_a, "matcher": head}, config.active, config.passive
-    )
-    artifact = save_vfl(
-        MPD,
-        modules_out,
-        config,
-        schemas,
-        config.model,
-        "vfl pretrain-mpd",
-        metrics,
-        data=data_fingerprint(paths),
-        party=config.party,
-        extra=two_party_extra(side),
-    )
-    side.clear_checkpoints(store)
-    traffic = side.traffic()
-    return artifact, {
-        "out": str(config.out),
-        "kind": MPD,
-        "party": config.party,
-        **metrics,
-        "traffic": traffic,
-    }
-
-
-def _serve_passive(
-    config: MPDConfig, training: PassiveTraining, reporter: Reporter, device: torch.device
-) -> dict[str, Any]:
-    table = load_party(
-        config.passive,
-        "passive",
-        config.id_col,
-        config.label_col,
-        config.features_passive,
-        config.categorical,
-        warn=reporter.warn,
-    )
-    tower = passive_tower(table.schema, config.model, config.seed)
-
-    def save(party: PassiveParty, session: Session) -> dict[str, Any]:
-        artifact = save_vfl(
-            MPD,
-            {"tower_b": party.tower},
-            config,
-            {"passive": table.schema},
-            config.model,
-            "vfl pretrain-mpd",
-            {"rows_overlapped": len(party.overlap_rows), "rows_embedded": party.rows_embedded},
-            data=data_fingerprint([config.passive]),
-            party="passive",
-            extra={"run_id": session.run_id},
-        )
-        return {"out": str(config.out), "kind": MPD, "sha256": artifact.sha256}
-
-    return serve_passive(
-        config,
-        COMMAND,
-        table,
-        tower,
-        model_config=config.model,
-        partner=None,
-        protection=Protection(),
-        training=training,
-        resumable=True,
-        save=save,
-        reporter=reporter,
-        device=device,
-    )
+    return Trained({"tower_a": tower_a, "matcher": head}, metrics)

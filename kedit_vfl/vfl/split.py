@@ -23,18 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kedit_vfl.artifacts import Artifact, data_fingerprint
+from kedit_vfl.artifacts import Artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
-from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, checkpoint_dir
+from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.data import holdout_mask, load_party
+from kedit_vfl.vfl.data import holdout_mask
 from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
-from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining
-from kedit_vfl.vfl.protocol import Session
-from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, resume_tag_in_process, serve_passive
+from kedit_vfl.vfl.party import PassiveLink, PassiveTraining
+from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process
+from kedit_vfl.vfl.stage import Stage, Trained, run_stage
 from kedit_vfl.vfl.store import (
     MPD,
     SPLIT,
@@ -42,10 +42,6 @@ from kedit_vfl.vfl.store import (
     load_weights,
     model_config_of,
     mpd_settings,
-    run_id_of,
-    save_vfl,
-    schemas_of,
-    two_party_extra,
 )
 from kedit_vfl.vfl.train import (
     PREDICT_SLICE,
@@ -89,39 +85,22 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     model_config = model_config_of(init) if init is not None else config.model
     if init is not None and (config.features_active or config.features_passive or config.categorical):
         reporter.warn("the feature columns and their transform come from --init; column options are ignored")
-    training = PassiveTraining(passive_phase_lrs(config, init is not None), config.weight_decay)
-    init_schemas = schemas_of(init) if init is not None else {}
-    if config.party == "passive":
-        return None, _serve_passive(config, init, model_config, training, reporter, device)
-    table = load_party(
-        config.active,
-        "active",
-        config.id_col,
-        config.label_col,
-        config.features_active,
-        config.categorical,
-        schema=init_schemas.get("active"),
-        require_labels=True,
-        warn=reporter.warn,
-    )
-    store = CheckpointStore(checkpoint_dir(config.out))
-    side = open_active(
-        config,
+    stage = Stage(
         COMMAND,
-        table,
-        model_config=model_config,
-        passive_schema=init_schemas.get("passive"),
-        passive_init=init,
-        partner=run_id_of(init),
-        protection=config.protection,
-        training=training,
-        store=store,
-        device=device,
+        SPLIT,
+        config,
+        model_config,
+        PassiveTraining(passive_phase_lrs(config, init is not None), config.weight_decay),
+        config.protection,
+        parent=init,
+        extra={"protection": config.protection.to_dict()},
+        require_labels=True,
     )
-    try:
+
+    def train(side: ActiveSide, store: CheckpointStore) -> Trained:
         return _train_active(config, side, init, model_config, store, generator, reporter, device)
-    finally:
-        side.close()
+
+    return run_stage(stage, train, reporter, device)
 
 
 def _train_active(
@@ -133,7 +112,8 @@ def _train_active(
     generator: torch.Generator,
     reporter: Reporter,
     device: torch.device,
-) -> tuple[Artifact, dict[str, Any]]:
+) -> Trained:
+    """The active side's split training: the split model, then one self-training round."""
     labels = side.table.labels
     assert labels is not None
     n_active, n_overlap = len(side.table.rows), len(side.rows_a)
@@ -275,7 +255,6 @@ def _train_active(
         full_shift = intercept_shift(full, y[rows][overlapped])
     shift_bias(model.local_head, local_shift)
     shift_bias(model.fed_head, full_shift - local_shift)
-    link.finish()
     metrics = {
         "rows_overlapped": n_overlap,
         "rows_labelled_train": len(train_rows),
@@ -289,82 +268,7 @@ def _train_active(
         "self_train_rows": self_train_rows,
     }
     own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
-    modules, schemas, paths = side.artifact_parts(own, config.active, config.passive)
-    artifact = save_vfl(
-        SPLIT,
-        modules,
-        config,
-        schemas,
-        model_config,
-        "vfl train-split",
-        metrics,
-        parents=(init,) if init is not None else (),
-        data=data_fingerprint(paths),
-        party=config.party,
-        extra={"protection": config.protection.to_dict(), **two_party_extra(side)},
-    )
-    side.clear_checkpoints(store)
-    return artifact, {
-        "out": str(config.out),
-        "kind": SPLIT,
-        "party": config.party,
-        "init": "mpd" if init else "scratch",
-        **metrics,
-        "traffic": side.traffic(),
-    }
-
-
-def _serve_passive(
-    config: SplitConfig,
-    init: Artifact | None,
-    model_config: ModelConfig,
-    training: PassiveTraining,
-    reporter: Reporter,
-    device: torch.device,
-) -> dict[str, Any]:
-    schema = schemas_of(init)["passive"] if init is not None else None
-    table = load_party(
-        config.passive,
-        "passive",
-        config.id_col,
-        config.label_col,
-        config.features_passive,
-        config.categorical,
-        schema=schema,
-        warn=reporter.warn,
-    )
-    tower = passive_tower(table.schema, model_config, config.seed, init)
-
-    def save(party: PassiveParty, session: Session) -> dict[str, Any]:
-        artifact = save_vfl(
-            SPLIT,
-            {"tower_b": party.tower},
-            config,
-            {"passive": table.schema},
-            model_config,
-            "vfl train-split",
-            {"rows_overlapped": len(party.overlap_rows), "rows_embedded": party.rows_embedded},
-            parents=(init,) if init is not None else (),
-            data=data_fingerprint([config.passive]),
-            party="passive",
-            extra={"protection": config.protection.to_dict(), "run_id": session.run_id},
-        )
-        return {"out": str(config.out), "kind": SPLIT, "sha256": artifact.sha256}
-
-    return serve_passive(
-        config,
-        COMMAND,
-        table,
-        tower,
-        model_config=model_config,
-        partner=run_id_of(init),
-        protection=config.protection,
-        training=training,
-        resumable=True,
-        save=save,
-        reporter=reporter,
-        device=device,
-    )
+    return Trained(own, metrics, {"init": "mpd" if init else "scratch"})
 
 
 def self_train_round(
