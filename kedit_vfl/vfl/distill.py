@@ -38,7 +38,15 @@ from kedit_vfl.vfl.store import (
     split_from,
     two_party_extra,
 )
-from kedit_vfl.vfl.train import base_rate_logit, binary_metrics, fit, intercept_shift, predict, shift_bias
+from kedit_vfl.vfl.train import (
+    base_rate_logit,
+    binary_metrics,
+    fit,
+    intercept_shift,
+    loop_of,
+    predict,
+    shift_bias,
+)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -207,9 +215,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         step_loss,
         len(train_rows),
         evaluate,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        patience=config.patience,
+        **loop_of(config),
         generator=generator,
         reporter=reporter,
         description="SplitKD" if parent is not None else "local only",

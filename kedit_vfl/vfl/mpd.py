@@ -26,7 +26,7 @@ from kedit_vfl.vfl.party import PassiveTraining, Protection
 from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process
 from kedit_vfl.vfl.stage import Stage, Trained, run_stage
 from kedit_vfl.vfl.store import MPD
-from kedit_vfl.vfl.train import FlatAdamW, fit
+from kedit_vfl.vfl.train import FlatAdamW, fit, loop_of
 
 
 def derangements(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -163,9 +163,7 @@ def _train_active(
         step_loss,
         len(train_rows),
         evaluate,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        patience=config.patience,
+        **loop_of(config),
         generator=generator,
         reporter=reporter,
         description="MPD pretraining",

@@ -255,6 +255,11 @@ def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 4096)
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def loop_of(config: Any) -> dict[str, int]:
+    """The loop settings every training stage takes from its config (epochs, batch, patience)."""
+    return {"epochs": config.epochs, "batch_size": config.batch_size, "patience": config.patience}
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | FlatAdamW,
