@@ -81,10 +81,11 @@ def run(rows: int, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
     from kedit_vfl.vfl.config import ScoreConfig
-    from kedit_vfl.vfl.data import load_party, read_table
     from kedit_vfl.vfl.export import ExportConfig, OnnxScorer, encode_for_onnx, export_onnx
+    from kedit_vfl.vfl.loading import load_party
     from kedit_vfl.vfl.score import score
     from kedit_vfl.vfl.store import load_local, schemas_of
+    from kedit_vfl.vfl.tables import read_table
     from kedit_vfl.vfl.train import predict
 
     folder = Path(tempfile.mkdtemp(prefix="kvtool_export_bench_"))

@@ -54,9 +54,9 @@ from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.vfl.config import REVEALS as REVEALS
 from kedit_vfl.vfl.config import AlignConfig
-from kedit_vfl.vfl.data import open_table, read_ids
 from kedit_vfl.vfl.protocol import Session, exchange, handshake, peer_rows
 from kedit_vfl.vfl.session import read_secret, security_of
+from kedit_vfl.vfl.tables import open_table, read_ids
 from kedit_vfl.vfl.transport import Channel, open_channel
 
 KIND = "vfl.alignment"

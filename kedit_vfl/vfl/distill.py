@@ -21,7 +21,8 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.config import DistillConfig
-from kedit_vfl.vfl.data import PartyTable, holdout_mask, load_party
+from kedit_vfl.vfl.encoding import holdout_mask
+from kedit_vfl.vfl.loading import PartyTable, load_party
 from kedit_vfl.vfl.model import ActiveSplit, LocalModel
 from kedit_vfl.vfl.party import PassiveTraining, Protection
 from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, serve_passive
@@ -92,7 +93,7 @@ def open_serving(
     """The active side of a stage that only scores with a split model (``distill``'s
     teacher, federated ``score``): the passive party serves embeddings, trains nothing,
     and the parties need agree only on the model's sizes. ``check_beside_join``: see
-    :func:`kedit_vfl.vfl.data.align_unique`."""
+    :func:`kedit_vfl.vfl.loading.align_unique`."""
     model_config = model_config_of(artifact)
     return open_active(
         config,

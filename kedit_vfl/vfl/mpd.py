@@ -20,7 +20,7 @@ from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.config import MPDConfig
-from kedit_vfl.vfl.data import holdout_mask
+from kedit_vfl.vfl.encoding import holdout_mask
 from kedit_vfl.vfl.model import MatchingHead, Tower
 from kedit_vfl.vfl.party import PassiveTraining, Protection
 from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process

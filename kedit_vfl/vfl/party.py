@@ -24,7 +24,7 @@ import torch
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.checkpoint import CheckpointStore, Tag
 from kedit_vfl.vfl.config import Protection
-from kedit_vfl.vfl.data import Party
+from kedit_vfl.vfl.encoding import Party
 from kedit_vfl.vfl.model import ServingTower, Tower
 from kedit_vfl.vfl.train import FlatAdamW, single_thread
 

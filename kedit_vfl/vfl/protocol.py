@@ -37,7 +37,7 @@ import torch
 
 from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.vfl.checkpoint import Tag, latest_common
-from kedit_vfl.vfl.data import align
+from kedit_vfl.vfl.loading import align
 from kedit_vfl.vfl.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
 from kedit_vfl.vfl.transport import Channel
 

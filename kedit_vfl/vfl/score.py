@@ -27,20 +27,12 @@ from kedit_vfl.seeding import resolve_device
 from kedit_vfl.vfl import arrays
 from kedit_vfl.vfl.background import Behind, prefetched
 from kedit_vfl.vfl.config import ScoreConfig, default_output
-from kedit_vfl.vfl.data import (
-    Party,
-    PartySchema,
-    PartyTable,
-    TableSource,
-    as_strings,
-    check_schema,
-    encode,
-    open_table,
-    read_labels,
-)
 from kedit_vfl.vfl.demo import embedded
 from kedit_vfl.vfl.distill import open_serving, serve_embeddings
+from kedit_vfl.vfl.encoding import Party, encode
+from kedit_vfl.vfl.loading import PartyTable
 from kedit_vfl.vfl.model import ServingLocal, ServingSplit
+from kedit_vfl.vfl.schema import PartySchema, check_schema
 from kedit_vfl.vfl.session import ActiveSide
 from kedit_vfl.vfl.store import (
     LOCAL,
@@ -51,6 +43,7 @@ from kedit_vfl.vfl.store import (
     schemas_of,
     split_from,
 )
+from kedit_vfl.vfl.tables import TableSource, as_strings, open_table, read_labels
 from kedit_vfl.vfl.train import StreamingMetrics, predict, single_thread
 
 COMMAND = "score"

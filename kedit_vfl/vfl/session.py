@@ -24,7 +24,7 @@ from kedit_vfl.artifacts import Artifact, config_to_dict
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
-from kedit_vfl.vfl.data import PartySchema, PartyTable, align_unique, load_party, open_table
+from kedit_vfl.vfl.loading import PartyTable, align_unique, load_party
 from kedit_vfl.vfl.model import ModelConfig, Tower
 from kedit_vfl.vfl.party import (
     PassiveLink,
@@ -35,7 +35,9 @@ from kedit_vfl.vfl.party import (
     warm_up_autograd,
 )
 from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
+from kedit_vfl.vfl.schema import PartySchema
 from kedit_vfl.vfl.store import load_weights
+from kedit_vfl.vfl.tables import open_table
 from kedit_vfl.vfl.train import single_thread
 from kedit_vfl.vfl.transport import Security, open_channel
 

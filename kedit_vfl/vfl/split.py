@@ -29,7 +29,7 @@ from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
 from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.data import holdout_mask
+from kedit_vfl.vfl.encoding import holdout_mask
 from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig
 from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.party import PassiveLink, PassiveTraining

@@ -23,9 +23,10 @@ from kedit_vfl.artifacts import Artifact, data_fingerprint
 from kedit_vfl.progress import Reporter
 from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
 from kedit_vfl.vfl.config import ModelConfig, Protection
-from kedit_vfl.vfl.data import PartySchema, load_party
+from kedit_vfl.vfl.loading import load_party
 from kedit_vfl.vfl.party import PassiveParty, PassiveTraining
 from kedit_vfl.vfl.protocol import Session
+from kedit_vfl.vfl.schema import PartySchema
 from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, serve_passive
 from kedit_vfl.vfl.store import run_id_of, save_vfl, schemas_of, two_party_extra
 

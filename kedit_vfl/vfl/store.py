@@ -18,7 +18,6 @@ from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, make_pr
 from kedit_vfl.errors import UserError
 from kedit_vfl.metadata import typed
 from kedit_vfl.vfl.config import OBJECTIVES
-from kedit_vfl.vfl.data import PartySchema, schemas_to_dict
 from kedit_vfl.vfl.model import (
     ActiveSplit,
     LocalModel,
@@ -27,6 +26,7 @@ from kedit_vfl.vfl.model import (
     load_prefixed,
     state_with_prefix,
 )
+from kedit_vfl.vfl.schema import PartySchema, schemas_to_dict
 
 MPD, SPLIT, LOCAL = "vfl.mpd", "vfl.split", "vfl.local"
 

@@ -15,9 +15,10 @@ ort = pytest.importorskip("onnxruntime")
 
 from kedit_vfl.artifacts import file_sha256  # noqa: E402
 from kedit_vfl.vfl import export as export_module  # noqa: E402
-from kedit_vfl.vfl.data import PartySchema, read_table  # noqa: E402
 from kedit_vfl.vfl.export import encode_for_onnx  # noqa: E402
+from kedit_vfl.vfl.schema import PartySchema  # noqa: E402
 from kedit_vfl.vfl.store import schemas_of  # noqa: E402
+from kedit_vfl.vfl.tables import read_table  # noqa: E402
 from tests.cli.runner import kvtool, kvtool_json  # noqa: E402
 
 

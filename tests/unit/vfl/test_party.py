@@ -9,9 +9,10 @@ import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, latest_common
-from kedit_vfl.vfl.data import Party, PartySchema
+from kedit_vfl.vfl.encoding import Party
 from kedit_vfl.vfl.model import ActiveSplit, ModelConfig, Tower
 from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, clip_rows
+from kedit_vfl.vfl.schema import PartySchema
 from kedit_vfl.vfl.train import FlatAdamW, average_ranks
 
 CONFIG = ModelConfig(hidden=8, out_dim=4, head_hidden=4, dropout=0.0)

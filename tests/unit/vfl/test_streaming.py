@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl import data as data_module
+from kedit_vfl.vfl import tables as tables_module
 from kedit_vfl.vfl.background import prefetched
-from kedit_vfl.vfl.data import FIRST, MISSING, OOV, PartySchema, SchemaFitter, encode, load_party, open_table
 from kedit_vfl.vfl.demo import DemoConfig, generate, write_demo
+from kedit_vfl.vfl.encoding import encode
+from kedit_vfl.vfl.loading import load_party
+from kedit_vfl.vfl.schema import FIRST, MISSING, OOV, PartySchema, SchemaFitter
 from kedit_vfl.vfl.score import ScoredChunk, write_scores
+from kedit_vfl.vfl.tables import open_table
 
 
 def test_make_demo_writes_parquet_shards_that_read_as_one_table(tmp_path: Path) -> None:
@@ -60,7 +63,7 @@ def test_statistics_over_batches_equal_the_whole_table(
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"id": [f"u{i}" for i in range(5000)], "x": x,
                              "c": rng.choice(["p", "q", "r"], 5000)}), path)  # fmt: skip
-    monkeypatch.setattr(data_module, "BATCH_ROWS", 333)
+    monkeypatch.setattr(tables_module, "BATCH_ROWS", 333)  # the reader streams batches of 333 rows
     table = load_party(path, "active", "id", "y")
     assert table.schema.mean[0] == pytest.approx(np.nanmean(x), rel=1e-12)
     assert table.schema.std[0] == pytest.approx(np.nanstd(x), rel=1e-9)
@@ -198,3 +201,24 @@ def test_the_numeric_transform_over_a_block_equals_the_per_column_formula() -> N
         # float32 asinh of the float32-rounded standardised value: within two float32 roundings
         np.testing.assert_allclose(num[:, j].numpy(), expected, rtol=2.5e-7, atol=1e-30)
     assert num[1, 3] == pytest.approx(np.arcsinh(1e300 / 7.0), rel=1e-7) and num[2, 0] < -100
+
+
+def test_importing_sets_no_memory_pool_opening_a_table_does(tmp_path: Path) -> None:
+    """Arrow's allocator is chosen when a table is opened, never as a side effect of an import."""
+    import subprocess
+    import sys
+
+    (tmp_path / "t.csv").write_text("id,x\nu1,1\n")
+    script = (
+        "import os, pyarrow as pa\nos.environ.pop('ARROW_DEFAULT_MEMORY_POOL', None)\n"
+        "before = pa.default_memory_pool().backend_name\n"
+        "import kedit_vfl.vfl.loading, kedit_vfl.vfl.score\n"
+        "assert pa.default_memory_pool().backend_name == before, 'an import changed the pool'\n"
+        "from kedit_vfl.vfl.tables import open_table\nopen_table(os.environ['TABLE'])\n"
+        "print(pa.default_memory_pool().backend_name)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "TABLE": str(tmp_path / "t.csv")})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "system"
