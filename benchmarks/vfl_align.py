@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
 POINT = 33  # bytes: a compressed P-256 point
 sys.path.insert(0, str(ROOT))
-from kedit_vfl.vfl.identity import generate_identity  # noqa: E402
+from kedit_vfl.vfl.channel.identity import generate_identity  # noqa: E402
 
 
 def free_port() -> int:

@@ -51,7 +51,7 @@ def best_of(repeats: int, fn: Any) -> float:
 
 def make_data(rows: int, folder: Path) -> tuple[Path, Path, Path]:
     """Training tables (20,000 users) and a test table of exactly ``rows`` active rows."""
-    from kedit_vfl.vfl.demo import DemoConfig, generate
+    from kedit_vfl.vfl.data.demo import DemoConfig, generate
 
     train = generate(DemoConfig(rows=20_000, seed=1, labelled=0.3))
     active_train, passive_train = folder / "active_train.csv", folder / "passive_train.csv"
@@ -67,7 +67,7 @@ def make_data(rows: int, folder: Path) -> tuple[Path, Path, Path]:
 
 def train_student(active: Path, passive: Path, out: Path) -> Path:
     from kedit_vfl.vfl.config import DistillConfig
-    from kedit_vfl.vfl.distill import distill
+    from kedit_vfl.vfl.stages.distill import distill
 
     distill(
         DistillConfig(
@@ -81,12 +81,12 @@ def run(rows: int, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
     from kedit_vfl.vfl.config import ScoreConfig
-    from kedit_vfl.vfl.export import ExportConfig, OnnxScorer, encode_for_onnx, export_onnx
-    from kedit_vfl.vfl.loading import load_party
-    from kedit_vfl.vfl.score import score
-    from kedit_vfl.vfl.store import load_local, schemas_of
-    from kedit_vfl.vfl.tables import read_table
-    from kedit_vfl.vfl.train import predict
+    from kedit_vfl.vfl.data.loading import load_party
+    from kedit_vfl.vfl.data.read import read_table
+    from kedit_vfl.vfl.models.store import load_local, schemas_of
+    from kedit_vfl.vfl.serving.export import ExportConfig, OnnxScorer, encode_for_onnx, export_onnx
+    from kedit_vfl.vfl.serving.score import score
+    from kedit_vfl.vfl.stages.train import predict
 
     folder = Path(tempfile.mkdtemp(prefix="kvtool_export_bench_"))
     os.environ["KVTOOL_CACHE"] = str(folder / "cache")  # a table cache of our own, empty at first

@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kedit_vfl.vfl.config import DistillConfig, MPDConfig, ScoreConfig, SplitConfig  # noqa: E402
-from kedit_vfl.vfl.demo import DemoConfig, generate  # noqa: E402
-from kedit_vfl.vfl.distill import distill  # noqa: E402
-from kedit_vfl.vfl.mpd import pretrain_mpd  # noqa: E402
-from kedit_vfl.vfl.score import score  # noqa: E402
-from kedit_vfl.vfl.split import train_split  # noqa: E402
-from kedit_vfl.vfl.tables import read_table  # noqa: E402
+from kedit_vfl.vfl.data.demo import DemoConfig, generate  # noqa: E402
+from kedit_vfl.vfl.data.read import read_table  # noqa: E402
+from kedit_vfl.vfl.serving.score import score  # noqa: E402
+from kedit_vfl.vfl.stages.distill import distill  # noqa: E402
+from kedit_vfl.vfl.stages.mpd import pretrain_mpd  # noqa: E402
+from kedit_vfl.vfl.stages.split import train_split  # noqa: E402
 
 SHARED = Path(os.environ.get("KVTOOL_SHARED_VFL", ROOT.parent / "shared" / "data" / "vfl"))
 PRESETS = {

@@ -39,12 +39,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
 sys.path.insert(0, str(ROOT))
 
-from kedit_vfl.vfl.model import ModelConfig, SplitModel  # noqa: E402
-from kedit_vfl.vfl.schema import PartySchema  # noqa: E402
+from kedit_vfl.vfl.data.schema import PartySchema  # noqa: E402
+from kedit_vfl.vfl.models.networks import ModelConfig, SplitModel  # noqa: E402
 
 SHAPE = ["--numeric-active", "16", "--numeric-passive", "14", "--categorical-extra", "3"]
 READ = (  # the same reader, every column of every batch; prints rows and the in-process seconds
-    "import sys, time; from kedit_vfl.vfl.tables import open_table\n"
+    "import sys, time; from kedit_vfl.vfl.data.read import open_table\n"
     "start = time.perf_counter()\n"
     "rows = sum(b.num_rows for path in sys.argv[1:] for b in open_table(path).batches())\n"
     "print(rows, round(time.perf_counter() - start, 3))"

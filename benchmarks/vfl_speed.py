@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kedit_vfl.vfl.config import DistillConfig, SplitConfig  # noqa: E402
-from kedit_vfl.vfl.demo import DemoConfig, generate  # noqa: E402
-from kedit_vfl.vfl.distill import distill  # noqa: E402
-from kedit_vfl.vfl.loading import load_two_party  # noqa: E402
-from kedit_vfl.vfl.model import Head, ModelConfig, SplitModel, Tower  # noqa: E402
-from kedit_vfl.vfl.schema import PartySchema  # noqa: E402
-from kedit_vfl.vfl.split import train_split  # noqa: E402
+from kedit_vfl.vfl.data.demo import DemoConfig, generate  # noqa: E402
+from kedit_vfl.vfl.data.loading import load_two_party  # noqa: E402
+from kedit_vfl.vfl.data.schema import PartySchema  # noqa: E402
+from kedit_vfl.vfl.models.networks import Head, ModelConfig, SplitModel, Tower  # noqa: E402
+from kedit_vfl.vfl.stages.distill import distill  # noqa: E402
+from kedit_vfl.vfl.stages.split import train_split  # noqa: E402
 
 
 def write_tables(rows: int, folder: Path, labelled: float = 1.0) -> tuple[Path, Path]:
@@ -202,7 +202,7 @@ def bench_scoring(rows: int, folder: Path) -> dict:
 
 _READ = """
 import sys, time
-from kedit_vfl.vfl.tables import read_table
+from kedit_vfl.vfl.data.read import read_table
 start = time.perf_counter()
 for path in sys.argv[1:]:
     read_table(path)

@@ -153,7 +153,7 @@ def _grpc_client(port: int, folder: Path, request: int, seconds: float) -> float
 
 
 def measure(seconds: float) -> list[dict]:
-    from kedit_vfl.vfl.identity import generate_identity
+    from kedit_vfl.vfl.channel.identity import generate_identity
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

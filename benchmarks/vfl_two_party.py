@@ -38,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kedit_vfl.vfl.identity import generate_identity  # noqa: E402
+from kedit_vfl.vfl.channel.identity import generate_identity  # noqa: E402
 from tests.relay import Relay  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

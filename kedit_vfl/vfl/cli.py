@@ -301,7 +301,7 @@ def make_demo(
         numeric_passive=numeric_passive,
         categorical_extra=categorical_extra,
     )
-    from kedit_vfl.vfl.demo import write_demo
+    from kedit_vfl.vfl.data.demo import write_demo
 
     counts = write_demo(config)
     _render("demo data", {"out": str(out), **{f"rows/{k}": v for k, v in counts.items()}}, json_output)
@@ -363,7 +363,7 @@ def pretrain_mpd_command(
     --rendezvous tcp://ADVERTISER_HOST:29500
     """
     use_signing(sign_key, trust)
-    from kedit_vfl.vfl.mpd import pretrain_mpd
+    from kedit_vfl.vfl.stages.mpd import pretrain_mpd
 
     config = MPDConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
@@ -466,7 +466,7 @@ def train_split_command(
     the gradients the active party returns (at some cost in AUC; see the README).
     """
     use_signing(sign_key, trust)
-    from kedit_vfl.vfl.split import train_split
+    from kedit_vfl.vfl.stages.split import train_split
 
     config = SplitConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
@@ -546,7 +546,7 @@ def distill_command(
     Example: kvtool vfl distill --teacher split.safetensors --active a.csv --passive b.csv
     """
     use_signing(sign_key, trust)
-    from kedit_vfl.vfl.distill import distill
+    from kedit_vfl.vfl.stages.distill import distill
 
     config = DistillConfig(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
@@ -628,7 +628,7 @@ def score_command(
     Example: kvtool vfl score --model split.safetensors --active a.csv --passive b.csv --mode federated --json
     """
     use_signing(None, trust)
-    from kedit_vfl.vfl.score import score
+    from kedit_vfl.vfl.serving.score import score
 
     config = ScoreConfig(
         **_given(model=model, active=active, passive=passive, fallback=fallback, out=out),
@@ -664,7 +664,7 @@ def keygen_command(
     here with the one it sees, over another channel (a call, a signed e-mail). Each party
     then runs with --identity OUT --peer-cert OTHER_CERT.pem.
     """
-    from kedit_vfl.vfl.identity import generate_identity
+    from kedit_vfl.vfl.channel.identity import generate_identity
 
     identity = generate_identity(out, name, force)
     result = {"key": str(identity.key), "cert": str(identity.cert), "fingerprint": identity.fingerprint}
@@ -725,7 +725,7 @@ def align_command(
     --peer-cert advertiser.pem --out al.safetensors
     """
     use_signing(sign_key)
-    from kedit_vfl.vfl.alignment import align
+    from kedit_vfl.vfl.channel.alignment import align
 
     config = AlignConfig(
         party=party,
@@ -791,7 +791,7 @@ def export_command(
     Example: kvtool vfl export --model local.safetensors --format onnx --out local.onnx --json
     """
     use_signing(None, trust)
-    from kedit_vfl.vfl.export import export_onnx
+    from kedit_vfl.vfl.serving.export import export_onnx
 
     config = ExportConfig(
         model=model, format=format, out=out, opset=opset, verify_rows=verify_rows, table=table, id_col=id_col

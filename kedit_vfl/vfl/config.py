@@ -12,7 +12,7 @@ from typing import Any
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import runs_dir
-from kedit_vfl.vfl.security import Security, check_security, parse_rendezvous
+from kedit_vfl.vfl.channel.security import Security, check_security, parse_rendezvous
 
 DEFAULT_ROWS = 20_000  # embedded demo data
 DEFAULT_SEED = 0
@@ -27,7 +27,7 @@ OBJECTIVES = ("infonce", "bce")
 
 def embedded(name: str) -> Path:
     """One of the embedded demo tables (built on first use where not shipped)."""
-    from kedit_vfl.vfl.demo import embedded as embedded_table
+    from kedit_vfl.vfl.data.demo import embedded as embedded_table
 
     return embedded_table(name)
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from kedit_vfl.artifacts import atomic_write
 from kedit_vfl.errors import UserError
 from kedit_vfl.statefile import StateFileError, load_state, save_state
-from kedit_vfl.vfl.checkpoint import CheckpointStore
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore
 
 
 def test_nested_state_round_trips(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_that_does_not_fit_the_run_is_a_user_error(tmp_path: Path) -> None:
-    from kedit_vfl.vfl.checkpoint import TrainingState
+    from kedit_vfl.vfl.stages.checkpoint import TrainingState
 
     store = CheckpointStore(tmp_path / "c")
     store.save((0, 1), {"objects": {"model": {"weight": torch.zeros(5)}}, "torch_rng": torch.get_rng_state(),
@@ -136,8 +136,8 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_a_user_error(tmp_path: Path) 
 
 
 def test_what_a_stage_reads_from_the_resumed_extra_is_checked_too(tmp_path: Path) -> None:
-    from kedit_vfl.vfl.checkpoint import TrainingState
-    from kedit_vfl.vfl.train import FitResult
+    from kedit_vfl.vfl.stages.checkpoint import TrainingState
+    from kedit_vfl.vfl.stages.train import FitResult
 
     store = CheckpointStore(tmp_path / "c")
     store.save((1, 1), {"extra": {"fit0": {"bogus": 1}}, "loop": {}})

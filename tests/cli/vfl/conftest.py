@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 
-from kedit_vfl.vfl.demo import DemoConfig, generate
+from kedit_vfl.vfl.data.demo import DemoConfig, generate
 from tests.cli.runner import kvtool
 
 FAST = ("--epochs", "3", "--quiet")

@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from kedit_vfl.vfl.identity import generate_identity
+from kedit_vfl.vfl.channel.identity import generate_identity
 
 KVTOOL = str(Path(sys.executable).parent / "kvtool")
 OTHER = {"active": "passive", "passive": "active"}

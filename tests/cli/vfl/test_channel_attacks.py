@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from kedit_vfl.errors import PeerError
-from kedit_vfl.vfl.session import fault_hint
-from kedit_vfl.vfl.transport import FRAME, Security, open_channel
+from kedit_vfl.vfl.channel.session import fault_hint
+from kedit_vfl.vfl.channel.transport import FRAME, Security, open_channel
 from tests.cli.runner import kvtool
 from tests.cli.vfl.parties import Finished, free_port, identities, run_pair, start
 from tests.relay import Relay

@@ -14,11 +14,11 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kedit_vfl.artifacts import file_sha256  # noqa: E402
-from kedit_vfl.vfl import export as export_module  # noqa: E402
-from kedit_vfl.vfl.export import encode_for_onnx  # noqa: E402
-from kedit_vfl.vfl.schema import PartySchema  # noqa: E402
-from kedit_vfl.vfl.store import schemas_of  # noqa: E402
-from kedit_vfl.vfl.tables import read_table  # noqa: E402
+from kedit_vfl.vfl.data.read import read_table  # noqa: E402
+from kedit_vfl.vfl.data.schema import PartySchema  # noqa: E402
+from kedit_vfl.vfl.models.store import schemas_of  # noqa: E402
+from kedit_vfl.vfl.serving import export as export_module  # noqa: E402
+from kedit_vfl.vfl.serving.export import encode_for_onnx  # noqa: E402
 from tests.cli.runner import kvtool, kvtool_json  # noqa: E402
 
 

@@ -153,9 +153,9 @@ def test_score_streams_batch_by_batch_with_the_scores_of_one_batch(
 ) -> None:
     """Parquet shards read in small batches (dictionary-encoded categories, overlap spread
     over many batches) score exactly as one CSV batch does, in both modes."""
-    from kedit_vfl.vfl import tables as data_module
     from kedit_vfl.vfl.config import ScoreConfig
-    from kedit_vfl.vfl.score import score
+    from kedit_vfl.vfl.data import read as data_module
+    from kedit_vfl.vfl.serving.score import score
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -186,9 +186,9 @@ def test_local_scoring_never_imports_pandas(
     tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path
 ) -> None:
     """pyarrow's own conversions import pandas (0.3 s) to look for pandas inputs; scoring
-    goes through kedit_vfl.vfl.arrays instead, for CSV and for Parquet (dictionary-encoded
+    goes through kedit_vfl.vfl.data.arrays instead, for CSV and for Parquet (dictionary-encoded
     categories), missing values and labels included."""
-    from kedit_vfl.vfl import tables as data_module
+    from kedit_vfl.vfl.data import read as data_module
 
     parquet = tmp_path / "active.parquet"
     pq.write_table(data_module.read_table(tables["active_test"]), parquet)
@@ -237,7 +237,7 @@ def test_scoring_keeps_repeated_ids_the_publisher_must_not_repeat_them(
 def test_a_bad_value_in_a_late_batch_stops_scoring_and_leaves_no_output(
     tables: dict[str, Path], trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kedit_vfl.vfl import tables as data_module
+    from kedit_vfl.vfl.data import read as data_module
 
     table = data_module.read_table(tables["active_test"])
     text = table["a_num0"].cast(pa.string()).to_pylist()

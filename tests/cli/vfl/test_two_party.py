@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from kedit_vfl.artifacts import load_artifact
-from kedit_vfl.vfl.transport import INSECURE_PREFACE
+from kedit_vfl.vfl.channel.transport import INSECURE_PREFACE
 from tests.cli.runner import kvtool_json
 from tests.cli.vfl.parties import finish, free_port, run_pair, start
 from tests.relay import Relay

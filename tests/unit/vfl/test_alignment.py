@@ -13,7 +13,7 @@ import torch
 
 from kedit_vfl.artifacts import Artifact, data_fingerprint, save_artifact
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl import alignment as al
+from kedit_vfl.vfl.channel import alignment as al
 
 
 def _ids(values: list[str]) -> pa.ChunkedArray:

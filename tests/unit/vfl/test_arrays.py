@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kedit_vfl.vfl import arrays
+from kedit_vfl.vfl.data import arrays
 
 TYPES = [pa.int8(), pa.int32(), pa.int64(), pa.uint16(), pa.float32(), pa.float64(), pa.bool_()]
 
@@ -56,7 +56,7 @@ def test_arrow_arrays_from_numpy_and_strings() -> None:
 def test_no_pandas_import() -> None:
     script = """
 import sys, numpy as np, pyarrow as pa
-from kedit_vfl.vfl import arrays
+from kedit_vfl.vfl.data import arrays
 column = pa.chunked_array([arrays.from_numpy(np.arange(5.0)), arrays.from_numpy(np.arange(3.0))])
 arrays.floats(column), arrays.missing(column), arrays.strings(["a"])
 arrays.integers(arrays.from_numpy(np.arange(3)), 0)

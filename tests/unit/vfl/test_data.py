@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.encoding import encode, holdout_mask
-from kedit_vfl.vfl.loading import align, align_unique, load_two_party
-from kedit_vfl.vfl.schema import MISSING, OOV, fit_schema
-from kedit_vfl.vfl.tables import read_ids, read_labels, read_table
+from kedit_vfl.vfl.data.encoding import encode, holdout_mask
+from kedit_vfl.vfl.data.loading import align, align_unique, load_two_party
+from kedit_vfl.vfl.data.read import read_ids, read_labels, read_table
+from kedit_vfl.vfl.data.schema import MISSING, OOV, fit_schema
 
 
 def _write(path: Path, text: str) -> Path:

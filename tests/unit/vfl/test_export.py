@@ -13,10 +13,10 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kedit_vfl.errors import UserError  # noqa: E402
-from kedit_vfl.vfl.encoding import encode  # noqa: E402
-from kedit_vfl.vfl.export import ExportConfig, OnnxScorer, encode_for_onnx, export_graph  # noqa: E402
-from kedit_vfl.vfl.model import LocalModel, ModelConfig  # noqa: E402
-from kedit_vfl.vfl.schema import FIRST, MISSING, OOV, PartySchema  # noqa: E402
+from kedit_vfl.vfl.data.encoding import encode  # noqa: E402
+from kedit_vfl.vfl.data.schema import FIRST, MISSING, OOV, PartySchema  # noqa: E402
+from kedit_vfl.vfl.models.networks import LocalModel, ModelConfig  # noqa: E402
+from kedit_vfl.vfl.serving.export import ExportConfig, OnnxScorer, encode_for_onnx, export_graph  # noqa: E402
 
 BOTH = PartySchema(
     numeric=["age", "spend"],

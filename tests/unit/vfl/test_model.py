@@ -8,10 +8,10 @@ import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.model import LocalModel, ModelConfig, ServingLocal, ServingSplit, SplitModel
-from kedit_vfl.vfl.schema import PartySchema
-from kedit_vfl.vfl.store import LOCAL, SPLIT, load_local, load_split, save_vfl
-from kedit_vfl.vfl.train import StreamingMetrics, binary_metrics, intercept_shift
+from kedit_vfl.vfl.data.schema import PartySchema
+from kedit_vfl.vfl.models.networks import LocalModel, ModelConfig, ServingLocal, ServingSplit, SplitModel
+from kedit_vfl.vfl.models.store import LOCAL, SPLIT, load_local, load_split, save_vfl
+from kedit_vfl.vfl.stages.train import StreamingMetrics, binary_metrics, intercept_shift
 
 SCHEMAS = {
     "active": PartySchema(

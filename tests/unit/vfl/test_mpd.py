@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit_vfl.vfl.model import MatchingHead, ModelConfig, Tower
-from kedit_vfl.vfl.mpd import derangements, mpd_loss, pair_scores
-from kedit_vfl.vfl.schema import PartySchema
+from kedit_vfl.vfl.data.schema import PartySchema
+from kedit_vfl.vfl.models.networks import MatchingHead, ModelConfig, Tower
+from kedit_vfl.vfl.stages.mpd import derangements, mpd_loss, pair_scores
 
 
 @pytest.mark.parametrize(("n", "k"), [(2, 1), (5, 4), (64, 16), (513, 8)])

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState, latest_common
-from kedit_vfl.vfl.encoding import Party
-from kedit_vfl.vfl.model import ActiveSplit, ModelConfig, Tower
-from kedit_vfl.vfl.party import PassiveLink, PassiveParty, PassiveTraining, Protection, clip_rows
-from kedit_vfl.vfl.schema import PartySchema
-from kedit_vfl.vfl.train import FlatAdamW, average_ranks
+from kedit_vfl.vfl.channel.party import PassiveLink, PassiveParty, PassiveTraining, Protection, clip_rows
+from kedit_vfl.vfl.data.encoding import Party
+from kedit_vfl.vfl.data.schema import PartySchema
+from kedit_vfl.vfl.models.networks import ActiveSplit, ModelConfig, Tower
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState, latest_common
+from kedit_vfl.vfl.stages.train import FlatAdamW, average_ranks
 
 CONFIG = ModelConfig(hidden=8, out_dim=4, head_hidden=4, dropout=0.0)
 SCHEMA_A = PartySchema(numeric=["a1", "a2"], mean=[0.0, 0.0], std=[1.0, 1.0])

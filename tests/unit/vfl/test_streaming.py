@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl import tables as tables_module
-from kedit_vfl.vfl.background import prefetched
-from kedit_vfl.vfl.demo import DemoConfig, generate, write_demo
-from kedit_vfl.vfl.encoding import encode
-from kedit_vfl.vfl.loading import load_party
-from kedit_vfl.vfl.schema import FIRST, MISSING, OOV, PartySchema, SchemaFitter
-from kedit_vfl.vfl.score import ScoredChunk, write_scores
-from kedit_vfl.vfl.tables import open_table
+from kedit_vfl.vfl.data import read as tables_module
+from kedit_vfl.vfl.data.demo import DemoConfig, generate, write_demo
+from kedit_vfl.vfl.data.encoding import encode
+from kedit_vfl.vfl.data.loading import load_party
+from kedit_vfl.vfl.data.read import open_table
+from kedit_vfl.vfl.data.schema import FIRST, MISSING, OOV, PartySchema, SchemaFitter
+from kedit_vfl.vfl.serving.background import prefetched
+from kedit_vfl.vfl.serving.score import ScoredChunk, write_scores
 
 
 def test_make_demo_writes_parquet_shards_that_read_as_one_table(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_scores_are_written_in_chunks(tmp_path: Path, suffix: str) -> None:
 def test_a_full_disk_while_writing_scores_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kedit_vfl.vfl import score as score_module
+    from kedit_vfl.vfl.serving import score as score_module
 
     written = []
 
@@ -212,9 +212,9 @@ def test_importing_sets_no_memory_pool_opening_a_table_does(tmp_path: Path) -> N
     script = (
         "import os, pyarrow as pa\nos.environ.pop('ARROW_DEFAULT_MEMORY_POOL', None)\n"
         "before = pa.default_memory_pool().backend_name\n"
-        "import kedit_vfl.vfl.loading, kedit_vfl.vfl.score\n"
+        "import kedit_vfl.vfl.data.loading, kedit_vfl.vfl.serving.score\n"
         "assert pa.default_memory_pool().backend_name == before, 'an import changed the pool'\n"
-        "from kedit_vfl.vfl.tables import open_table\nopen_table(os.environ['TABLE'])\n"
+        "from kedit_vfl.vfl.data.read import open_table\nopen_table(os.environ['TABLE'])\n"
         "print(pa.default_memory_pool().backend_name)"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}

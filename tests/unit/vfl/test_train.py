@@ -9,10 +9,10 @@ from torch import nn
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.demo import DemoConfig, generate
-from kedit_vfl.vfl.split import train_split
-from kedit_vfl.vfl.store import load_split
-from kedit_vfl.vfl.train import FlatAdamW
+from kedit_vfl.vfl.data.demo import DemoConfig, generate
+from kedit_vfl.vfl.models.store import load_split
+from kedit_vfl.vfl.stages.split import train_split
+from kedit_vfl.vfl.stages.train import FlatAdamW
 
 
 def _net() -> nn.Sequential:

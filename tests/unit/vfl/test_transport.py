@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kedit_vfl.errors import PeerError, UserError
-from kedit_vfl.vfl import protocol
-from kedit_vfl.vfl.identity import generate_identity, load_certificate, load_identity
-from kedit_vfl.vfl.security import Security, check_security, is_loopback, parse_rendezvous
-from kedit_vfl.vfl.transport import FRAME, Channel, open_channel
+from kedit_vfl.vfl.channel import protocol
+from kedit_vfl.vfl.channel.identity import generate_identity, load_certificate, load_identity
+from kedit_vfl.vfl.channel.security import Security, check_security, is_loopback, parse_rendezvous
+from kedit_vfl.vfl.channel.transport import FRAME, Channel, open_channel
 
 
 def _free_port() -> int:
@@ -239,7 +239,7 @@ def test_keepalives_reach_the_waiting_party_during_long_work() -> None:
     """Work longer than the timeout: queued messages and keepalives go out while it runs."""
     import time
 
-    from kedit_vfl.vfl import alignment
+    from kedit_vfl.vfl.channel import alignment
 
     def works(channel: Channel) -> int:
         channel.send_json({"before": "the work"}, "notice")

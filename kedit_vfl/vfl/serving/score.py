@@ -24,17 +24,16 @@ from kedit_vfl.artifacts import atomic_write, load_artifact, read_metadata
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter, Task
 from kedit_vfl.seeding import resolve_device
-from kedit_vfl.vfl import arrays
-from kedit_vfl.vfl.background import Behind, prefetched
+from kedit_vfl.vfl.channel.session import ActiveSide
 from kedit_vfl.vfl.config import ScoreConfig, default_output
-from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.distill import open_serving, serve_embeddings
-from kedit_vfl.vfl.encoding import Party, encode
-from kedit_vfl.vfl.loading import PartyTable
-from kedit_vfl.vfl.model import ServingLocal, ServingSplit
-from kedit_vfl.vfl.schema import PartySchema, check_schema
-from kedit_vfl.vfl.session import ActiveSide
-from kedit_vfl.vfl.store import (
+from kedit_vfl.vfl.data import arrays
+from kedit_vfl.vfl.data.demo import embedded
+from kedit_vfl.vfl.data.encoding import Party, encode
+from kedit_vfl.vfl.data.loading import PartyTable
+from kedit_vfl.vfl.data.read import TableSource, as_strings, open_table, read_labels
+from kedit_vfl.vfl.data.schema import PartySchema, check_schema
+from kedit_vfl.vfl.models.networks import ServingLocal, ServingSplit
+from kedit_vfl.vfl.models.store import (
     LOCAL,
     SPLIT,
     load_for_party,
@@ -43,8 +42,9 @@ from kedit_vfl.vfl.store import (
     schemas_of,
     split_from,
 )
-from kedit_vfl.vfl.tables import TableSource, as_strings, open_table, read_labels
-from kedit_vfl.vfl.train import StreamingMetrics, predict, single_thread
+from kedit_vfl.vfl.serving.background import Behind, prefetched
+from kedit_vfl.vfl.stages.distill import open_serving, serve_embeddings
+from kedit_vfl.vfl.stages.train import StreamingMetrics, predict, single_thread
 
 COMMAND = "score"
 

@@ -11,18 +11,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from kedit_vfl.vfl import arrays
-from kedit_vfl.vfl.schema import (
+from kedit_vfl.vfl.data import arrays
+from kedit_vfl.vfl.data.read import (
+    BATCH_ROWS,
+    _numeric_values,
+    as_strings,
+)
+from kedit_vfl.vfl.data.schema import (
     FIRST,
     MISSING,
     OOV,
     PartySchema,
     check_schema,
-)
-from kedit_vfl.vfl.tables import (
-    BATCH_ROWS,
-    _numeric_values,
-    as_strings,
 )
 
 _HOLDOUT_KEY = "kvtool-vfl-valid"  # 16 characters: pandas' hash key

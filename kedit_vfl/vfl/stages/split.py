@@ -27,15 +27,12 @@ from kedit_vfl.artifacts import Artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
-from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
+from kedit_vfl.vfl.channel.party import PassiveLink, PassiveTraining
+from kedit_vfl.vfl.channel.session import ActiveSide, resume_tag_in_process
 from kedit_vfl.vfl.config import SplitConfig
-from kedit_vfl.vfl.encoding import holdout_mask
-from kedit_vfl.vfl.model import ActiveSplit, MatchingHead, ModelConfig
-from kedit_vfl.vfl.mpd import mpd_loss, pair_scores
-from kedit_vfl.vfl.party import PassiveLink, PassiveTraining
-from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process
-from kedit_vfl.vfl.stage import Stage, Trained, run_stage
-from kedit_vfl.vfl.store import (
+from kedit_vfl.vfl.data.encoding import holdout_mask
+from kedit_vfl.vfl.models.networks import ActiveSplit, MatchingHead, ModelConfig
+from kedit_vfl.vfl.models.store import (
     MPD,
     SPLIT,
     load_for_party,
@@ -43,7 +40,10 @@ from kedit_vfl.vfl.store import (
     model_config_of,
     mpd_settings,
 )
-from kedit_vfl.vfl.train import (
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
+from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
+from kedit_vfl.vfl.stages.runner import Stage, Trained, run_stage
+from kedit_vfl.vfl.stages.train import (
     PREDICT_SLICE,
     FitResult,
     FlatAdamW,

@@ -36,13 +36,13 @@ from kedit_vfl.artifacts import Artifact, atomic_write, load_artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.vfl.config import DEFAULT_OPSET, ExportConfig
-from kedit_vfl.vfl.demo import embedded
-from kedit_vfl.vfl.encoding import encode
-from kedit_vfl.vfl.model import LocalModel, ServingLocal
-from kedit_vfl.vfl.schema import FIRST, MISSING, OOV, PartySchema, check_schema
-from kedit_vfl.vfl.store import LOCAL, SPLIT, local_from, party_of, schemas_of, split_from
-from kedit_vfl.vfl.tables import _numeric_values, as_strings, read_table
-from kedit_vfl.vfl.train import predict
+from kedit_vfl.vfl.data.demo import embedded
+from kedit_vfl.vfl.data.encoding import encode
+from kedit_vfl.vfl.data.read import _numeric_values, as_strings, read_table
+from kedit_vfl.vfl.data.schema import FIRST, MISSING, OOV, PartySchema, check_schema
+from kedit_vfl.vfl.models.networks import LocalModel, ServingLocal
+from kedit_vfl.vfl.models.store import LOCAL, SPLIT, local_from, party_of, schemas_of, split_from
+from kedit_vfl.vfl.stages.train import predict
 
 TOLERANCE = 1e-5  # largest |onnx score - kvtool score| accepted
 EDGE_ROWS = 64  # synthetic rows (NaN, inf, huge values, missing and unseen categories) always checked
@@ -60,7 +60,7 @@ class OnnxScorer(nn.Module):
 
     ``numeric`` (B, n_numeric) float32 raw values, NaN for missing; ``categorical``
     (B, n_categorical) int64 vocabulary indices. The transform runs in float64 (where
-    :func:`kedit_vfl.vfl.encoding.encode` takes the ``asinh`` in float32: the two agree to
+    :func:`kedit_vfl.vfl.data.encoding.encode` takes the ``asinh`` in float32: the two agree to
     a float32 rounding or two); indices outside a column's range count as unseen.
     """
 
@@ -237,7 +237,7 @@ def _hashed(schema: PartySchema) -> dict[str, Any]:
     hashed = {name: b for name, b in zip(schema.categorical, buckets, strict=True) if b}
     if not hashed:
         return {}
-    return {"columns": hashed, "bucket": "kedit_vfl.vfl.encoding.hashed_bucket(value, buckets)"}
+    return {"columns": hashed, "bucket": "kedit_vfl.vfl.data.encoding.hashed_bucket(value, buckets)"}
 
 
 def _sidecar(

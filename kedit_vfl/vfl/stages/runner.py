@@ -7,7 +7,7 @@ the schema of the artifact the stage starts from, the link to the passive party 
 process or over the wire), resuming from checkpoints, telling the passive party the run
 is over, writing each party's artifact, clearing the checkpoints and reporting traffic.
 The epochs, validation, early stopping and checkpoints themselves are
-:func:`kedit_vfl.vfl.train.fit`.
+:func:`kedit_vfl.vfl.stages.train.fit`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from torch import nn
 
 from kedit_vfl.artifacts import Artifact, data_fingerprint
 from kedit_vfl.progress import Reporter
-from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
+from kedit_vfl.vfl.channel.party import PassiveParty, PassiveTraining
+from kedit_vfl.vfl.channel.protocol import Session
+from kedit_vfl.vfl.channel.session import ActiveSide, open_active, passive_tower, serve_passive
 from kedit_vfl.vfl.config import ModelConfig, Protection
-from kedit_vfl.vfl.loading import load_party
-from kedit_vfl.vfl.party import PassiveParty, PassiveTraining
-from kedit_vfl.vfl.protocol import Session
-from kedit_vfl.vfl.schema import PartySchema
-from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, serve_passive
-from kedit_vfl.vfl.store import run_id_of, save_vfl, schemas_of, two_party_extra
+from kedit_vfl.vfl.data.loading import load_party
+from kedit_vfl.vfl.data.schema import PartySchema
+from kedit_vfl.vfl.models.store import run_id_of, save_vfl, schemas_of, two_party_extra
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, checkpoint_dir
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,12 @@ from kedit_vfl.artifacts import (
 )
 from kedit_vfl.errors import PeerError, UserError
 from kedit_vfl.progress import SILENT, Reporter
+from kedit_vfl.vfl.channel.protocol import Session, exchange, handshake, peer_rows
+from kedit_vfl.vfl.channel.session import read_secret, security_of
+from kedit_vfl.vfl.channel.transport import Channel, open_channel
 from kedit_vfl.vfl.config import REVEALS as REVEALS
 from kedit_vfl.vfl.config import AlignConfig
-from kedit_vfl.vfl.protocol import Session, exchange, handshake, peer_rows
-from kedit_vfl.vfl.session import read_secret, security_of
-from kedit_vfl.vfl.tables import open_table, read_ids
-from kedit_vfl.vfl.transport import Channel, open_channel
+from kedit_vfl.vfl.data.read import open_table, read_ids
 
 KIND = "vfl.alignment"
 LIBRARY = "openmined.psi 2.0.6"

@@ -18,7 +18,8 @@ from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, make_pr
 from kedit_vfl.errors import UserError
 from kedit_vfl.metadata import typed
 from kedit_vfl.vfl.config import OBJECTIVES
-from kedit_vfl.vfl.model import (
+from kedit_vfl.vfl.data.schema import PartySchema, schemas_to_dict
+from kedit_vfl.vfl.models.networks import (
     ActiveSplit,
     LocalModel,
     ModelConfig,
@@ -26,7 +27,6 @@ from kedit_vfl.vfl.model import (
     load_prefixed,
     state_with_prefix,
 )
-from kedit_vfl.vfl.schema import PartySchema, schemas_to_dict
 
 MPD, SPLIT, LOCAL = "vfl.mpd", "vfl.split", "vfl.local"
 

@@ -1,7 +1,7 @@
 """The two-party protocol: handshake, id alignment, and the request loop.
 
 Everything below runs inside the authenticated, encrypted channel of
-:mod:`kedit_vfl.vfl.transport`. After the connection the parties exchange, in order:
+:mod:`kedit_vfl.vfl.channel.transport`. After the connection the parties exchange, in order:
 
 1. ``hello``: protocol version, party, command, a random nonce and a fresh X25519 public
    key each. A second active party, another command or another version is refused on
@@ -36,10 +36,10 @@ import pyarrow as pa
 import torch
 
 from kedit_vfl.errors import PeerError, UserError
-from kedit_vfl.vfl.checkpoint import Tag, latest_common
-from kedit_vfl.vfl.loading import align
-from kedit_vfl.vfl.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
-from kedit_vfl.vfl.transport import Channel
+from kedit_vfl.vfl.channel.party import EMBEDDING_DTYPE, KEY_DTYPE, PassiveParty
+from kedit_vfl.vfl.channel.transport import Channel
+from kedit_vfl.vfl.data.loading import align
+from kedit_vfl.vfl.stages.checkpoint import Tag, latest_common
 
 PROTOCOL_VERSION = 2
 MAX_ROWS_PER_REQUEST = 65_536  # rows one embedding request may ask for

@@ -18,15 +18,15 @@ from kedit_vfl.artifacts import Artifact
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
-from kedit_vfl.vfl.checkpoint import CheckpointStore, TrainingState
+from kedit_vfl.vfl.channel.party import PassiveTraining, Protection
+from kedit_vfl.vfl.channel.session import ActiveSide, resume_tag_in_process
 from kedit_vfl.vfl.config import MPDConfig
-from kedit_vfl.vfl.encoding import holdout_mask
-from kedit_vfl.vfl.model import MatchingHead, Tower
-from kedit_vfl.vfl.party import PassiveTraining, Protection
-from kedit_vfl.vfl.session import ActiveSide, resume_tag_in_process
-from kedit_vfl.vfl.stage import Stage, Trained, run_stage
-from kedit_vfl.vfl.store import MPD
-from kedit_vfl.vfl.train import FlatAdamW, fit, loop_of
+from kedit_vfl.vfl.data.encoding import holdout_mask
+from kedit_vfl.vfl.models.networks import MatchingHead, Tower
+from kedit_vfl.vfl.models.store import MPD
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
+from kedit_vfl.vfl.stages.runner import Stage, Trained, run_stage
+from kedit_vfl.vfl.stages.train import FlatAdamW, fit, loop_of
 
 
 def derangements(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -16,8 +16,8 @@ from torch import nn
 from kedit_vfl.progress import SILENT, Reporter
 
 if TYPE_CHECKING:
-    from kedit_vfl.vfl.checkpoint import TrainingState
-    from kedit_vfl.vfl.party import PassiveLink
+    from kedit_vfl.vfl.channel.party import PassiveLink
+    from kedit_vfl.vfl.stages.checkpoint import TrainingState
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl import arrays
+from kedit_vfl.vfl.data import arrays
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
@@ -39,7 +39,7 @@ class TableSource:
     Shards are read one after another by pull-based readers (a batch of Parquet rows, a
     CSV or JSON block at a time): Arrow's dataset scanner reads ahead of a slow consumer until whole
     files sit in memory (apache/arrow#39808). Callers overlap reading with their own work
-    (:func:`kedit_vfl.vfl.background.prefetched`).
+    (:func:`kedit_vfl.vfl.serving.background.prefetched`).
     """
 
     path: Path

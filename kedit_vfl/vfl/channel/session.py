@@ -23,10 +23,7 @@ import torch
 from kedit_vfl.artifacts import Artifact, config_to_dict
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import Reporter
-from kedit_vfl.vfl.checkpoint import CheckpointStore, checkpoint_dir
-from kedit_vfl.vfl.loading import PartyTable, align_unique, load_party
-from kedit_vfl.vfl.model import ModelConfig, Tower
-from kedit_vfl.vfl.party import (
+from kedit_vfl.vfl.channel.party import (
     PassiveLink,
     PassiveParty,
     PassiveTraining,
@@ -34,12 +31,15 @@ from kedit_vfl.vfl.party import (
     passive_seed,
     warm_up_autograd,
 )
-from kedit_vfl.vfl.protocol import RemotePassive, Session, align_in_clear, handshake, serve
-from kedit_vfl.vfl.schema import PartySchema
-from kedit_vfl.vfl.store import load_weights
-from kedit_vfl.vfl.tables import open_table
-from kedit_vfl.vfl.train import single_thread
-from kedit_vfl.vfl.transport import Security, open_channel
+from kedit_vfl.vfl.channel.protocol import RemotePassive, Session, align_in_clear, handshake, serve
+from kedit_vfl.vfl.channel.transport import Security, open_channel
+from kedit_vfl.vfl.data.loading import PartyTable, align_unique, load_party
+from kedit_vfl.vfl.data.read import open_table
+from kedit_vfl.vfl.data.schema import PartySchema
+from kedit_vfl.vfl.models.networks import ModelConfig, Tower
+from kedit_vfl.vfl.models.store import load_weights
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, checkpoint_dir
+from kedit_vfl.vfl.stages.train import single_thread
 
 # Options each party sets for itself; every other option must agree across the parties.
 PARTY_LOCAL = {
@@ -123,7 +123,7 @@ def connect(
     align``) rows and keys come from that file, otherwise the parties run the same private
     set intersection here, revealing the overlap to both and nothing else.
     """
-    from kedit_vfl.vfl.alignment import load_alignment, private_overlap  # PSI loads only when used
+    from kedit_vfl.vfl.channel.alignment import load_alignment, private_overlap  # PSI loads only when used
 
     alignment = None
     if getattr(config, "alignment", None) is not None:

@@ -17,21 +17,21 @@ import torch
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import cache_dir
-from kedit_vfl.vfl.encoding import (
+from kedit_vfl.vfl.data.encoding import (
     Party,
     encode,
 )
-from kedit_vfl.vfl.schema import (
-    PartySchema,
-    SchemaFitter,
-    check_schema,
-    select_features,
-)
-from kedit_vfl.vfl.tables import (
+from kedit_vfl.vfl.data.read import (
     as_strings,
     check_unique_ids,
     open_table,
     read_labels,
+)
+from kedit_vfl.vfl.data.schema import (
+    PartySchema,
+    SchemaFitter,
+    check_schema,
+    select_features,
 )
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.tables import (
+from kedit_vfl.vfl.data.read import (
     TableSource,
     _is_numeric_type,
     _non_numeric,

@@ -22,11 +22,11 @@ from typing import Any, Protocol
 import torch
 
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.checkpoint import CheckpointStore, Tag
 from kedit_vfl.vfl.config import Protection
-from kedit_vfl.vfl.encoding import Party
-from kedit_vfl.vfl.model import ServingTower, Tower
-from kedit_vfl.vfl.train import FlatAdamW, single_thread
+from kedit_vfl.vfl.data.encoding import Party
+from kedit_vfl.vfl.models.networks import ServingTower, Tower
+from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, Tag
+from kedit_vfl.vfl.stages.train import FlatAdamW, single_thread
 
 KEY_DTYPE = torch.int64  # rows are addressed by a key: overlap position, or an alignment's key
 EMBEDDING_DTYPE = torch.float32

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kedit_vfl.errors import PeerError, UserError
-from kedit_vfl.vfl.security import Rendezvous, Security, check_security, parse_rendezvous
+from kedit_vfl.vfl.channel.security import Rendezvous, Security, check_security, parse_rendezvous
 
 PARTIES = ("active", "passive")
 HEADER_SIZE = 4  # int64 fields of a request header
@@ -43,7 +43,7 @@ FLUSH_BYTES = 1 << 20  # queued sends beyond this go out at once
 
 def _tls_context(security: Security, server: bool) -> tuple[ssl.SSLContext, str]:
     """A TLS 1.3 context that presents this party's certificate and trusts only the peer's."""
-    from kedit_vfl.vfl.identity import load_certificate, load_identity
+    from kedit_vfl.vfl.channel.identity import load_certificate, load_identity
 
     assert security.identity is not None and security.peer_cert is not None
     identity = load_identity(security.identity)
@@ -231,7 +231,7 @@ class Channel:
             raise _Refused(f"the TLS handshake failed ({_reason(exc)}); is it kvtool with TLS?") from exc
         except (OSError, EOFError) as exc:
             raise _Refused(f"the TLS handshake failed ({_reason(exc)}); is it kvtool with TLS?") from exc
-        from kedit_vfl.vfl.identity import fingerprint_der
+        from kedit_vfl.vfl.channel.identity import fingerprint_der
 
         der = tls.getpeercert(binary_form=True)
         if der is None or fingerprint_der(der) != fingerprint:

@@ -16,7 +16,7 @@ from torch import nn
 
 from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import ModelConfig
-from kedit_vfl.vfl.schema import PartySchema
+from kedit_vfl.vfl.data.schema import PartySchema
 
 
 class CategoricalEmbedding(nn.Module):

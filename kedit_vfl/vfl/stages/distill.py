@@ -20,14 +20,13 @@ from kedit_vfl.artifacts import Artifact, data_fingerprint
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything
+from kedit_vfl.vfl.channel.party import PassiveTraining, Protection
+from kedit_vfl.vfl.channel.session import ActiveSide, open_active, passive_tower, serve_passive
 from kedit_vfl.vfl.config import DistillConfig
-from kedit_vfl.vfl.encoding import holdout_mask
-from kedit_vfl.vfl.loading import PartyTable, load_party
-from kedit_vfl.vfl.model import ActiveSplit, LocalModel
-from kedit_vfl.vfl.party import PassiveTraining, Protection
-from kedit_vfl.vfl.session import ActiveSide, open_active, passive_tower, serve_passive
-from kedit_vfl.vfl.split import labelled_split
-from kedit_vfl.vfl.store import (
+from kedit_vfl.vfl.data.encoding import holdout_mask
+from kedit_vfl.vfl.data.loading import PartyTable, load_party
+from kedit_vfl.vfl.models.networks import ActiveSplit, LocalModel
+from kedit_vfl.vfl.models.store import (
     LOCAL,
     SPLIT,
     load_for_party,
@@ -39,7 +38,8 @@ from kedit_vfl.vfl.store import (
     split_from,
     two_party_extra,
 )
-from kedit_vfl.vfl.train import (
+from kedit_vfl.vfl.stages.split import labelled_split
+from kedit_vfl.vfl.stages.train import (
     base_rate_logit,
     binary_metrics,
     fit,
@@ -93,7 +93,7 @@ def open_serving(
     """The active side of a stage that only scores with a split model (``distill``'s
     teacher, federated ``score``): the passive party serves embeddings, trains nothing,
     and the parties need agree only on the model's sizes. ``check_beside_join``: see
-    :func:`kedit_vfl.vfl.loading.align_unique`."""
+    :func:`kedit_vfl.vfl.data.loading.align_unique`."""
     model_config = model_config_of(artifact)
     return open_active(
         config,

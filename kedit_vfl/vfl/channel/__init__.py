@@ -1,0 +1,1 @@
+"""The two-party channel: identities, TLS transport, protocol, sessions, alignment, the passive party."""

@@ -1,0 +1,1 @@
+"""Scoring tables and exporting the local model."""

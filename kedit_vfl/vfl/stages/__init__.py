@@ -1,0 +1,1 @@
+"""The training stages (MPD, split training, distillation), their runner and training loop."""
