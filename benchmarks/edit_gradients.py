@@ -61,11 +61,11 @@ def raw_factor_separation(editor: Path, per_task: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from kedit_vfl.edit.analysis import separation_report
-    from kedit_vfl.edit.batches import Prompter, edit_batch
-    from kedit_vfl.edit.checkpoint import load_editor, open_editor_base
-    from kedit_vfl.edit.editor import edit_gradients
-    from kedit_vfl.edit.gradients import AnalyzeConfig, analysis_records
+    from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+    from kedit_vfl.edit.editor.network import edit_gradients
+    from kedit_vfl.edit.editor.store import load_editor, open_editor_base
+    from kedit_vfl.edit.evaluation.analysis import separation_report
+    from kedit_vfl.edit.evaluation.gradients import AnalyzeConfig, analysis_records
 
     loaded = load_editor(editor)
     base = open_editor_base(loaded, None, "cpu", "float32", str(editor))

@@ -61,11 +61,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.get("threads", 1))
-    from kedit_vfl.edit.batches import Prompter
     from kedit_vfl.edit.config import TrainConfig
-    from kedit_vfl.edit.evaluation import evaluate
-    from kedit_vfl.edit.records import EditRecord
-    from kedit_vfl.edit.training import train_editor
+    from kedit_vfl.edit.data.records import EditRecord
+    from kedit_vfl.edit.editor.batches import Prompter
+    from kedit_vfl.edit.editor.training import train_editor
+    from kedit_vfl.edit.evaluation.evaluate import evaluate
 
     config = TrainConfig(
         model=job["model"],
@@ -100,7 +100,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 def _save_editor(result: Any, config: Any, path: Path) -> None:
     """Keep an editor for the ablations (``evaluate --no-prefix``, ``--unseen-instruction``)."""
     from kedit_vfl.artifacts import Artifact, config_to_dict, make_provenance, save_artifact
-    from kedit_vfl.edit.checkpoint import EDITOR_KIND, editor_extra
+    from kedit_vfl.edit.editor.store import EDITOR_KIND, editor_extra
 
     extra = editor_extra(
         result.editor,
@@ -185,7 +185,7 @@ def _run_all(jobs: list[dict[str, Any]], workers: int, log: Path) -> list[dict[s
 
 def embedded_part(seeds: list[int], steps: int, workers: int, single_seeds: list[int]) -> None:
     from kedit_vfl.edit.config import WorldOptions
-    from kedit_vfl.edit.sources import embedded_world
+    from kedit_vfl.edit.data.sources import embedded_world
 
     world = embedded_world(WorldOptions())
     test = {t: [r.to_dict() for r in rs] for t, rs in world.records["test"].items()}
@@ -223,7 +223,7 @@ def embedded_part(seeds: list[int], steps: int, workers: int, single_seeds: list
 
 def _real_records(per_task: int) -> dict[str, list[Any]]:
     """The first ``per_task`` records of each sample file, in upstream order."""
-    from kedit_vfl.edit.loaders import load_records
+    from kedit_vfl.edit.data.loaders import load_records
 
     return {
         task: list(load_records([SHARED / name], task=task))[:per_task] for task, name in REAL_FILES.items()
@@ -233,9 +233,9 @@ def _real_records(per_task: int) -> dict[str, list[Any]]:
 def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, per_task: int) -> None:
     import torch
 
-    from kedit_vfl.edit.embedded import pretraining_texts
-    from kedit_vfl.edit.loaders import true_facts
-    from kedit_vfl.edit.pretrain import PretrainConfig, pretrain_on_facts, save_model
+    from kedit_vfl.edit.data.embedded import pretraining_texts
+    from kedit_vfl.edit.data.loaders import true_facts
+    from kedit_vfl.edit.models.pretrain import PretrainConfig, pretrain_on_facts, save_model
 
     torch.set_num_threads(1)
     records = _real_records(per_task)

@@ -168,8 +168,8 @@ def train_editor_command(
     Example: kvtool edit train-editor --tasks counterfact,recent,convsent --holdout zsre
     """
     use_signing(sign_key, trust)
-    from kedit_vfl.edit.checkpoint import EDITOR_KIND, editor_extra
-    from kedit_vfl.edit.training import train_editor
+    from kedit_vfl.edit.editor.store import EDITOR_KIND, editor_extra
+    from kedit_vfl.edit.editor.training import train_editor
 
     out = out or _default_editor()
     config = TrainConfig(
@@ -272,7 +272,7 @@ def apply_command(
     Example: kvtool edit apply --edits requests.jsonl --out runs/edit/edited-model
     """
     use_signing(None, trust)
-    from kedit_vfl.edit.apply import apply_edits
+    from kedit_vfl.edit.editor.apply import apply_edits
 
     config = ApplyConfig(
         edits=tuple(str(p) for p in edits or ()),
@@ -356,7 +356,7 @@ def evaluate_command(
     Example: kvtool edit evaluate --json   (the embedded test split, hold-out task included)
     """
     use_signing(None, trust)
-    from kedit_vfl.edit.evaluation import evaluate_editor
+    from kedit_vfl.edit.evaluation.evaluate import evaluate_editor
 
     config = EvalConfig(
         model=model,
@@ -426,7 +426,7 @@ def analyze_gradients_command(
     Example: kvtool edit analyze-gradients --editor runs/edit/editor.safetensors --compare plain.safetensors
     """
     use_signing(None, trust)
-    from kedit_vfl.edit.gradients import AnalyzeConfig, analyze_gradients
+    from kedit_vfl.edit.evaluation.gradients import AnalyzeConfig, analyze_gradients
 
     config = AnalyzeConfig(
         editor=str(_editor_or_default(editor, quiet)),

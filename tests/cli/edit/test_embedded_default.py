@@ -12,7 +12,7 @@ from tests.cli.runner import kvtool_json
 
 
 def evaluated_sizes() -> dict[str, int]:
-    from kedit_vfl.edit.embedded import load_embedded_world
+    from kedit_vfl.edit.data.embedded import load_embedded_world
 
     return {task: len(records) for task, records in load_embedded_world().records["test"].items()}
 

@@ -250,7 +250,7 @@ def test_editors_from_before_the_fingerprint_scope_still_apply(
     import torch
 
     from kedit_vfl.artifacts import load_artifact, save_artifact
-    from kedit_vfl.edit.models import EDITED_LAYERS, load_base_model
+    from kedit_vfl.edit.models.base import EDITED_LAYERS, load_base_model
 
     artifact = load_artifact(gpt2_editor, "edit.editor")
     editor = artifact.extra["editor"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kedit_vfl.edit.gradients import AnalyzeConfig, UpdateEncoder, analyze_gradients
+from kedit_vfl.edit.evaluation.gradients import AnalyzeConfig, UpdateEncoder, analyze_gradients
 from kedit_vfl.errors import UserError
 from tests.cli.edit.conftest import train
 from tests.unit.edit.tiny import records, write_jsonl

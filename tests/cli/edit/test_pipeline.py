@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kedit_vfl.artifacts import load_artifact
-from kedit_vfl.edit.metrics import target_probability
-from kedit_vfl.edit.tokens import encode_pairs
+from kedit_vfl.edit.evaluation.metrics import target_probability
+from kedit_vfl.edit.models.tokens import encode_pairs
 from tests.cli.edit.conftest import train
 from tests.cli.runner import kvtool, kvtool_json
 

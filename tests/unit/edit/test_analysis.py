@@ -5,14 +5,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kedit_vfl.edit.analysis import (
+from kedit_vfl.edit.evaluation.analysis import (
     UpdateSketch,
     cosine_separation,
     exact_update,
     separation_report,
     sketched_update,
 )
-from kedit_vfl.edit.plots import scatter_panels
+from kedit_vfl.edit.evaluation.plots import scatter_panels
 
 
 def _clusters(spread: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:

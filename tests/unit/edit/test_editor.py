@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kedit_vfl.edit.config import EditorConfig
-from kedit_vfl.edit.editor import (
+from kedit_vfl.edit.editor.network import (
     Editor,
     RunningNorm,
     edit_gradients,
@@ -12,10 +12,10 @@ from kedit_vfl.edit.editor import (
     forward_with,
     rank_one_sum,
 )
-from kedit_vfl.edit.hooks import LayerGrads
-from kedit_vfl.edit.metrics import nll_sum
-from kedit_vfl.edit.models import EditTarget, fingerprint, resolve_targets
-from kedit_vfl.edit.tokens import encode_pairs
+from kedit_vfl.edit.evaluation.metrics import nll_sum
+from kedit_vfl.edit.models.base import EditTarget, fingerprint, resolve_targets
+from kedit_vfl.edit.models.hooks import LayerGrads
+from kedit_vfl.edit.models.tokens import encode_pairs
 from tests.unit.edit.tiny import build, tokenizer
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kedit_vfl.edit import embedded
-from kedit_vfl.edit.embedded import SHIPPED_DIR, WorldConfig, load_embedded_world
-from kedit_vfl.edit.pretrain import PretrainConfig, answer_accuracy, pretrain_on_facts
-from kedit_vfl.edit.world import SPLITS, TASKS
+from kedit_vfl.edit.data import embedded
+from kedit_vfl.edit.data.embedded import SHIPPED_DIR, WorldConfig, load_embedded_world
+from kedit_vfl.edit.data.world import SPLITS, TASKS
+from kedit_vfl.edit.models.pretrain import PretrainConfig, answer_accuracy, pretrain_on_facts
 from kedit_vfl.errors import UserError
 
 TINY = PretrainConfig(

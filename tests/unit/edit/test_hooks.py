@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit_vfl.edit.editor import edit_gradients, forward_with
-from kedit_vfl.edit.hooks import capture
-from kedit_vfl.edit.metrics import nll_sum
-from kedit_vfl.edit.models import resolve_targets
-from kedit_vfl.edit.tokens import encode_pairs
+from kedit_vfl.edit.editor.network import edit_gradients, forward_with
+from kedit_vfl.edit.evaluation.metrics import nll_sum
+from kedit_vfl.edit.models.base import resolve_targets
+from kedit_vfl.edit.models.hooks import capture
+from kedit_vfl.edit.models.tokens import encode_pairs
 from tests.unit.edit.tiny import build, tokenizer
 
 

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from kedit_vfl.edit.instructions import (
+from kedit_vfl.edit.data.instructions import (
     InstructionPools,
     default_pools,
     fill_placeholders,
     format_instruction,
     load_pools,
 )
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.world import TASKS
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.world import TASKS
 from kedit_vfl.errors import UserError
 
 

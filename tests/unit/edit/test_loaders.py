@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kedit_vfl.edit.loaders import detect_format, load_records, records_to_dataset, true_facts
-from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.data.loaders import detect_format, load_records, records_to_dataset, true_facts
+from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.errors import UserError
 
 # file, records, task, source, (share with rephrase, share with locality, share with portability) at least

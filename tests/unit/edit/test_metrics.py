@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from kedit_vfl.edit.metrics import kl_on_answers, nll_mean, token_accuracy, unchanged_top1
-from kedit_vfl.edit.tokens import TokenBatch
+from kedit_vfl.edit.evaluation.metrics import kl_on_answers, nll_mean, token_accuracy, unchanged_top1
+from kedit_vfl.edit.models.tokens import TokenBatch
 
 
 def _batch() -> TokenBatch:

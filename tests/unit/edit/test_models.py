@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kedit_vfl.edit.models import fingerprint, load_base_model, resolve_targets
+from kedit_vfl.edit.models.base import fingerprint, load_base_model, resolve_targets
 from kedit_vfl.errors import UserError
 from tests.unit.edit.tiny import build, save_tiny
 

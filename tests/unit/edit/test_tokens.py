@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kedit_vfl.edit.tokens import encode_pairs, join
+from kedit_vfl.edit.models.tokens import encode_pairs, join
 from kedit_vfl.errors import UserError
 from tests.unit.edit.tiny import tokenizer
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from kedit_vfl.edit.batches import Prompter
 from kedit_vfl.edit.config import EditorConfig, TrainConfig
-from kedit_vfl.edit.editor import Editor
-from kedit_vfl.edit.instructions import default_pools
-from kedit_vfl.edit.models import load_base_model
-from kedit_vfl.edit.sources import split_validation
-from kedit_vfl.edit.training import _Trainer, meta_step, sample_records
+from kedit_vfl.edit.data.instructions import default_pools
+from kedit_vfl.edit.data.sources import split_validation
+from kedit_vfl.edit.editor.batches import Prompter
+from kedit_vfl.edit.editor.network import Editor
+from kedit_vfl.edit.editor.training import _Trainer, meta_step, sample_records
+from kedit_vfl.edit.models.base import load_base_model
 from tests.unit.edit.tiny import records, save_tiny
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.world import SPLITS, TASKS, WorldConfig, generate_world
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.world import SPLITS, TASKS, WorldConfig, generate_world
 from kedit_vfl.errors import UserError
 
 SMALL = WorldConfig(seed=3, countries=12, people=16, recent=8)

@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from kedit_vfl.edit.records import EditRecord, PromptAnswer
+from kedit_vfl.edit.data.records import EditRecord, PromptAnswer
 
 CORPUS = [
     "The capital of Zorvia is Bel",
@@ -32,7 +32,7 @@ CORPUS = [
 
 
 def _instruction_texts() -> list[str]:
-    from kedit_vfl.edit.instructions import default_pools
+    from kedit_vfl.edit.data.instructions import default_pools
 
     pools = default_pools()
     return [d for task in pools.pools for d in [*pools.pools[task], pools.held_out[task]]]

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from kedit_vfl.edit.batches import Prompter, edit_batch, probe
-from kedit_vfl.edit.checkpoint import LoadedEditor, load_editor, open_editor_base
 from kedit_vfl.edit.config import EvalConfig
-from kedit_vfl.edit.editor import Editor, edit_gradients, edited_params, forward_with, merge_updates
-from kedit_vfl.edit.metrics import METRICS, average, token_accuracy, unchanged_top1
-from kedit_vfl.edit.models import BaseModel
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.editor.batches import Prompter, edit_batch, probe
+from kedit_vfl.edit.editor.network import Editor, edit_gradients, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.editor.store import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.evaluation.metrics import METRICS, average, token_accuracy, unchanged_top1
+from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import seed_everything

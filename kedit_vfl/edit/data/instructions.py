@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.errors import UserError
 
 TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}"
@@ -87,7 +87,7 @@ class InstructionPools:
 
 def default_pools() -> InstructionPools:
     """The pools shipped with the package (``instructions.json``)."""
-    text = resources.files("kedit_vfl.edit").joinpath("instructions.json").read_text(encoding="utf-8")
+    text = resources.files("kedit_vfl.edit.data").joinpath("instructions.json").read_text(encoding="utf-8")
     return InstructionPools.from_dict(json.loads(text), where="instructions.json")
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from kedit_vfl.artifacts import Artifact, load_artifact
 from kedit_vfl.edit.config import EditorConfig
-from kedit_vfl.edit.editor import Editor
-from kedit_vfl.edit.instructions import InstructionPools
-from kedit_vfl.edit.models import ALL_WEIGHTS, EDITED_LAYERS, BaseModel, EditTarget
-from kedit_vfl.edit.sources import EMBEDDED, open_base, world_options_of
+from kedit_vfl.edit.data.instructions import InstructionPools
+from kedit_vfl.edit.data.sources import EMBEDDED, open_base, world_options_of
+from kedit_vfl.edit.editor.network import Editor
+from kedit_vfl.edit.models.base import ALL_WEIGHTS, EDITED_LAYERS, BaseModel, EditTarget
 from kedit_vfl.errors import UserError
 from kedit_vfl.metadata import typed
 from kedit_vfl.progress import SILENT, Reporter

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kedit_vfl.edit.instructions import InstructionPools, format_instruction
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.tokens import TokenBatch, encode_pairs
+from kedit_vfl.edit.data.instructions import InstructionPools, format_instruction
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.models.tokens import TokenBatch, encode_pairs
 from kedit_vfl.errors import UserError
 
 

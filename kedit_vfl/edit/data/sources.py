@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from kedit_vfl.edit.config import EditorConfig, WorldOptions
-from kedit_vfl.edit.models import BaseModel, load_base_model
-from kedit_vfl.edit.records import EditRecord
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.models.base import BaseModel, load_base_model
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 
@@ -20,7 +20,7 @@ EMBEDDED = "embedded"
 
 def embedded_world(options: WorldOptions, reporter: Reporter = SILENT) -> Any:
     """The embedded world (built and cached on first use) for these seed and sizes."""
-    from kedit_vfl.edit.embedded import WorldConfig, load_embedded_world
+    from kedit_vfl.edit.data.embedded import WorldConfig, load_embedded_world
 
     return load_embedded_world(WorldConfig(**options.as_kwargs()), reporter=reporter)
 
@@ -64,7 +64,7 @@ def by_task(records: Sequence[EditRecord]) -> dict[str, list[EditRecord]]:
 
 def read_records(paths: Sequence[str | Path], task: str | None = None) -> list[EditRecord]:
     """Records from files in any supported format (auto-detected)."""
-    from kedit_vfl.edit.loaders import load_records
+    from kedit_vfl.edit.data.loaders import load_records
 
     for path in paths:
         if not Path(path).exists():

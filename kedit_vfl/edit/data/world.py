@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from kedit_vfl.edit.records import EditRecord, PromptAnswer
+from kedit_vfl.edit.data.records import EditRecord, PromptAnswer
 from kedit_vfl.errors import UserError
 
 TASKS = ("counterfact", "recent", "convsent", "zsre")

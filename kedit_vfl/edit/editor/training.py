@@ -30,16 +30,16 @@ from typing import Any
 import torch
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, save_artifact
-from kedit_vfl.edit.batches import Prompter, training_batches
-from kedit_vfl.edit.checkpoint import CHECKPOINT_KIND
 from kedit_vfl.edit.config import TrainConfig
-from kedit_vfl.edit.editor import Editor, edit_gradients, edited_params, forward_with
-from kedit_vfl.edit.evaluation import evaluate_records, summarise
-from kedit_vfl.edit.instructions import InstructionPools, default_pools, load_pools
-from kedit_vfl.edit.metrics import kl_on_answers, nll_mean, token_accuracy
-from kedit_vfl.edit.models import BaseModel
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.sources import by_task, embedded_world, open_base, read_records, split_validation
+from kedit_vfl.edit.data.instructions import InstructionPools, default_pools, load_pools
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.sources import by_task, embedded_world, open_base, read_records, split_validation
+from kedit_vfl.edit.editor.batches import Prompter, training_batches
+from kedit_vfl.edit.editor.network import Editor, edit_gradients, edited_params, forward_with
+from kedit_vfl.edit.editor.store import CHECKPOINT_KIND
+from kedit_vfl.edit.evaluation.evaluate import evaluate_records, summarise
+from kedit_vfl.edit.evaluation.metrics import kl_on_answers, nll_mean, token_accuracy
+from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import resolve_device, seed_everything

@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from kedit_vfl.edit.batches import Prompter, edit_batch
-from kedit_vfl.edit.checkpoint import load_editor, open_editor_base
 from kedit_vfl.edit.config import ApplyConfig
-from kedit_vfl.edit.editor import Editor, apply_updates_, edited_params, forward_with, merge_updates
-from kedit_vfl.edit.evaluation import compute_update
-from kedit_vfl.edit.metrics import target_probability, token_accuracy
-from kedit_vfl.edit.models import BaseModel, quiet_transformers
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.sources import EMBEDDED, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.sources import EMBEDDED, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.editor.store import load_editor, open_editor_base
+from kedit_vfl.edit.evaluation.evaluate import compute_update
+from kedit_vfl.edit.evaluation.metrics import target_probability, token_accuracy
+from kedit_vfl.edit.models.base import BaseModel, quiet_transformers
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kedit_vfl.edit.instructions import default_pools, fill_placeholders
-from kedit_vfl.edit.pretrain import PretrainConfig, answer_accuracy, pretrain_on_facts, save_model
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.world import SPLITS, TASKS, World, WorldConfig, generate_world
+from kedit_vfl.edit.data.instructions import default_pools, fill_placeholders
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.world import SPLITS, TASKS, World, WorldConfig, generate_world
+from kedit_vfl.edit.models.pretrain import PretrainConfig, answer_accuracy, pretrain_on_facts, save_model
 from kedit_vfl.errors import UserError
 from kedit_vfl.paths import PROJECT_DATA, cache_dir
 from kedit_vfl.progress import SILENT, Reporter

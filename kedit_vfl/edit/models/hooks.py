@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kedit_vfl.edit.models import EditTarget
+from kedit_vfl.edit.models.base import EditTarget
 
 
 @dataclass

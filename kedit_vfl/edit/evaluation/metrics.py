@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kedit_vfl.edit.config import METRICS as METRICS
-from kedit_vfl.edit.tokens import TokenBatch, target_logprobs
+from kedit_vfl.edit.models.tokens import TokenBatch, target_logprobs
 
 
 def nll_sum(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

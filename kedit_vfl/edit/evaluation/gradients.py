@@ -3,7 +3,7 @@
 For every record the editor turns the captured gradient factors into per-layer weight
 updates (exactly as ``apply`` would); each update is reduced at once to a fixed-size
 vector (exact flattening when the edited layers are small, a Kronecker random
-projection otherwise, see :mod:`kedit_vfl.edit.analysis`), so memory is bounded by the
+projection otherwise, see :mod:`kedit_vfl.edit.evaluation.analysis`), so memory is bounded by the
 representation size, not by the model size times the number of records.
 
 Panels compared: one editor with and without its instruction prefix, or two editors side
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from kedit_vfl.artifacts import atomic_write, config_to_dict
-from kedit_vfl.edit.analysis import UpdateSketch, separation_report
-from kedit_vfl.edit.batches import Prompter
-from kedit_vfl.edit.checkpoint import LoadedEditor, check_fingerprint, load_editor, open_editor_base
-from kedit_vfl.edit.evaluation import compute_update
-from kedit_vfl.edit.models import BaseModel
-from kedit_vfl.edit.plots import scatter_panels
-from kedit_vfl.edit.records import EditRecord
-from kedit_vfl.edit.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.editor.batches import Prompter
+from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
+from kedit_vfl.edit.evaluation.analysis import UpdateSketch, separation_report
+from kedit_vfl.edit.evaluation.evaluate import compute_update
+from kedit_vfl.edit.evaluation.plots import scatter_panels
+from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import seed_everything

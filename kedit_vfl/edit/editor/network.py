@@ -26,10 +26,10 @@ from torch import nn
 from torch.func import functional_call
 
 from kedit_vfl.edit.config import EditorConfig
-from kedit_vfl.edit.hooks import LayerGrads, capture
-from kedit_vfl.edit.metrics import nll_at, nll_sum
-from kedit_vfl.edit.models import EditTarget
-from kedit_vfl.edit.tokens import TokenBatch
+from kedit_vfl.edit.evaluation.metrics import nll_at, nll_sum
+from kedit_vfl.edit.models.base import EditTarget
+from kedit_vfl.edit.models.hooks import LayerGrads, capture
+from kedit_vfl.edit.models.tokens import TokenBatch
 
 
 class RunningNorm(nn.Module):

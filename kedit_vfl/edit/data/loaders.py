@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kedit_vfl.edit.records import EditRecord, PromptAnswer
+from kedit_vfl.edit.data.records import EditRecord, PromptAnswer
 from kedit_vfl.errors import UserError
 
 # The ConvSent question and rephrases (SERAC's sentiment templates).

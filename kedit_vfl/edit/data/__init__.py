@@ -1,0 +1,1 @@
+"""Editing records: loaders for public formats, the embedded world, instruction pools."""

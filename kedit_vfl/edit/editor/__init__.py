@@ -1,0 +1,1 @@
+"""The InstructEdit editor: its network, training, batches, artifacts, and applying edits."""

@@ -1,0 +1,1 @@
+"""Scoring edits (Reliability, Generalization, Locality, Portability) and analysing updates."""

@@ -1,0 +1,1 @@
+"""Base language models: loading, edited layers, tokens, hooks, the embedded model's pretraining."""
