@@ -144,6 +144,12 @@ def train_editor_command(
         int, typer.Option("--n-blocks", help="Without --layers: edit the MLPs of this many last blocks.")
     ] = EditorConfig.n_blocks,
     rank: Annotated[int, typer.Option("--rank", help="Rank of the gradient transform.")] = EditorConfig.rank,
+    depth: Annotated[
+        int, typer.Option("--depth", help="Low-rank residual blocks per gradient transform.")
+    ] = EditorConfig.depth,
+    val_records: Annotated[
+        int, typer.Option("--val-records", help="Validation records per task at each validation.")
+    ] = TrainConfig.val_records,
     edit_lr: Annotated[
         float, typer.Option("--edit-lr", help="Initial per-layer step size.")
     ] = EditorConfig.edit_lr,
@@ -189,10 +195,13 @@ def train_editor_command(
         c_loc=c_loc,
         ema=ema,
         val_every=val_every,
+        val_records=val_records,
         patience=patience,
         seed=seed,
         world=_world(world_seed, world_countries, world_people, world_recent),
-        editor=EditorConfig(rank=rank, edit_lr=edit_lr, layers=_split(layers), n_blocks=n_blocks),
+        editor=EditorConfig(
+            rank=rank, depth=depth, edit_lr=edit_lr, layers=_split(layers), n_blocks=n_blocks
+        ),
     )
     reporter = RichReporter(quiet)
     result = train_editor(config, out=out, resume=resume, reporter=reporter)

@@ -263,6 +263,9 @@ def make_demo(
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of users in the test split.")
     ] = default(DemoConfig, "test_fraction"),
+    passive_only: Annotated[
+        float, typer.Option("--passive-only", help="Share of users only the publisher holds.")
+    ] = default(DemoConfig, "passive_only"),
     file_format: Annotated[str, typer.Option("--format", help="csv or parquet.")] = default(
         DemoConfig, "file_format"
     ),
@@ -294,6 +297,7 @@ def make_demo(
         overlap=overlap,
         labelled=labelled,
         test_fraction=test_fraction,
+        passive_only=passive_only,
         out=out,
         file_format=file_format,
         shard_rows=shard_rows,
