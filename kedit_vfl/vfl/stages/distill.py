@@ -38,6 +38,7 @@ from kedit_vfl.vfl.models.store import (
     split_from,
     two_party_extra,
 )
+from kedit_vfl.vfl.stages.runner import load_active
 from kedit_vfl.vfl.stages.split import labelled_split
 from kedit_vfl.vfl.stages.train import (
     base_rate_logit,
@@ -133,17 +134,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     if config.party == "passive":
         assert parent is not None
         return None, serve_embeddings(config, COMMAND, parent, reporter, device)
-    table = load_party(
-        config.active,
-        "active",
-        config.id_col,
-        config.label_col,
-        config.features_active,
-        config.categorical,
-        schema=schemas.get("active"),
-        require_labels=True,
-        warn=reporter.warn,
-    )
+    table = load_active(config, schemas.get("active"), True, reporter)
     soft, traffic, teacher_extra, n_overlap = None, None, {}, 0
     if parent is not None:
         teacher = split_from(parent).to(device)

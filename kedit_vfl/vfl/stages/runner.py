@@ -25,7 +25,7 @@ from kedit_vfl.vfl.channel.party import PassiveParty, PassiveTraining
 from kedit_vfl.vfl.channel.protocol import Session
 from kedit_vfl.vfl.channel.session import ActiveSide, open_active, passive_tower, serve_passive
 from kedit_vfl.vfl.config import ModelConfig, Protection
-from kedit_vfl.vfl.data.loading import load_party
+from kedit_vfl.vfl.data.loading import PartyTable, load_party
 from kedit_vfl.vfl.data.schema import PartySchema
 from kedit_vfl.vfl.models.store import run_id_of, save_vfl, schemas_of, two_party_extra
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, checkpoint_dir
@@ -72,17 +72,7 @@ def run_stage(
     config = stage.config
     if config.party == "passive":
         return None, _serve_passive(stage, reporter, device)
-    table = load_party(
-        config.active,
-        "active",
-        config.id_col,
-        config.label_col,
-        config.features_active,
-        config.categorical,
-        schema=stage.schemas().get("active"),
-        require_labels=stage.require_labels,
-        warn=reporter.warn,
-    )
+    table = load_active(config, stage.schemas().get("active"), stage.require_labels, reporter)
     store = CheckpointStore(checkpoint_dir(config.out))
     side = open_active(
         config,
@@ -119,6 +109,24 @@ def run_stage(
         return artifact, {**result, **trained.summary, **trained.metrics, "traffic": side.traffic()}
     finally:
         side.close()
+
+
+def load_active(
+    config: Any, schema: PartySchema | None, require_labels: bool, reporter: Reporter
+) -> PartyTable:
+    """The active party's table for a stage: the given schema (from the stage's parent
+    artifact), or one fitted on the table with the command's column options."""
+    return load_party(
+        config.active,
+        "active",
+        config.id_col,
+        config.label_col,
+        config.features_active,
+        config.categorical,
+        schema=schema,
+        require_labels=require_labels,
+        warn=reporter.warn,
+    )
 
 
 def _serve_passive(stage: Stage, reporter: Reporter, device: torch.device) -> dict[str, Any]:
