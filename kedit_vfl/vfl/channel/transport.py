@@ -39,6 +39,7 @@ FRAME = struct.Struct(">Q")  # payload length of one message
 MAX_JSON_BYTES = 1 << 20  # handshake and result messages are a few KB
 INSECURE_PREFACE = b"KVTOOL-INSECURE/1\n"  # what each side says first without TLS
 FLUSH_BYTES = 1 << 20  # queued sends beyond this go out at once
+GREETING_SECONDS = 10.0  # how long the listening party waits for a connection's TLS greeting
 
 
 def _tls_context(security: Security, server: bool) -> tuple[ssl.SSLContext, str]:
@@ -158,7 +159,9 @@ class Channel:
                     conn, address = listener.accept()
                 except TimeoutError:
                     continue
-                conn.settimeout(self._left(max(left, 1.0)))
+                # A connection that stays silent is dropped after a few seconds, so it cannot
+                # hold the place of the real passive party (queued behind it) for long.
+                conn.settimeout(self._left(min(max(left, 1.0), GREETING_SECONDS)))
                 try:
                     return self._greet(conn, context, fingerprint, server=True)
                 except _Refused as exc:

@@ -252,3 +252,44 @@ def test_keepalives_reach_the_waiting_party_during_long_work() -> None:
 
     out = _pair(Security(insecure=True), Security(insecure=True), works, waits, timeout=1)
     assert out == {"active": 7, "passive": {"before": "the work"}}
+
+
+def test_a_silent_connection_does_not_hold_the_place_of_the_real_peer(
+    ids: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone connects first and says nothing: the active party drops it and still
+    accepts the real passive party within the timeout."""
+    from kedit_vfl.vfl.channel import transport
+
+    monkeypatch.setattr(transport, "GREETING_SECONDS", 1.0)
+    port = _free_port()
+    where = f"tcp://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+
+    def active() -> None:
+        try:
+            with open_channel("active", where, 8, _security(ids, "active", "passive")) as channel:
+                channel.send_json({"hello": 1}, "hello")
+                out["active"] = channel.recv_json("answer")
+        except Exception as exc:  # the test looks at what it raised
+            out["active"] = exc
+
+    thread = threading.Thread(target=active)
+    thread.start()
+    silent = None
+    for _ in range(50):
+        try:
+            silent = socket.create_connection(("127.0.0.1", port))
+            break
+        except OSError:
+            threading.Event().wait(0.1)
+    try:
+        with open_channel("passive", where, 8, _security(ids, "passive", "active")) as channel:
+            assert channel.recv_json("hello") == {"hello": 1}
+            channel.send_json({"ok": True}, "answer")
+            channel.flush()
+        thread.join(15)
+    finally:
+        if silent is not None:
+            silent.close()
+    assert out["active"] == {"ok": True}
