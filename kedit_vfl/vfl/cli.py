@@ -26,6 +26,7 @@ from kedit_vfl.vfl.config import (
     DemoConfig,
     DistillConfig,
     ExportConfig,
+    LocalConfig,
     ModelConfig,
     MPDConfig,
     ScoreConfig,
@@ -570,6 +571,62 @@ def distill_command(
         chained("--teacher", config.teacher, quiet)
     _, result = distill(config, RichReporter(quiet or json_output))
     _render("distill", result, json_output)
+
+
+@app.command("train-local")
+def train_local_command(
+    active: ActiveOption = None,
+    id_col: IdColOption = default(LocalConfig, "id_col"),
+    label_col: LabelColOption = default(LocalConfig, "label_col"),
+    features_active: FeaturesActiveOption = "",
+    categorical: CategoricalOption = "",
+    hidden: HiddenOption = default(ModelConfig, "hidden"),
+    out_dim: EmbDimOption = default(ModelConfig, "out_dim"),
+    emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
+    head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
+    dropout: DropoutOption = default(ModelConfig, "dropout"),
+    epochs: EpochsOption = None,
+    batch_size: BatchOption = None,
+    lr: LrOption = None,
+    weight_decay: WeightDecayOption = None,
+    patience: PatienceOption = None,
+    val_fraction: ValOption = default(LocalConfig, "val_fraction"),
+    seed: SeedOption = default(LocalConfig, "seed"),
+    device: DeviceOption = default(LocalConfig, "device"),
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Where to write the model. [default: runs/vfl/own.safetensors]"),
+    ] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    sign_key: SignKeyOption = None,
+) -> None:
+    """Train the advertiser's model on its own table alone (no partner), to compare before federating.
+
+    The same tower and scaling as the distilled student; score it like any local model.
+
+    Example: kvtool vfl train-local --active a.csv --out own.safetensors
+    && kvtool vfl score --model own.safetensors
+    """
+    use_signing(sign_key)
+    from kedit_vfl.vfl.stages.distill import distill
+
+    config = LocalConfig(
+        **_given(active=active, id_col=id_col, label_col=label_col),
+        features_active=_columns(features_active),
+        categorical=_columns(categorical),
+        **_given(
+            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out, weight_decay=weight_decay
+        ),
+        model=ModelConfig(
+            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
+        ),
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
+    _, result = distill(config, RichReporter(quiet or json_output))
+    _render("train-local", result, json_output)
 
 
 @app.command("score")

@@ -291,6 +291,32 @@ class DistillConfig(TrainOptions):
         if self.teacher is None and self.kd_weight > 0:
             raise UserError("--kd-weight > 0 needs a --teacher")
 
+    @property
+    def command(self) -> str:
+        return "distill"
+
+
+@dataclass(frozen=True)
+class LocalConfig(DistillConfig):
+    """``train-local``: the advertiser's model on its own labelled rows, no partner at all.
+
+    The same tower, scaling and training as the distilled student (``distill`` without a
+    teacher), so a user can see what federating adds before federating.
+    """
+
+    teacher: Path | None = None
+    kd_weight: float = 0.0
+    out: Path = field(default_factory=lambda: default_output("own.safetensors"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher is not None or self.party != "both":
+            raise UserError("train-local uses the advertiser's table alone: no --teacher and no --party")
+
+    @property
+    def command(self) -> str:
+        return "train-local"
+
 
 @dataclass(frozen=True)
 class ScoreConfig:

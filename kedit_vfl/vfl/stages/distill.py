@@ -232,7 +232,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         config,
         {"active": table.schema},
         model_config,
-        "vfl distill",
+        f"vfl {config.command}",
         metrics,
         parents=(parent,) if parent is not None else (),
         data=data_fingerprint(paths),

@@ -282,3 +282,17 @@ def test_scores_stream_to_stdout_for_a_pipeline(
     assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2
     wrong = kvtool("vfl", "score", "--model", trained["local"], "--json-lines", "--out", tmp_path / "x.csv")
     assert wrong.exit_code == 2 and "--json-lines is for --out -" in wrong.stderr
+
+
+def test_train_local_is_the_advertisers_own_model(tables: dict[str, Path], tmp_path: Path) -> None:
+    """No partner at all: a vfl.local model from the active table alone, scored like any other."""
+    out = tmp_path / "own.safetensors"
+    trained = kvtool_json("vfl", "train-local", "--active", tables["active_train"], *FAST, "--out", out)
+    assert trained["kind"] == "vfl.local" and trained["rows_with_teacher_federated"] == 0
+    artifact = load_artifact(out, "vfl.local")
+    assert artifact.provenance["command"] == "vfl train-local" and not artifact.provenance["parents"]
+    assert "passive" not in artifact.extra["schema"]
+    scored = kvtool_json(
+        "vfl", "score", "--model", out, "--active", tables["active_test"], "--out", tmp_path / "s.csv"
+    )
+    assert scored["local_scorer"] == "student" and 0.5 < scored["auc"] <= 1
