@@ -230,6 +230,16 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         return _score(config, reporter)
 
 
+def _untrained_local_branch(artifact: Any, path: Path, use: str) -> None:
+    """Refuse to score with a split model's local branch that no loss ever trained
+    (vanilla VFL: ``train-split --aux-weight 0``): its scores would be noise."""
+    if artifact.config.get("aux_weight") == 0:
+        raise UserError(
+            f"{path}: its local branch was never trained (--aux-weight 0, vanilla VFL); {use} "
+            "(from 'kvtool vfl train-local' or 'kvtool vfl distill')"
+        )
+
+
 def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     start_time = time.perf_counter()
     device = resolve_device(config.device)
@@ -240,6 +250,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     if config.mode == "local":
         artifact = load_artifact(model_path, (LOCAL, SPLIT))
         if artifact.kind == SPLIT:
+            _untrained_local_branch(artifact, model_path, "score with a vfl.local model instead")
             local_fn, used = ServingLocal.of(split_from(artifact)).to(device), "split local branch"
         else:
             local_fn, used = ServingLocal.of(local_from(artifact)).to(device), "student"
@@ -249,6 +260,16 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
         split = ServingSplit(split_from(artifact)).to(device)
         fallback = _fallback_path(config, model_path, artifact.sha256)
         local_fn, used = split, "split local branch"
+        if fallback is None and artifact.config.get("aux_weight") == 0:
+            # Rows the publisher holds need no local branch (a pooled table has none other);
+            # the first row that would fall back on the untrained branch stops the run.
+            def local_fn(num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+                if len(num):
+                    _untrained_local_branch(
+                        artifact, model_path, "give --fallback for the rows the publisher lacks"
+                    )
+                return split(num, cat)
+
         if fallback is not None:
             student, student_artifact = load_local(fallback)
             if student_artifact.extra["schema"]["active"] != artifact.extra["schema"]["active"]:

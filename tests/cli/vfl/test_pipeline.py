@@ -296,3 +296,33 @@ def test_train_local_is_the_advertisers_own_model(tables: dict[str, Path], tmp_p
         "vfl", "score", "--model", out, "--active", tables["active_test"], "--out", tmp_path / "s.csv"
     )
     assert scored["local_scorer"] == "student" and 0.5 < scored["auc"] <= 1
+
+
+def test_vanilla_vfl_never_scores_with_its_untrained_local_branch(
+    tables: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train-split --aux-weight 0` trains no local branch: rows the publisher lacks need
+    --fallback (for example the advertiser's own model), and local mode refuses it."""
+    monkeypatch.delenv("KVTOOL_DEBUG")
+    data = ["--active", tables["active_train"], "--passive", tables["passive_train"], *FAST]
+    vanilla, own = tmp_path / "vanilla.safetensors", tmp_path / "own.safetensors"
+    assert kvtool("vfl", "train-split", *data, "--aux-weight", "0", "--self-train-weight", "0",
+                  "--out", vanilla).exit_code == 0  # fmt: skip
+    test = [
+        "--active",
+        tables["active_test"],
+        "--passive",
+        tables["passive_test"],
+        "--out",
+        tmp_path / "s.csv",
+    ]
+    refused = kvtool("vfl", "score", "--mode", "federated", "--model", vanilla, *test)
+    assert refused.exit_code == 2 and "local branch was never trained" in refused.stderr
+    assert "--fallback" in refused.stderr and not (tmp_path / "s.csv").exists()
+    local = kvtool("vfl", "score", "--model", vanilla, "--active", tables["active_test"])
+    assert local.exit_code == 2 and "vfl.local model instead" in local.stderr
+    assert (
+        kvtool("vfl", "train-local", "--active", tables["active_train"], *FAST, "--out", own).exit_code == 0
+    )
+    scored = kvtool_json("vfl", "score", "--mode", "federated", "--model", vanilla, *test, "--fallback", own)
+    assert scored["rows_local_fallback"] > 0 and scored["local_scorer"].startswith("student")
