@@ -195,7 +195,9 @@ def _header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
     if len(data) < 8:
         raise UserError(f"{path}: not a safetensors artifact (too short)")
     size = int.from_bytes(data[:8], "little")
-    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+    if size > MAX_HEADER_BYTES:
+        raise UserError(f"{path}: not a safetensors artifact (it claims a header of {size:,} bytes)")
+    if 8 + size > len(data):
         raise UserError(f"{path}: damaged or truncated artifact (header of {size:,} bytes)")
     try:
         header = json.loads(data[8 : 8 + size])

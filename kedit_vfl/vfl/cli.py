@@ -188,6 +188,13 @@ def _security_options(
     return {"identity": identity, "peer_cert": peer_cert, "insecure": insecure, "ids_in_clear": ids_in_clear}
 
 
+def _model(hidden: int, out_dim: int, emb_dim: int, head_hidden: int, dropout: float) -> ModelConfig:
+    """The network sizes given on the command line (training commands without --init)."""
+    return ModelConfig(
+        hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
+    )
+
+
 def _out_for(out: Path | None, party: str | None, name: str) -> dict[str, Path]:
     """The passive party's default output gets its own name, so both can share a folder."""
     if out is not None:
@@ -376,9 +383,7 @@ def pretrain_mpd_command(
         **_out_for(out, party, "mpd"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
-        model=ModelConfig(
-            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
-        ),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
         negatives=negatives,
         objective=objective,
         mpd_temperature=mpd_temperature,
@@ -480,9 +485,7 @@ def train_split_command(
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
         init=init,
-        model=ModelConfig(
-            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
-        ),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
@@ -618,9 +621,7 @@ def train_local_command(
         **_given(
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out, weight_decay=weight_decay
         ),
-        model=ModelConfig(
-            hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
-        ),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
         val_fraction=val_fraction,
         seed=seed,
         device=device,
