@@ -66,6 +66,10 @@ class ModelConfig:
     out_dim: int = 32
     head_hidden: int = 32
     dropout: float = 0.1
+    # Wide and deep: a linear path beside every MLP (tower input -> embedding, embedding
+    # -> logit), so the model contains a linear model of its inputs, as click-through-rate
+    # models do; it is what holds with few labels. Artifacts made before it read False.
+    wide: bool = True
 
     def __post_init__(self) -> None:
         for name in ("emb_dim", "hidden", "out_dim", "head_hidden"):
@@ -195,6 +199,11 @@ class TrainOptions:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 10
+    # An epoch is at least this many rows (whole shuffled passes), so that a small
+    # labelled set gets as many optimiser steps between evaluations as a large one:
+    # counted in passes, 10 epochs of patience are 20 steps on 500 rows and stop training
+    # before it starts.
+    min_epoch_rows: int = 16_384
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
@@ -211,7 +220,7 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         _check_party(self)
-        _positive(self, "epochs", "batch_size", "lr", "patience")
+        _positive(self, "epochs", "batch_size", "lr", "patience", "min_epoch_rows")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay {self.weight_decay}: must not be negative")
         _fraction(self, "val_fraction", 0.0, 0.9)

@@ -27,6 +27,10 @@ class CategoricalEmbedding(nn.Module):
         offsets = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.table = nn.Embedding(sum(cardinalities), dim)
+        # Small, not N(0, 1): a category seen in a few labelled rows (or only in unlabelled
+        # ones) must start near "no effect", as a regularised one-hot model's weight does,
+        # not as a random offset its few rows cannot undo.
+        nn.init.normal_(self.table.weight, std=0.01)
 
     def forward(self, cat: torch.Tensor) -> torch.Tensor:
         emb = self.table(cat + self.offsets)  # (B, n_cat) -> (B, n_cat, dim)
@@ -60,7 +64,11 @@ class FreshReLU(nn.ReLU):
 
 
 class Tower(nn.Module):
-    """One party's bottom model: numbers and category embeddings -> MLP -> ``h``."""
+    """One party's bottom model: numbers and category embeddings -> MLP -> ``h``.
+
+    With ``config.wide`` a linear map of the same inputs is added to ``h``: the linear
+    model a logistic regression would fit is then one path through the network.
+    """
 
     def __init__(self, schema: PartySchema, config: ModelConfig) -> None:
         super().__init__()
@@ -73,6 +81,7 @@ class Tower(nn.Module):
             SeededDropout(config.dropout),
             nn.Linear(config.hidden, config.out_dim),
         )
+        self.linear = nn.Linear(in_dim, config.out_dim, bias=False) if config.wide else None
 
     def use_generator(self, generator: torch.Generator | None) -> None:
         """Draw dropout masks from ``generator`` (None: the global one)."""
@@ -82,21 +91,25 @@ class Tower(nn.Module):
 
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         x = num if self.embed is None else torch.cat([num, self.embed(cat)], dim=1)
-        return self.mlp(x)  # (B, n_num + n_cat*emb) -> (B, out_dim)
+        h = self.mlp(x)  # (B, n_num + n_cat*emb) -> (B, out_dim)
+        return h if self.linear is None else h + self.linear(x)
 
 
 class Head(nn.Module):
-    """A small MLP from an embedding (or two, concatenated) to one logit."""
+    """A small MLP from an embedding (or two, concatenated) to one logit; with
+    ``config.wide`` plus a linear function of the embedding (the wide path's end)."""
 
     def __init__(self, in_dim: int, config: ModelConfig) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.ReLU(), nn.Linear(in_dim, config.head_hidden), FreshReLU(), nn.Linear(config.head_hidden, 1)
         )
+        self.linear = nn.Linear(in_dim, 1, bias=False) if config.wide else None
 
     def forward(self, *h: torch.Tensor) -> torch.Tensor:
         x = h[0] if len(h) == 1 else torch.cat(h, dim=1)  # one input: no copy
-        return self.net(x).squeeze(1)  # (B, d) -> (B,)
+        out = self.net(x)  # (B, d) -> (B, 1)
+        return (out if self.linear is None else out + self.linear(x)).squeeze(1)  # (B,)
 
 
 class ActiveSplit(nn.Module):
@@ -182,6 +195,12 @@ class ServingTower(nn.Module):
         super().__init__()
         first, second = tower.mlp[0], tower.mlp[3]
         weight, bias = first.weight.detach(), first.bias.detach()  # (hidden, n_numeric + n_cat * dim)
+        self.hidden = weight.shape[0]
+        if tower.linear is not None:  # the linear path folds in beside the first layer
+            linear = tower.linear.weight.detach()  # (out_dim, n_numeric + n_cat * dim)
+            weight = torch.cat([weight, linear])  # (hidden + out_dim, ...)
+            bias = torch.cat([bias, bias.new_zeros(len(linear))])
+        self.wide = tower.linear is not None
         n_numeric = weight.shape[1]
         if tower.embed is not None:
             table, dim = tower.embed.table.weight.detach(), tower.embed.table.embedding_dim
@@ -191,14 +210,14 @@ class ServingTower(nn.Module):
                 table[lo:hi] @ weight[:, n_numeric + j * dim : n_numeric + (j + 1) * dim].T
                 for j, (lo, hi) in enumerate(pairwise(starts))
             ]
-            folded = torch.cat(blocks)  # (sum of cardinalities, hidden)
+            folded = torch.cat(blocks)  # (sum of cardinalities, hidden [+ out_dim])
             folded[: starts[1]] += bias  # each row holds exactly one value of the first column
             self.register_buffer("folded", folded)
             self.register_buffer("offsets", tower.embed.offsets.to(torch.int32))
         else:  # numbers only: the bias is added by the matrix product
             self.folded = None
             self.register_buffer("first_bias", bias.clone())
-        self.register_buffer("numeric_weight", weight[:, :n_numeric].T.contiguous())  # (n_numeric, hidden)
+        self.register_buffer("numeric_weight", weight[:, :n_numeric].T.contiguous())  # (n_numeric, hidden+)
         self.register_buffer("second_weight", second.weight.detach().T.contiguous())  # (hidden, out_dim)
         self.register_buffer("second_bias", second.bias.detach().clone())
 
@@ -209,13 +228,17 @@ class ServingTower(nn.Module):
             if num.shape[1]:
                 h.addmm_(num, self.numeric_weight)
         else:
-            h = torch.addmm(self.first_bias, num, self.numeric_weight)  # (B, hidden)
-        return torch.addmm(self.second_bias, h.relu_(), self.second_weight)
+            h = torch.addmm(self.first_bias, num, self.numeric_weight)  # (B, hidden [+ out_dim])
+        if not self.wide:
+            return torch.addmm(self.second_bias, h.relu_(), self.second_weight)
+        out = h[:, self.hidden :] + self.second_bias  # the linear path, (B, out_dim)
+        return out.addmm_(h[:, : self.hidden].relu_(), self.second_weight)
 
 
 class ServingHead(nn.Module):
     """A :class:`Head` for scoring only: its first layer split by input, so the inputs
-    are never concatenated. It takes its inputs after the head's leading ReLU."""
+    are never concatenated. Called, it takes its inputs after the head's leading ReLU;
+    the linear path (:meth:`linear_part`) takes them before."""
 
     def __init__(self, head: Head, widths: list[int]) -> None:
         super().__init__()
@@ -223,6 +246,9 @@ class ServingHead(nn.Module):
         starts = [0, *accumulate(widths)]
         for k, (lo, hi) in enumerate(pairwise(starts)):  # (width_k, head_hidden) each
             self.register_buffer(f"first_weight_{k}", first.weight.detach()[:, lo:hi].T.contiguous())
+            if head.linear is not None:  # (width_k,)
+                self.register_buffer(f"linear_weight_{k}", head.linear.weight.detach()[0, lo:hi].clone())
+        self.wide = head.linear is not None
         self.inputs = len(widths)
         self.register_buffer("first_bias", first.bias.detach().clone())
         self.register_buffer("last_weight", last.weight.detach()[0].clone())  # (head_hidden,)
@@ -233,6 +259,15 @@ class ServingHead(nn.Module):
         for k in range(1, self.inputs):
             z.addmm_(relu_h[k], getattr(self, f"first_weight_{k}"))
         return torch.mv(z.relu_(), self.last_weight).add_(self.last_bias)  # (B,)
+
+    def linear_part(self, *h: torch.Tensor) -> torch.Tensor | None:
+        """The linear path's logit (B,) from the embeddings before the ReLU; None without one."""
+        if not self.wide:
+            return None
+        out = torch.mv(h[0], self.linear_weight_0)
+        for k in range(1, self.inputs):
+            out.add_(torch.mv(h[k], getattr(self, f"linear_weight_{k}")))
+        return out
 
 
 class ServingLocal(nn.Module):
@@ -249,7 +284,10 @@ class ServingLocal(nn.Module):
         return cls(model.tower_a, model.local_head)
 
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tower(num, cat).relu_())  # (B,) logits
+        h = self.tower(num, cat)
+        linear = self.head.linear_part(h)
+        out = self.head(h.relu_())  # (B,) logits
+        return out if linear is None else out.add_(linear)
 
 
 class ServingSplit(ServingLocal):
@@ -265,9 +303,14 @@ class ServingSplit(ServingLocal):
         self, a_num: torch.Tensor, a_cat: torch.Tensor, h_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(local logit, full federated logit), each (B,), as :meth:`ActiveSplit.with_embedding`."""
-        relu_a = self.tower(a_num, a_cat).relu_()
+        h_a = self.tower(a_num, a_cat)
+        linear_local, linear_fed = self.head.linear_part(h_a), self.fed_head.linear_part(h_a, h_b)
+        relu_a = h_a.relu_()
         local = self.head(relu_a)
-        return local, local + self.fed_head(relu_a, torch.relu(h_b))
+        if linear_local is not None:
+            local.add_(linear_local)
+        full = local + self.fed_head(relu_a, torch.relu(h_b))
+        return local, full if linear_fed is None else full.add_(linear_fed)
 
 
 class MatchingHead(nn.Module):

@@ -107,7 +107,10 @@ def schemas_of(artifact: Artifact) -> dict[str, PartySchema]:
 
 def model_config_of(artifact: Artifact) -> ModelConfig:
     """The network sizes that built the artifact's weights, type-checked."""
-    return typed(ModelConfig, artifact.extra.get("model"), str(artifact.path), "model")
+    raw = artifact.extra.get("model")
+    if isinstance(raw, dict) and "wide" not in raw:  # made before the linear path existed
+        raw = {**raw, "wide": False}
+    return typed(ModelConfig, raw, str(artifact.path), "model")
 
 
 def mpd_settings(artifact: Artifact) -> tuple[float, int, str]:

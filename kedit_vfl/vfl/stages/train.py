@@ -153,8 +153,8 @@ def base_rate_logit(labels: torch.Tensor) -> float:
 
 
 def shift_bias(head: nn.Module, shift: float) -> None:
-    """Add ``shift`` to the bias of a head's last linear layer."""
-    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    """Add ``shift`` to the bias of a head's output layer."""
+    last = head.net[-1]  # a Head: its MLP's last layer (the linear path has no bias)
     with torch.no_grad():
         last.bias += shift
 
@@ -257,7 +257,12 @@ def predict(fn: Callable[[slice], torch.Tensor], n: int, batch_size: int = 4096)
 
 def loop_of(config: Any) -> dict[str, int]:
     """The loop settings every training stage takes from its config (epochs, batch, patience)."""
-    return {"epochs": config.epochs, "batch_size": config.batch_size, "patience": config.patience}
+    return {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "patience": config.patience,
+        "min_epoch_rows": config.min_epoch_rows,
+    }
 
 
 def fit(
@@ -271,6 +276,7 @@ def fit(
     batch_size: int,
     patience: int,
     generator: torch.Generator,
+    min_epoch_rows: int = 1,
     reporter: Reporter = SILENT,
     description: str = "training",
     monitor: str = "val/loss",
@@ -279,6 +285,8 @@ def fit(
     phase: int = 0,
 ) -> FitResult:
     """Minimise ``step_loss(batch_index)`` over shuffled batches; keep the best epoch.
+
+    An epoch is as many whole shuffled passes as make ``min_epoch_rows`` rows.
 
     After each epoch ``evaluate()`` gives validation metrics; training stops when
     ``monitor`` (lower is better) has not improved for ``patience`` epochs and the
@@ -313,7 +321,9 @@ def fit(
                 break
             model.train()
             start, total, steps = time.perf_counter(), 0.0, 0
-            for index in torch.randperm(n_rows, generator=generator).split(batch_size):
+            passes = -(-min_epoch_rows // n_rows)  # whole shuffled passes: at least min_epoch_rows rows
+            order = torch.cat([torch.randperm(n_rows, generator=generator) for _ in range(passes)])
+            for index in order.split(batch_size):
                 loss = step_loss(index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -322,7 +332,7 @@ def fit(
                     peer.step()
                 total, steps = total + loss.detach(), steps + 1  # no per-step sync: one read an epoch
             loop["train_time"] += time.perf_counter() - start
-            loop["rows_seen"] += n_rows
+            loop["rows_seen"] += len(order)
             model.eval()
             metrics = {"epoch": epoch, "train/loss": float(total) / max(steps, 1), **evaluate()}
             loop["history"].append(metrics)
