@@ -330,7 +330,8 @@ def kvtool_models(
 
     def configured(cls: type, **fields: Any) -> Any:
         known = cls.__dataclass_fields__
-        extra = {k: v for k, v in overrides.items() if k in known and k not in fields}
+        own = {"teacher", "kd_weight"} if cls is LocalConfig else set()  # train-local has no teacher
+        extra = {k: v for k, v in overrides.items() if k in known and k not in fields and k not in own}
         if "model" in known and any(k in ModelConfig.__dataclass_fields__ for k in overrides):
             sizes = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
             extra["model"] = ModelConfig(**sizes)
@@ -356,7 +357,8 @@ def kvtool_models(
     distill(configured(LocalConfig, **{k: v for k, v in common.items() if k != "passive"}, out=own))
     evaluate("local MLP", "local", own)
     vanilla = folder / "vanilla.safetensors"
-    train_split(configured(SplitConfig, **common, aux_weight=0.0, self_train_weight=0.0, out=vanilla))
+    vanilla_options = dict(aux_weight=0.0, self_train_weight=0.0, local_first=False)
+    train_split(configured(SplitConfig, **common, **vanilla_options, out=vanilla))
     evaluate("vanilla VFL", "federated", vanilla, fallback=own)
     mpd, split, student = (folder / f"{n}.safetensors" for n in ("mpd", "split", "student"))
     pretrain_mpd(configured(MPDConfig, **common, out=mpd))

@@ -203,7 +203,7 @@ class TrainOptions:
     # labelled set gets as many optimiser steps between evaluations as a large one:
     # counted in passes, 10 epochs of patience are 20 steps on 500 rows and stop training
     # before it starts.
-    min_epoch_rows: int = 16_384
+    min_epoch_rows: int = 4096
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
@@ -261,6 +261,11 @@ class SplitConfig(TrainOptions):
     mpd_weight: float = 0.0
     init_lr_scale: float = 0.3
     self_train_weight: float = 1.0
+    # Train the local branch alone first (its own early stopping, on every labelled row),
+    # then hold it and train only what the publisher's features add: the federated model
+    # then starts from the best local model instead of a compromise with the federated
+    # head, which overfits first when labelled overlapped rows are few.
+    local_first: bool = True
     clip: float = 0.0
     embedding_noise: float = 0.0
     gradient_noise: float = 0.0

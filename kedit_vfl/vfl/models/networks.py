@@ -124,6 +124,11 @@ class ActiveSplit(nn.Module):
         self.tower_a = Tower(schemas["active"], config)
         self.local_head = Head(config.out_dim, config)
         self.fed_head = Head(2 * config.out_dim, config)
+        with torch.no_grad():  # the publisher's part starts at "adds nothing": full logit = local logit
+            self.fed_head.net[-1].weight.zero_()
+            self.fed_head.net[-1].bias.zero_()
+            if self.fed_head.linear is not None:
+                self.fed_head.linear.weight.zero_()
 
     def local_logit(self, a_num: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
         """The local branch: needs the active party's columns only."""
@@ -218,7 +223,10 @@ class ServingTower(nn.Module):
             self.folded = None
             self.register_buffer("first_bias", bias.clone())
         self.register_buffer("numeric_weight", weight[:, :n_numeric].T.contiguous())  # (n_numeric, hidden+)
-        self.register_buffer("second_weight", second.weight.detach().T.contiguous())  # (hidden, out_dim)
+        second_weight = second.weight.detach().T  # (hidden, out_dim)
+        if self.wide:  # the linear path's columns pass the second layer through an identity
+            second_weight = torch.cat([second_weight, torch.eye(second_weight.shape[1])])
+        self.register_buffer("second_weight", second_weight.contiguous())  # (hidden [+ out_dim], out_dim)
         self.register_buffer("second_bias", second.bias.detach().clone())
 
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
@@ -231,8 +239,8 @@ class ServingTower(nn.Module):
             h = torch.addmm(self.first_bias, num, self.numeric_weight)  # (B, hidden [+ out_dim])
         if not self.wide:
             return torch.addmm(self.second_bias, h.relu_(), self.second_weight)
-        out = h[:, self.hidden :] + self.second_bias  # the linear path, (B, out_dim)
-        return out.addmm_(h[:, : self.hidden].relu_(), self.second_weight)
+        h[:, : self.hidden].relu_()  # the MLP's columns; the linear path's stay as they are
+        return torch.addmm(self.second_bias, h, self.second_weight)
 
 
 class ServingHead(nn.Module):

@@ -199,7 +199,10 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         logit = predict(lambda i: student(a_num[rows[i]], a_cat[rows[i]]), len(rows))
         target = labels[val_rows]
         auc = binary_metrics(target.numpy(), torch.sigmoid(logit).numpy())["auc"]
-        return {"val/loss": F.binary_cross_entropy_with_logits(logit, target).item(), "val/auc": auc or 0.0}
+        return {
+            "val/loss": F.binary_cross_entropy_with_logits(logit, target).item(),
+            "val/auc": auc,
+        }  # None: one class
 
     result = fit(
         student,
@@ -216,6 +219,8 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     with torch.no_grad():
         fitted = predict(lambda i: student(a_num[labelled[i]], a_cat[labelled[i]]), len(labelled))
     shift_bias(student.local_head, intercept_shift(fitted, labels[labelled]))
+    if result.best.get("val/auc", 0.0) is None:
+        reporter.warn("the validation rows hold one class only: validation AUC undefined (null)")
     metrics = {
         "rows_active": len(table.rows),
         "rows_train": len(train_rows),

@@ -31,7 +31,7 @@ from kedit_vfl.vfl.channel.party import PassiveLink, PassiveTraining
 from kedit_vfl.vfl.channel.session import ActiveSide, resume_tag_in_process
 from kedit_vfl.vfl.config import SplitConfig
 from kedit_vfl.vfl.data.encoding import holdout_mask
-from kedit_vfl.vfl.models.networks import ActiveSplit, MatchingHead, ModelConfig
+from kedit_vfl.vfl.models.networks import ActiveSplit, MatchingHead, ModelConfig, Tower
 from kedit_vfl.vfl.models.store import (
     MPD,
     SPLIT,
@@ -42,6 +42,7 @@ from kedit_vfl.vfl.models.store import (
 )
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
+from kedit_vfl.vfl.stages.probe import Probe, linear_probe
 from kedit_vfl.vfl.stages.runner import Stage, Trained, run_stage
 from kedit_vfl.vfl.stages.train import (
     PREDICT_SLICE,
@@ -139,24 +140,41 @@ def _train_active(
 
     model = ActiveSplit({"active": side.table.schema}, model_config).to(device)
     matcher = None
-    if init is not None:
-        load_weights(init, model.tower_a, "tower_a")
+    if init is not None:  # local first: tower_a trains from scratch, as train-local (checked all the same)
+        load_weights(
+            init,
+            model.tower_a if not config.local_first else Tower(side.table.schema, model_config),
+            "tower_a",
+        )
         if config.mpd_weight > 0:
             matcher = MatchingHead(model_config, mpd_settings(init)[0]).to(device)
             load_weights(init, matcher, "matcher")
     shift_bias(model.local_head, base_rate_logit(labels[train_rows]))  # start at the base rate
-    heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
     scale = config.init_lr_scale if init is not None else 1.0
-    groups = [
-        {"params": list(model.tower_a.parameters()), "lr": config.lr * scale},
-        {"params": heads, "lr": config.lr},
-    ]
+    resume_from = side.resume_from or resume_tag_in_process(config, store)
+    local_result, probe = None, None
+    all_train_rows = train_rows
+    if config.local_first:
+        if resume_from is None:  # a resumed run's checkpoint holds the local branch it trained
+            local_result = _fit_local_branch(config, model, a_num, a_cat, y, train_rows, val_rows, link)
+            local_result = local_result.fit(generator, reporter)
+        for p in [*model.tower_a.parameters(), *model.local_head.parameters()]:
+            p.requires_grad_(False)
+        train_rows = train_rows[b_row[train_rows] >= 0]  # only the full loss is left to learn
+        if resume_from is None and model_config.wide:
+            probe = _start_from_probe(model, a_num, a_cat, y, b_row, train_rows, link, generator)
+        groups = [{"params": list(model.fed_head.parameters()), "lr": config.lr}]
+    else:
+        heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
+        groups = [
+            {"params": list(model.tower_a.parameters()), "lr": config.lr * scale},
+            {"params": heads, "lr": config.lr},
+        ]
     trained = model if matcher is None else torch.nn.ModuleDict({"split": model, "matcher": matcher})
     if matcher is not None:
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     _, negatives, objective = mpd_settings(init) if init is not None else (0.0, 0, "infonce")
-    resume_from = side.resume_from or resume_tag_in_process(config, store)
     if side.passive is not None and resume_from is not None:
         side.passive.resume(resume_from)
     state = TrainingState(store, {"sampling": generator, "gradient_noise": link.generator}, resume_from)
@@ -186,7 +204,7 @@ def _train_active(
         target = y[rows]
         full_target = target if len(full) == len(target) else target[overlapped]
         loss = F.binary_cross_entropy_with_logits(full, full_target) if len(full) else full.sum()
-        if config.aux_weight > 0:
+        if config.aux_weight > 0 and not config.local_first:  # a held local branch learns nothing
             loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, target)
         return loss
 
@@ -209,11 +227,21 @@ def _train_active(
         local_loss = F.binary_cross_entropy_with_logits(local, target).item()
         return {
             "val/loss": full_loss + config.aux_weight * local_loss,
-            "val/auc": binary_metrics(full_target.numpy(), torch.sigmoid(full).numpy())["auc"] or 0.0,
-            "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"] or 0.0,
+            "val/auc": binary_metrics(full_target.numpy(), torch.sigmoid(full).numpy())[
+                "auc"
+            ],  # None: one class
+            "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"],
         }
 
-    if state.skip(0):
+    held = _too_few_to_select(y[val_rows.to(device)][b_row[val_rows.to(device)] >= 0])
+    if held is not None and config.local_first:  # keep the cross-validated head; nothing to select with
+        reporter.warn(
+            f"{held}: too few to choose a federated fine-tune by; the federated head stays the "
+            "cross-validated linear one (label more overlapped rows to fine-tune it)"
+        )
+        model.eval()
+        result = FitResult(0, 0, evaluate())
+    elif state.skip(0):
         with state.fitting():
             result = FitResult(**state.extra["fit0"])
     else:
@@ -232,7 +260,7 @@ def _train_active(
         )
         state.extra["fit0"] = asdict(result)
     speed, self_train_rows = result.rows_per_s, 0
-    if config.self_train_weight > 0:
+    if config.self_train_weight > 0 and not (held is not None and config.local_first):
         args = (
             config,
             model,
@@ -247,20 +275,34 @@ def _train_active(
             reporter,
         )
         result, self_train_rows = self_train_round(*args, link=link, state=state)
-    with torch.no_grad():  # calibrate both branches' intercepts on their training rows
-        rows = train_rows.to(device)
+    with torch.no_grad():  # calibrate both branches' intercepts
+        rows = (all_train_rows if config.local_first else train_rows).to(device)
         local, full, overlapped = logits_in_slices(rows)
-        local_shift = intercept_shift(local, y[rows]) if config.aux_weight > 0 else 0.0
-        full_shift = intercept_shift(full, y[rows][overlapped])
+        trained_local = config.aux_weight > 0 or config.local_first
+        local_shift = intercept_shift(local, y[rows]) if trained_local else 0.0
+        if trained_local:
+            # Federated scores share one ranking with the local ones (rows the publisher
+            # lacks), so the full logit's mean over every overlapped row, labelled or not,
+            # is set to the calibrated local branch's there: a base rate measured on all
+            # labelled rows, not on the few labelled overlapped ones.
+            local_ov, full_ov, _ = logits_in_slices(torch.nonzero(b_row >= 0).squeeze(1))
+            full_shift = intercept_shift(full_ov, torch.sigmoid(local_ov + local_shift))
+        else:
+            full_shift = intercept_shift(full, y[rows][overlapped])
     shift_bias(model.local_head, local_shift)
     shift_bias(model.fed_head, full_shift - local_shift)
+    undefined = [k for k in ("val/auc", "val/local_auc") if k in result.best and result.best[k] is None]
+    if undefined:
+        reporter.warn(f"the validation rows hold one class only: {', '.join(undefined)} undefined (null)")
     metrics = {
         "rows_overlapped": n_overlap,
-        "rows_labelled_train": len(train_rows),
-        "rows_labelled_train_overlapped": int((b_row[train_rows.to(device)] >= 0).sum()),
+        "rows_labelled_train": len(all_train_rows),
+        "rows_labelled_train_overlapped": int((b_row[all_train_rows.to(device)] >= 0).sum()),
         "rows_labelled_val": len(val_rows),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        "best_epoch_local": local_result.best_epoch if local_result is not None else None,
+        "probe_strength": probe.strength if probe is not None else None,
         "val_auc": result.best.get("val/auc"),
         "val_local_auc": result.best.get("val/local_auc"),
         "train_rows_per_s": round(speed, 1),
@@ -268,6 +310,105 @@ def _train_active(
     }
     own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
     return Trained(own, metrics, {"init": "mpd" if init else "scratch"})
+
+
+MIN_VALIDATION_CLASS_ROWS = 10  # of each class, among the labelled overlapped validation rows
+
+
+def _too_few_to_select(labels: torch.Tensor) -> str | None:
+    """Why the labelled overlapped validation rows cannot choose an epoch, or None.
+
+    Early stopping on a handful of positives picks noise; with none it rewards pushing
+    every score down (the validation loss of negatives alone), which is how a federated
+    head used to end with scores of 0 everywhere.
+    """
+    positives = int((labels == 1).sum())
+    negatives = len(labels) - positives
+    if min(positives, negatives) >= MIN_VALIDATION_CLASS_ROWS:
+        return None
+    return f"{positives} positive and {negatives} negative labelled overlapped validation rows"
+
+
+class _LocalBranch:
+    """The local-first phase: ``f_A`` and ``l_L`` alone on every labelled training row,
+    early-stopped on the labelled validation rows' local loss. Nothing crosses to the
+    publisher but one keep-alive message an epoch (its phase, already its next one), so
+    its waits stay bounded by ``--timeout`` however long the phase takes."""
+
+    def __init__(self, config, model, a_num, a_cat, y, train_rows, val_rows, link) -> None:  # noqa: ANN001
+        self.config, self.model, self.link = config, model, link
+        self.a_num, self.a_cat, self.y = a_num, a_cat, y
+        self.train_rows, self.val_rows = train_rows, val_rows
+
+    def fit(self, generator: torch.Generator, reporter: Reporter) -> FitResult:
+        model, config, device = self.model, self.config, self.a_num.device
+        branch = torch.nn.ModuleDict({"tower_a": model.tower_a, "local_head": model.local_head})
+        optimizer = FlatAdamW(
+            [{"params": list(branch.parameters())}], lr=config.lr, weight_decay=config.weight_decay
+        )
+
+        def step_loss(index: torch.Tensor) -> torch.Tensor:
+            rows = self.train_rows[index].to(device)
+            logit = model.local_logit(self.a_num[rows], self.a_cat[rows])
+            return F.binary_cross_entropy_with_logits(logit, self.y[rows])
+
+        @torch.no_grad()
+        def evaluate() -> dict[str, float | None]:
+            rows = self.val_rows.to(device)
+            logit = torch.cat(
+                [model.local_logit(self.a_num[r], self.a_cat[r]) for r in rows.split(PREDICT_SLICE)]
+            ).cpu()
+            target = self.y[rows].cpu()
+            self.link.phase(0)  # the keep-alive
+            return {
+                "val/loss": F.binary_cross_entropy_with_logits(logit, target).item(),
+                "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(logit).numpy())["auc"],
+            }
+
+        return fit(
+            branch,
+            optimizer,
+            step_loss,
+            len(self.train_rows),
+            evaluate,
+            **loop_of(config),
+            generator=generator,
+            reporter=reporter,
+            description="local branch",
+        )
+
+
+_fit_local_branch = _LocalBranch
+
+
+@torch.no_grad()
+def _start_from_probe(
+    model: ActiveSplit,
+    a_num: torch.Tensor,
+    a_cat: torch.Tensor,
+    y: torch.Tensor,
+    b_row: torch.Tensor,
+    rows: torch.Tensor,
+    link: PassiveLink,
+    generator: torch.Generator,
+) -> Probe | None:
+    """Start the federated head as the cross-validated linear model of ``h_B`` on top of
+    the local logit (:mod:`.probe`), if it beats the local logit out of fold: what the
+    publisher's embedding adds, not a refit of the local branch on the overlap."""
+    model.eval()
+    parts = []
+    for part in rows.split(PREDICT_SLICE):
+        h_a = model.tower_a(a_num[part], a_cat[part])
+        h_b = link.embed(b_row[part], False)
+        parts.append((h_b.cpu(), model.local_head(h_a).cpu()))
+    features, offset = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    probe = linear_probe(features, offset, y[rows].cpu(), generator)
+    if probe is None or probe.cv_loss >= probe.offset_loss:
+        return None
+    weight = model.fed_head.linear.weight  # (1, d_A + d_B): the probe's weights go to h_B's part
+    weight[0, weight.shape[1] - len(probe.weight) :] = probe.weight.to(weight.device)
+    model.fed_head.net[-1].bias.fill_(probe.bias)
+    return probe
 
 
 def self_train_round(

@@ -133,8 +133,9 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ((ends - counts + 1 + ends) / 2.0)[inverse]
 
 
-def intercept_shift(logits: torch.Tensor, labels: torch.Tensor, steps: int = 20) -> float:
-    """The shift ``b`` with mean(sigmoid(logits + b)) == mean(labels) (Newton's method).
+def intercept_shift(logits: torch.Tensor, labels: torch.Tensor, steps: int = 40) -> float:
+    """The shift ``b`` with mean(sigmoid(logits + b)) == mean(labels) (Newton's method);
+    ``labels`` may be probabilities.
 
     Early stopping and dropout leave a network's mean prediction off the base rate;
     federated mode mixes two models' scores in one ranking, so both must be calibrated.
@@ -143,7 +144,7 @@ def intercept_shift(logits: torch.Tensor, labels: torch.Tensor, steps: int = 20)
     for _ in range(steps):
         p = torch.sigmoid(logits.float() + b)
         gradient = (p * (1 - p)).mean().clamp_min(1e-6)
-        b = b - (p.mean() - target) / gradient
+        b = b - ((p.mean() - target) / gradient).clamp(-4.0, 4.0)  # bounded steps: no overshoot
     return float(b)
 
 
@@ -288,9 +289,11 @@ def fit(
 
     An epoch is as many whole shuffled passes as make ``min_epoch_rows`` rows.
 
-    After each epoch ``evaluate()`` gives validation metrics; training stops when
-    ``monitor`` (lower is better) has not improved for ``patience`` epochs and the
-    weights of the best epoch are restored.
+    Before the first epoch and after each ``evaluate()`` gives validation metrics;
+    training stops when ``monitor`` (lower is better) has not improved for ``patience``
+    epochs and the weights of the best epoch are restored: the starting weights (epoch 0)
+    compete too, so a stage that starts from a trained model (the student from the
+    teacher's local branch, the self-training round) never ends worse on validation.
 
     With a ``peer`` (the passive party's link) its tower trains alongside: it steps after
     every batch, snapshots with every new best and restores the best at the end. With a
@@ -316,6 +319,13 @@ def fit(
         loop = state.resume(phase, like=loop) or loop
     with single_thread(), reporter.task(description, total=epochs) as task:
         task.advance(loop["epoch"])
+        if loop["epoch"] == 0 and not loop["history"]:  # the starting weights compete as epoch 0
+            model.eval()
+            start_metrics = {"epoch": 0, **evaluate()}
+            loop["history"].append(start_metrics)
+            loop["best_value"], loop["best_metrics"] = start_metrics[monitor], start_metrics
+            if peer is not None:
+                peer.snapshot()
         for epoch in range(loop["epoch"] + 1, epochs + 1):
             if loop["stopped"]:
                 break

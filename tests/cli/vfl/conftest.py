@@ -18,7 +18,7 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """active/passive x train/test CSV tables of a 1,000-user demo set (30% labelled)."""
     folder = tmp_path_factory.mktemp("vfl_tables")
     paths = {}
-    for name, table in generate(DemoConfig(rows=1000, seed=3, labelled=0.3)).items():
+    for name, table in generate(DemoConfig(rows=2000, seed=3, labelled=0.6)).items():
         paths[name.removesuffix(".csv")] = folder / name
         pacsv.write_csv(table, folder / name)
     return paths

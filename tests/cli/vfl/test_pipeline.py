@@ -140,7 +140,8 @@ def test_train_split_self_training_round_is_on_by_default(
         trained["mpd"],
     )
     split = load_artifact(trained["split"], "vfl.split")  # trained with the defaults
-    assert split.extra["metrics"]["self_train_rows"] > split.extra["metrics"]["rows_labelled_train"]
+    metrics = split.extra["metrics"]
+    assert metrics["self_train_rows"] > 1.5 * metrics["rows_labelled_train_overlapped"]
     off = kvtool_json(
         "vfl", "train-split", *data, "--self-train-weight", "0", "--out", tmp_path / "s.safetensors", *FAST
     )
@@ -225,7 +226,10 @@ def test_scoring_keeps_repeated_ids_the_publisher_must_not_repeat_them(
                              "--passive", tables["passive_test"], "--out", out)  # fmt: skip
         scored = _rows(out)
         assert result["rows"] == 7 and [r["id"] for r in scored] == ids
-        assert scored[5] == scored[0] and scored[6] == scored[1]  # each copy scores the same
+        for copy, first in ((5, 0), (6, 1)):  # each copy scores the same (up to float32 rounding:
+            # a matrix product's rows may take different kernels by their place in the batch)
+            assert scored[copy]["mode_used"] == scored[first]["mode_used"]
+            assert float(scored[copy]["score"]) == pytest.approx(float(scored[first]["score"]), abs=1e-6)
         assert result["rows_federated"] == (5 if mode == "federated" else 0)
     passive = doubled(tables["passive_test"], "passive.csv")
     result = kvtool("vfl", "score", "--model", trained["split"], "--mode", "federated", "--active", active,

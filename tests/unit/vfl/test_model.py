@@ -41,7 +41,11 @@ def test_local_branch_needs_no_passive_input() -> None:
     local.sum().backward()
     assert all(p.grad is None for p in model.tower_b.parameters())  # the publisher's tower is never touched
     assert all(p.grad is None for p in model.fed_head.parameters())
-    assert not torch.allclose(full, local)  # the federated branch does add something
+    assert torch.allclose(full, local)  # a fresh federated head adds nothing yet
+    with torch.no_grad():
+        for p in model.fed_head.parameters():
+            p.normal_()
+    assert not torch.allclose(model(a_num, a_cat, b_num, b_cat)[1], local)  # a trained one does
 
 
 def test_partial_batch_matches_the_full_forward_on_overlapped_rows() -> None:

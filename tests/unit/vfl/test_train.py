@@ -63,7 +63,7 @@ def test_flat_adamw_rejects_a_repeated_parameter() -> None:
 @pytest.fixture(scope="module")
 def small_tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("vfl_self_train")
-    tables = generate(DemoConfig(rows=600, seed=5, labelled=0.3))
+    tables = generate(DemoConfig(rows=1500, seed=5, labelled=0.6))
     pacsv.write_csv(tables["active_train.csv"], folder / "a.csv")
     pacsv.write_csv(tables["passive_train.csv"], folder / "b.csv")
     return folder / "a.csv", folder / "b.csv"
@@ -78,13 +78,16 @@ def test_self_training_round_uses_the_unlabelled_overlapped_rows(
     _, selfed = train_split(SplitConfig(**common, self_train_weight=1.0, out=tmp_path / "self.safetensors"))
     assert plain["self_train_rows"] == 0
     labelled = plain["rows_labelled_train"]
-    # every overlapped row outside validation, labelled or not, plus the labelled active-only rows
-    assert selfed["self_train_rows"] > labelled
-    assert selfed["self_train_rows"] > selfed["rows_labelled_train_overlapped"]
+    # every overlapped row outside validation, labelled or not
+    assert selfed["self_train_rows"] > 1.5 * selfed["rows_labelled_train_overlapped"]
+    assert labelled > selfed["rows_labelled_train_overlapped"]
     a, _ = load_split(tmp_path / "plain.safetensors")
     b, _ = load_split(tmp_path / "self.safetensors")
-    assert not torch.equal(a.fed_head.net[1].weight, b.fed_head.net[1].weight)
-    assert not torch.equal(a.tower_b.mlp[0].weight, b.tower_b.mlp[0].weight)
+    # the round either beat its start on validation (and changed the publisher's part) or
+    # kept its start exactly (epoch 0 competes): never a worse model than it began with
+    changed = not torch.equal(a.fed_head.net[1].weight, b.fed_head.net[1].weight)
+    assert changed == (selfed["best_epoch"] > 0)
+    assert changed == (not torch.equal(a.tower_b.mlp[0].weight, b.tower_b.mlp[0].weight))
     # the round leaves the local branch (what the student starts from) as the labels taught it
     for name in ("tower_a", "local_head"):
         for mine, theirs in zip(getattr(a, name).parameters(), getattr(b, name).parameters(), strict=True):
