@@ -168,7 +168,14 @@ def run_seed(args: argparse.Namespace, paths: dict, seed: int, folder: Path) -> 
     for batch in VANILLA_BATCHES:  # the baseline at train-split's default batch size and at 64
         vanilla = folder / f"vanilla_{batch}.safetensors"
         train_split(
-            SplitConfig(**common, aux_weight=0.0, self_train_weight=0.0, batch_size=batch, out=vanilla)
+            SplitConfig(
+                **common,
+                aux_weight=0.0,
+                self_train_weight=0.0,
+                local_first=False,
+                batch_size=batch,
+                out=vanilla,
+            )
         )
         evaluate(f"vanilla VFL, batch {batch}", "federated", vanilla, fallback=local_only)
 
@@ -209,7 +216,9 @@ def run_seed(args: argparse.Namespace, paths: dict, seed: int, folder: Path) -> 
         return out
     pooled = folder / "pooled.safetensors"
     pooled_common = replace_paths(common, paths["pooled_active_train"], paths["pooled_passive_train"])
-    train_split(SplitConfig(**pooled_common, aux_weight=0.0, self_train_weight=0.0, out=pooled))
+    train_split(
+        SplitConfig(**pooled_common, aux_weight=0.0, self_train_weight=0.0, local_first=False, out=pooled)
+    )
     evaluate("pooled ceiling (no privacy)", "federated", pooled, passive=paths["pooled_passive_test"])
     return out
 

@@ -31,6 +31,7 @@ from kedit_vfl.vfl.config import (
     MPDConfig,
     ScoreConfig,
     SplitConfig,
+    TrainOptions,
     default,
     default_output,
 )
@@ -82,6 +83,20 @@ BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Rows p
 LrOption = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")]
 PatienceOption = Annotated[
     Optional[int], typer.Option("--patience", help="Stop after this many epochs without gain.")
+]
+MinEpochRowsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--min-epoch-rows",
+        help="Rows per epoch at least (whole shuffled passes), so small labelled sets get enough steps "
+        f"between evaluations. [default: {default(TrainOptions, 'min_epoch_rows')}]",
+    ),
+]
+WideOption = Annotated[
+    bool,
+    typer.Option(
+        "--wide/--no-wide", help="A linear path beside each MLP (wide and deep), what holds with few labels."
+    ),
 ]
 ValOption = Annotated[
     float,
@@ -188,10 +203,12 @@ def _security_options(
     return {"identity": identity, "peer_cert": peer_cert, "insecure": insecure, "ids_in_clear": ids_in_clear}
 
 
-def _model(hidden: int, out_dim: int, emb_dim: int, head_hidden: int, dropout: float) -> ModelConfig:
+def _model(
+    hidden: int, out_dim: int, emb_dim: int, head_hidden: int, dropout: float, wide: bool
+) -> ModelConfig:
     """The network sizes given on the command line (training commands without --init)."""
     return ModelConfig(
-        hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout
+        hidden=hidden, out_dim=out_dim, emb_dim=emb_dim, head_hidden=head_hidden, dropout=dropout, wide=wide
     )
 
 
@@ -342,11 +359,13 @@ def pretrain_mpd_command(
     emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
     head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
     dropout: DropoutOption = default(ModelConfig, "dropout"),
+    wide: WideOption = default(ModelConfig, "wide"),
     weight_decay: WeightDecayOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
     patience: PatienceOption = None,
+    min_epoch_rows: MinEpochRowsOption = None,
     val_fraction: ValOption = default(MPDConfig, "val_fraction"),
     seed: SeedOption = default(MPDConfig, "seed"),
     device: DeviceOption = default(MPDConfig, "device"),
@@ -379,11 +398,18 @@ def pretrain_mpd_command(
 
     config = MPDConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay),
+        **_given(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            weight_decay=weight_decay,
+            min_epoch_rows=min_epoch_rows,
+        ),
         **_out_for(out, party, "mpd"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
-        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout, wide),
         negatives=negatives,
         objective=objective,
         mpd_temperature=mpd_temperature,
@@ -428,6 +454,14 @@ def train_split_command(
             "(0 = no round).",
         ),
     ] = default(SplitConfig, "self_train_weight"),
+    local_first: Annotated[
+        bool,
+        typer.Option(
+            "--local-first/--joint",
+            help="Train the local branch alone first, then hold it and train what the publisher adds "
+            "(--joint: both at once, as vanilla VFL does).",
+        ),
+    ] = default(SplitConfig, "local_first"),
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
@@ -444,11 +478,13 @@ def train_split_command(
     emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
     head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
     dropout: DropoutOption = default(ModelConfig, "dropout"),
+    wide: WideOption = default(ModelConfig, "wide"),
     weight_decay: WeightDecayOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
     patience: PatienceOption = None,
+    min_epoch_rows: MinEpochRowsOption = None,
     val_fraction: ValOption = default(SplitConfig, "val_fraction"),
     seed: SeedOption = default(SplitConfig, "seed"),
     device: DeviceOption = default(SplitConfig, "device"),
@@ -480,16 +516,24 @@ def train_split_command(
 
     config = SplitConfig(
         **_data_options(active, passive, id_col, label_col, features_active, features_passive, categorical),
-        **_given(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay),
+        **_given(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            weight_decay=weight_decay,
+            min_epoch_rows=min_epoch_rows,
+        ),
         **_out_for(out, party, "split"),
         **_party_options(party, rendezvous, timeout, secret_file, alignment, resume=resume),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
         init=init,
-        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout, wide),
         aux_weight=aux_weight,
         mpd_weight=mpd_weight,
         init_lr_scale=init_lr_scale,
         self_train_weight=self_train_weight,
+        local_first=local_first,
         clip=clip,
         embedding_noise=embedding_noise,
         gradient_noise=gradient_noise,
@@ -528,6 +572,7 @@ def distill_command(
     lr: LrOption = None,
     weight_decay: WeightDecayOption = None,
     patience: PatienceOption = None,
+    min_epoch_rows: MinEpochRowsOption = None,
     val_fraction: ValOption = default(DistillConfig, "val_fraction"),
     seed: SeedOption = default(DistillConfig, "seed"),
     device: DeviceOption = default(DistillConfig, "device"),
@@ -559,7 +604,13 @@ def distill_command(
     config = DistillConfig(
         **_given(teacher=teacher, active=active, passive=passive, id_col=id_col, label_col=label_col),
         **_given(
-            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out, weight_decay=weight_decay
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            out=out,
+            weight_decay=weight_decay,
+            min_epoch_rows=min_epoch_rows,
         ),
         **_party_options(party, rendezvous, timeout, secret_file, alignment),
         **_security_options(identity, peer_cert, insecure, ids_in_clear),
@@ -588,11 +639,13 @@ def train_local_command(
     emb_dim: CategoryDimOption = default(ModelConfig, "emb_dim"),
     head_hidden: HeadHiddenOption = default(ModelConfig, "head_hidden"),
     dropout: DropoutOption = default(ModelConfig, "dropout"),
+    wide: WideOption = default(ModelConfig, "wide"),
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
     weight_decay: WeightDecayOption = None,
     patience: PatienceOption = None,
+    min_epoch_rows: MinEpochRowsOption = None,
     val_fraction: ValOption = default(LocalConfig, "val_fraction"),
     seed: SeedOption = default(LocalConfig, "seed"),
     device: DeviceOption = default(LocalConfig, "device"),
@@ -619,9 +672,15 @@ def train_local_command(
         features_active=_columns(features_active),
         categorical=_columns(categorical),
         **_given(
-            epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, out=out, weight_decay=weight_decay
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            out=out,
+            weight_decay=weight_decay,
+            min_epoch_rows=min_epoch_rows,
         ),
-        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout),
+        model=_model(hidden, out_dim, emb_dim, head_hidden, dropout, wide),
         val_fraction=val_fraction,
         seed=seed,
         device=device,
