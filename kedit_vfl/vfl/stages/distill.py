@@ -39,6 +39,7 @@ from kedit_vfl.vfl.models.store import (
     two_party_extra,
 )
 from kedit_vfl.vfl.stages.runner import load_active
+from kedit_vfl.vfl.stages.selection import FOLDS, fit_cross_validated, too_few_to_select
 from kedit_vfl.vfl.stages.split import labelled_split
 from kedit_vfl.vfl.stages.train import (
     base_rate_logit,
@@ -174,8 +175,8 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
     soft = soft.to(device) if soft is not None else None
     lam = config.kd_weight if parent is not None else 0.0
 
-    def step_loss(index: torch.Tensor) -> torch.Tensor:
-        rows = train_rows[index].to(device)
+    def rows_loss(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(device)
         logit = student(a_num[rows], a_cat[rows])
         target = y[rows]
         labelled = ~torch.isnan(target)
@@ -194,32 +195,53 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         )
         return lam * kd + (1 - lam) * hard
 
-    def evaluate() -> dict[str, float]:
-        rows = val_rows.to(device)
-        logit = predict(lambda i: student(a_num[rows[i]], a_cat[rows[i]]), len(rows))
-        target = labels[val_rows]
+    def scored(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        on = rows.to(device)
+        return predict(lambda i: student(a_num[on[i]], a_cat[on[i]]), len(on)), labels[rows]
+
+    def evaluate() -> dict[str, float | None]:
+        logit, target = scored(val_rows)
         auc = binary_metrics(target.numpy(), torch.sigmoid(logit).numpy())["auc"]
         return {
             "val/loss": F.binary_cross_entropy_with_logits(logit, target).item(),
             "val/auc": auc,
         }  # None: one class
 
-    result = fit(
-        student,
-        optimizer,
-        step_loss,
-        len(train_rows),
-        evaluate,
-        **loop_of(config),
-        generator=generator,
-        reporter=reporter,
-        description="SplitKD" if parent is not None else "local only",
-    )
+    held = too_few_to_select(labels[val_rows])
+    if held is not None:  # early stopping on these rows would pick noise: k-fold over every label
+        reporter.warn(
+            f"{held}: the epochs are chosen by {FOLDS}-fold cross-validation over every labelled row instead"
+        )
+        labelled_rows = torch.unique(torch.cat([train_labelled, val_rows]))
+        result = fit_cross_validated(
+            student,
+            lambda: torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+            rows_loss,
+            lambda rows: F.binary_cross_entropy_with_logits(*scored(rows)).item(),
+            labelled_rows,
+            labels[labelled_rows],
+            always=train_rows[torch.isnan(labels[train_rows])],  # soft targets only: in every fold
+            **loop_of(config),
+            generator=generator,
+        )
+        train_rows = torch.cat([train_rows, val_rows]).unique()  # every row trained the final model
+    else:
+        result = fit(
+            student,
+            optimizer,
+            lambda index: rows_loss(train_rows[index]),
+            len(train_rows),
+            evaluate,
+            **loop_of(config),
+            generator=generator,
+            reporter=reporter,
+            description="SplitKD" if parent is not None else "local only",
+        )
     labelled = train_rows[~torch.isnan(labels[train_rows])]
     with torch.no_grad():
         fitted = predict(lambda i: student(a_num[labelled[i]], a_cat[labelled[i]]), len(labelled))
     shift_bias(student.local_head, intercept_shift(fitted, labels[labelled]))
-    if result.best.get("val/auc", 0.0) is None:
+    if held is None and result.best.get("val/auc") is None:
         reporter.warn("the validation rows hold one class only: validation AUC undefined (null)")
     metrics = {
         "rows_active": len(table.rows),
@@ -229,6 +251,8 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "val_auc": result.best.get("val/auc"),
+        "model_selection": "hold-out" if held is None else f"{FOLDS}-fold cross-validation",
+        "cv_loss": result.best.get("cv/loss"),
     }
     paths = [config.active] + ([config.passive] if parent is not None and config.party == "both" else [])
     artifact = save_vfl(

@@ -44,6 +44,7 @@ from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.stages.probe import Probe, linear_probe
 from kedit_vfl.vfl.stages.runner import Stage, Trained, run_stage
+from kedit_vfl.vfl.stages.selection import FOLDS, fit_cross_validated, too_few_to_select
 from kedit_vfl.vfl.stages.train import (
     PREDICT_SLICE,
     FitResult,
@@ -233,7 +234,8 @@ def _train_active(
             "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(local).numpy())["auc"],
         }
 
-    held = _too_few_to_select(y[val_rows.to(device)][b_row[val_rows.to(device)] >= 0])
+    overlapped_val = val_rows.to(device)[b_row[val_rows.to(device)] >= 0]
+    held = too_few_to_select(y[overlapped_val].cpu(), "labelled overlapped validation rows")
     if held is not None and config.local_first:  # keep the cross-validated head; nothing to select with
         reporter.warn(
             f"{held}: too few to choose a federated fine-tune by; the federated head stays the "
@@ -291,6 +293,7 @@ def _train_active(
             full_shift = intercept_shift(full, y[rows][overlapped])
     shift_bias(model.local_head, local_shift)
     shift_bias(model.fed_head, full_shift - local_shift)
+    local_best = local_result.best if local_result is not None else {}
     undefined = [k for k in ("val/auc", "val/local_auc") if k in result.best and result.best[k] is None]
     if undefined:
         reporter.warn(f"the validation rows hold one class only: {', '.join(undefined)} undefined (null)")
@@ -303,30 +306,18 @@ def _train_active(
         "epochs_run": result.epochs_run,
         "best_epoch_local": local_result.best_epoch if local_result is not None else None,
         "probe_strength": probe.strength if probe is not None else None,
+        "local_model_selection": None
+        if local_result is None
+        else ("hold-out" if "cv/loss" not in local_result.best else f"{FOLDS}-fold cross-validation"),
+        "federated_fine_tune": held is None or not config.local_first,
         "val_auc": result.best.get("val/auc"),
-        "val_local_auc": result.best.get("val/local_auc"),
+        # with cross-validation the local branch trained on the validation rows too: no fair figure
+        "val_local_auc": result.best.get("val/local_auc") if "cv/loss" not in local_best else None,
         "train_rows_per_s": round(speed, 1),
         "self_train_rows": self_train_rows,
     }
     own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
     return Trained(own, metrics, {"init": "mpd" if init else "scratch"})
-
-
-MIN_VALIDATION_CLASS_ROWS = 10  # of each class, among the labelled overlapped validation rows
-
-
-def _too_few_to_select(labels: torch.Tensor) -> str | None:
-    """Why the labelled overlapped validation rows cannot choose an epoch, or None.
-
-    Early stopping on a handful of positives picks noise; with none it rewards pushing
-    every score down (the validation loss of negatives alone), which is how a federated
-    head used to end with scores of 0 everywhere.
-    """
-    positives = int((labels == 1).sum())
-    negatives = len(labels) - positives
-    if min(positives, negatives) >= MIN_VALIDATION_CLASS_ROWS:
-        return None
-    return f"{positives} positive and {negatives} negative labelled overlapped validation rows"
 
 
 class _LocalBranch:
@@ -347,23 +338,53 @@ class _LocalBranch:
             [{"params": list(branch.parameters())}], lr=config.lr, weight_decay=config.weight_decay
         )
 
-        def step_loss(index: torch.Tensor) -> torch.Tensor:
-            rows = self.train_rows[index].to(device)
+        def rows_loss(rows: torch.Tensor) -> torch.Tensor:
+            rows = rows.to(device)
             logit = model.local_logit(self.a_num[rows], self.a_cat[rows])
             return F.binary_cross_entropy_with_logits(logit, self.y[rows])
 
         @torch.no_grad()
-        def evaluate() -> dict[str, float | None]:
-            rows = self.val_rows.to(device)
+        def scored(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = rows.to(device)
             logit = torch.cat(
                 [model.local_logit(self.a_num[r], self.a_cat[r]) for r in rows.split(PREDICT_SLICE)]
             ).cpu()
-            target = self.y[rows].cpu()
             self.link.phase(0)  # the keep-alive
+            return logit, self.y[rows].cpu()
+
+        def rows_val_loss(rows: torch.Tensor) -> float:
+            logit, target = scored(rows)
+            return F.binary_cross_entropy_with_logits(logit, target).item()
+
+        def evaluate() -> dict[str, float | None]:
+            logit, target = scored(self.val_rows)
             return {
                 "val/loss": F.binary_cross_entropy_with_logits(logit, target).item(),
                 "val/local_auc": binary_metrics(target.numpy(), torch.sigmoid(logit).numpy())["auc"],
             }
+
+        held = too_few_to_select(self.y[self.val_rows.to(device)].cpu())
+        if held is not None:
+            reporter.warn(
+                f"{held}: the local branch's epochs are chosen by {FOLDS}-fold cross-validation "
+                "over every labelled row instead"
+            )
+            labelled = torch.unique(torch.cat([self.train_rows, self.val_rows]))
+            return fit_cross_validated(
+                branch,
+                lambda: FlatAdamW(
+                    [{"params": list(branch.parameters())}], lr=config.lr, weight_decay=config.weight_decay
+                ),
+                rows_loss,
+                rows_val_loss,
+                labelled,
+                self.y[labelled.to(device)].cpu(),
+                **loop_of(config),
+                generator=generator,
+            )
+
+        def step_loss(index: torch.Tensor) -> torch.Tensor:
+            return rows_loss(self.train_rows[index])
 
         return fit(
             branch,

@@ -284,8 +284,13 @@ def fit(
     peer: PassiveLink | None = None,
     state: TrainingState | None = None,
     phase: int = 0,
+    select: bool = True,
 ) -> FitResult:
     """Minimise ``step_loss(batch_index)`` over shuffled batches; keep the best epoch.
+
+    With ``select`` False it trains exactly ``epochs`` epochs and keeps the last
+    (``evaluate`` is not called): the epoch count was chosen elsewhere
+    (:mod:`kedit_vfl.vfl.stages.selection`).
 
     An epoch is as many whole shuffled passes as make ``min_epoch_rows`` rows.
 
@@ -319,7 +324,7 @@ def fit(
         loop = state.resume(phase, like=loop) or loop
     with single_thread(), reporter.task(description, total=epochs) as task:
         task.advance(loop["epoch"])
-        if loop["epoch"] == 0 and not loop["history"]:  # the starting weights compete as epoch 0
+        if select and loop["epoch"] == 0 and not loop["history"]:  # the starting weights compete as epoch 0
             model.eval()
             start_metrics = {"epoch": 0, **evaluate()}
             loop["history"].append(start_metrics)
@@ -344,11 +349,18 @@ def fit(
             loop["train_time"] += time.perf_counter() - start
             loop["rows_seen"] += len(order)
             model.eval()
-            metrics = {"epoch": epoch, "train/loss": float(total) / max(steps, 1), **evaluate()}
+            metrics = {
+                "epoch": epoch,
+                "train/loss": float(total) / max(steps, 1),
+                **(evaluate() if select else {}),
+            }
             loop["history"].append(metrics)
             loop["epoch"] = epoch
-            task.advance(1, loss=metrics["train/loss"], val=metrics[monitor])
-            if metrics[monitor] < loop["best_value"] - 1e-6:
+            shown = {"loss": metrics["train/loss"], "val": metrics.get(monitor)}
+            task.advance(1, **{k: v for k, v in shown.items() if v is not None})
+            if not select:
+                loop["best_epoch"], loop["best_metrics"] = epoch, metrics
+            elif metrics[monitor] < loop["best_value"] - 1e-6:
                 loop["best_value"], loop["best_epoch"], loop["best_metrics"] = (
                     metrics[monitor],
                     epoch,
@@ -365,7 +377,8 @@ def fit(
                 state.save((phase, epoch), loop)
                 if peer is not None:
                     peer.checkpoint((phase, epoch))
-    model.load_state_dict(loop["best_state"])
+    if select:
+        model.load_state_dict(loop["best_state"])
     model.eval()
     if peer is not None:
         peer.restore()
