@@ -462,6 +462,14 @@ def train_split_command(
             "(--joint: both at once, as vanilla VFL does).",
         ),
     ] = default(SplitConfig, "local_first"),
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit",
+            help="Run the norm and direction label-leakage attacks on the gradients the publisher "
+            "receives, per observation and summed over the run (one process only).",
+        ),
+    ] = default(SplitConfig, "audit"),
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
@@ -534,6 +542,7 @@ def train_split_command(
         init_lr_scale=init_lr_scale,
         self_train_weight=self_train_weight,
         local_first=local_first,
+        audit=audit,
         clip=clip,
         embedding_noise=embedding_noise,
         gradient_noise=gradient_noise,

@@ -266,6 +266,9 @@ class SplitConfig(TrainOptions):
     # then starts from the best local model instead of a compromise with the federated
     # head, which overfits first when labelled overlapped rows are few.
     local_first: bool = True
+    # Run the label-leakage attacks on the gradients the publisher receives (in one
+    # process only: the audit needs the labels and what crossed on one machine).
+    audit: bool = False
     clip: float = 0.0
     embedding_noise: float = 0.0
     gradient_noise: float = 0.0
@@ -279,6 +282,11 @@ class SplitConfig(TrainOptions):
         _positive(self, "init_lr_scale")
         if self.mpd_weight > 0 and self.init is None:
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
+        if self.audit and self.party != "both":
+            raise UserError(
+                "--audit runs in one process (both tables here): it needs the labels and what the "
+                "publisher receives on one machine"
+            )
         self.protection  # noqa: B018 - validates the three options
 
     @property

@@ -25,6 +25,7 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import Protection
 from kedit_vfl.vfl.data.encoding import Party
 from kedit_vfl.vfl.models.networks import ServingTower, Tower
+from kedit_vfl.vfl.privacy.leakage import GradientRecorder
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, Tag
 from kedit_vfl.vfl.stages.train import FlatAdamW, single_thread
 
@@ -296,8 +297,10 @@ class PassiveLink:
         self.wire_keys = wire_keys  # (N_overlap,) key sent for each overlap position; None: the position
         self.generator = torch.Generator(device=device).manual_seed(seed + 104_729)
         self.pending: list[torch.Tensor] = []
+        self.pending_positions: list[torch.Tensor] = []
         self.attached_rows = 0  # rows embedded since the last step, still in the autograd graph
         self.traffic = Traffic(width=endpoint.width)
+        self.recorder: GradientRecorder | None = None  # the leakage audit: what the publisher receives
 
     @property
     def width(self) -> int:
@@ -308,6 +311,7 @@ class PassiveLink:
         gradient the next :meth:`step` sends back."""
         if not train and len(keys) > EVAL_SLICE:  # bounded messages for large evaluations
             return torch.cat([self.embed(part, False) for part in keys.split(EVAL_SLICE)])
+        positions = keys
         if self.wire_keys is not None:
             keys = self.wire_keys[keys.cpu().long()]
         keys = keys.to(KEY_DTYPE)
@@ -331,10 +335,14 @@ class PassiveLink:
         if attached:  # in one process the backward pass goes on into the tower; same gradients
             if self.protection.clip > 0 or self.protection.gradient_noise > 0:
                 h.register_hook(self._protect)
+            if self.recorder is not None:  # after the protection: it sees what would be sent
+                recorder = self.recorder
+                h.register_hook(lambda grad, at=positions: recorder.add(at, grad))
             self.attached_rows += n
             return h
         h = h.detach().requires_grad_(True)
         self.pending.append(h)
+        self.pending_positions.append(positions)
         return h
 
     def step(self) -> None:
@@ -347,11 +355,13 @@ class PassiveLink:
             self.endpoint.step_attached()
             return
         grads = []
-        for h in self.pending:
+        for h, positions in zip(self.pending, self.pending_positions, strict=True):
             grad = h.grad if h.grad is not None else torch.zeros_like(h)
             grads.append(self._protect(grad))
+            if self.recorder is not None:
+                self.recorder.add(positions, grads[-1])
             self.traffic.train_to_passive += grad.numel() * EMBEDDING_DTYPE.itemsize
-        self.pending = []
+        self.pending, self.pending_positions = [], []
         self.endpoint.step(grads)
 
     def _protect(self, grad: torch.Tensor) -> torch.Tensor:

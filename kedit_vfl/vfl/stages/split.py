@@ -40,6 +40,7 @@ from kedit_vfl.vfl.models.store import (
     model_config_of,
     mpd_settings,
 )
+from kedit_vfl.vfl.privacy.leakage import GradientRecorder, leakage
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.stages.probe import Probe, linear_probe
@@ -138,6 +139,8 @@ def _train_active(
     y, b_row = labels.to(device), b_row.to(device)
     rows_a = side.rows_a.to(device)
     link = side.link
+    if config.audit:
+        link.recorder = GradientRecorder(n_overlap, link.width)
 
     model = ActiveSplit({"active": side.table.schema}, model_config).to(device)
     matcher = None
@@ -316,6 +319,8 @@ def _train_active(
         "train_rows_per_s": round(speed, 1),
         "self_train_rows": self_train_rows,
     }
+    if link.recorder is not None:
+        metrics["label_leakage"] = leakage(link.recorder, y[rows_a])
     own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
     return Trained(own, metrics, {"init": "mpd" if init else "scratch"})
 

@@ -1,0 +1,81 @@
+"""What the passive party could learn about the labels from the gradients it receives.
+
+In split training the publisher receives, for every training row, the gradient of the
+loss with respect to its embedding. For binary labels those gradients give the labels
+away (Li et al., "Label Leakage and Protection in Two-party Split Learning", ICLR 2022):
+
+- norm scoring: the rare class gets larger gradients, so the norm ranks the labels;
+- direction scoring: positives' and negatives' gradients point in opposite directions,
+  so the cosine with any one gradient (the attacker takes the largest, most likely of
+  the rare class) splits them.
+
+The audit runs both attacks on a single observation of each row (its first gradient)
+and on each row's gradients summed over the whole run (what an attacker that keeps
+everything sees), and reports the attacker's best AUC, max(AUC, 1 - AUC): 0.5 means the
+gradients tell nothing, 1.0 that they tell every label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kedit_vfl.vfl.stages.train import binary_metrics
+
+
+class GradientRecorder:
+    """Per row of the overlap: the first gradient the publisher received, and the sum of
+    all it received, as the publisher would keep them (bounded: two (N, d) tables)."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.first = torch.zeros(rows, width)
+        self.total = torch.zeros(rows, width)
+        self.seen = torch.zeros(rows, dtype=torch.bool)
+        self.observations = 0
+
+    def add(self, positions: torch.Tensor, grads: torch.Tensor) -> None:
+        """Gradients (B, d) of a batch-mean loss for overlap ``positions`` (B,), as sent."""
+        own = grads.detach().float().cpu() * len(grads)  # each row's own gradient: B x the batch mean's
+        positions = positions.detach().cpu().long()
+        new = ~self.seen[positions]
+        self.first[positions[new]] = own[new]
+        self.seen[positions] = True
+        self.total.index_add_(0, positions, own)
+        self.observations += len(positions)
+
+
+def attack_auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The attacker's best AUC, max(AUC, 1 - AUC); None when the labels hold one class."""
+    auc = binary_metrics(labels.numpy(), scores.double().numpy())["auc"]
+    return None if auc is None else float(max(auc, 1.0 - auc))
+
+
+def norm_scores(grads: torch.Tensor) -> torch.Tensor:
+    return grads.norm(dim=1)
+
+
+def direction_scores(grads: torch.Tensor) -> torch.Tensor:
+    """Cosine with the largest gradient, the attacker's guess at one of the rare class."""
+    reference = grads[int(norm_scores(grads).argmax())]
+    return F.cosine_similarity(grads, reference.unsqueeze(0), dim=1)
+
+
+def leakage(recorder: GradientRecorder, labels: torch.Tensor) -> dict[str, float | int | None]:
+    """The attacks' best AUCs over the labelled rows that sent gradients.
+
+    ``labels`` (N,) per overlap position, NaN where unlabelled.
+    """
+    rows = recorder.seen & ~torch.isnan(labels.cpu())
+    y = labels.cpu()[rows]
+    if not bool(rows.any()):
+        return {"norm": None, "direction": None, "accumulated": None, "rows": 0}
+    single, summed = recorder.first[rows], recorder.total[rows]
+    accumulated = [attack_auc(norm_scores(summed), y), attack_auc(direction_scores(summed), y)]
+    known = [a for a in accumulated if a is not None]
+    return {
+        "norm": attack_auc(norm_scores(single), y),
+        "direction": attack_auc(direction_scores(single), y),
+        "accumulated": float(np.max(known)) if known else None,
+        "rows": int(rows.sum()),
+    }

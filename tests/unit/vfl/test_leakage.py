@@ -1,0 +1,72 @@
+"""The label-leakage audit: it measures a leak where there is one, and nothing where not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pytest
+import torch
+
+from kedit_vfl.errors import UserError
+from kedit_vfl.vfl.config import SplitConfig
+from kedit_vfl.vfl.data.demo import DemoConfig, generate
+from kedit_vfl.vfl.privacy.leakage import GradientRecorder, attack_auc, leakage
+from kedit_vfl.vfl.stages.split import train_split
+
+
+def test_recorder_keeps_the_first_and_the_sum_of_each_rows_gradients() -> None:
+    recorder = GradientRecorder(4, 2)
+    recorder.add(torch.tensor([0, 2]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    recorder.add(torch.tensor([2, 3]), torch.tensor([[2.0, 2.0], [1.0, 1.0]]))
+    # each row's own gradient: the batch mean's times the batch's rows
+    assert torch.equal(recorder.first[2], torch.tensor([0.0, 2.0]))
+    assert torch.equal(recorder.total[2], torch.tensor([4.0, 6.0]))
+    assert recorder.seen.tolist() == [True, False, True, True] and recorder.observations == 4
+
+
+def test_attacks_find_labels_in_separable_gradients_and_not_in_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(300, generator=generator) < 0.1).float()
+    direction = torch.randn(8, generator=generator)
+    sent = (labels - 0.1).unsqueeze(1) * direction + 0.01 * torch.randn(300, 8, generator=generator)
+    recorder = GradientRecorder(300, 8)
+    recorder.add(torch.arange(300), sent / 300)
+    leaked = leakage(recorder, labels)
+    assert leaked["norm"] > 0.95 and leaked["direction"] > 0.95 and leaked["accumulated"] > 0.95
+    quiet = GradientRecorder(300, 8)
+    quiet.add(torch.arange(300), torch.randn(300, 8, generator=generator))
+    assert leakage(quiet, labels)["accumulated"] < 0.65
+    assert attack_auc(torch.rand(10), torch.zeros(10)) is None  # one class: undefined
+    assert leakage(GradientRecorder(3, 2), labels[:3])["rows"] == 0  # nothing crossed
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("audit")
+    tables = generate(DemoConfig(rows=2000, seed=11, labelled=0.5))
+    pacsv.write_csv(tables["active_train.csv"], folder / "a.csv")
+    pacsv.write_csv(tables["passive_train.csv"], folder / "b.csv")
+    return folder / "a.csv", folder / "b.csv"
+
+
+def test_the_audit_reproduces_the_leak_of_undefended_split_training(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    active, passive = demo
+    config = SplitConfig(
+        active=active, passive=passive, device="cpu", epochs=5, audit=True, local_first=False,
+        aux_weight=0.0, self_train_weight=0.0, out=tmp_path / "v.safetensors",
+    )  # fmt: skip
+    _, result = train_split(config)
+    leaked = result["label_leakage"]
+    assert leaked["rows"] == result["rows_labelled_train_overlapped"]
+    assert leaked["accumulated"] >= 0.95  # the literature's leak, measured
+    _, plain = train_split(SplitConfig(active=active, passive=passive, device="cpu", epochs=5,
+                                       local_first=False, out=tmp_path / "p.safetensors"))  # fmt: skip
+    assert "label_leakage" not in plain
+
+
+def test_the_audit_needs_one_process() -> None:
+    with pytest.raises(UserError, match="--audit runs in one process"):
+        SplitConfig(audit=True, party="active", rendezvous="tcp://127.0.0.1:29999", insecure=True)
