@@ -162,13 +162,18 @@ def draw(n: int, cell: Cell, seed: int, test_fraction: float = 0.3) -> dict[str,
 
 
 def run_one(
-    cell: Cell, seed: int, development: bool = False, overrides: dict | None = None
+    cell: Cell,
+    seed: int,
+    development: bool = False,
+    overrides: dict | None = None,
+    defence: dict | None = None,
 ) -> dict[str, Any]:
     """Every model of one run; AUC, log loss and score spread per model.
 
     ``development``: the run's real test rows are dropped and a test split is drawn from
     the rest, so that settings compared this way never see the rows the grid reports on.
-    ``overrides``: config fields set in every kvtool config that has them.
+    ``overrides``: config fields set in every kvtool config that has them; ``defence``:
+    fields set in VFed-SSD's ``train-split`` only (the label-leakage defences).
     """
     data = load_dataset(cell.dataset)
     active, passive = (data.active, data.passive) if cell.split == "given" else informative_passive(data)
@@ -183,7 +188,10 @@ def run_one(
     start = time.perf_counter()
     results = sklearn_models(data, active, passive, masks, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        results.update(kvtool_models(data, active, passive, masks, seed, Path(tmp), overrides or {}))
+        ours, leaked = kvtool_models(
+            data, active, passive, masks, seed, Path(tmp), overrides or {}, defence or {}
+        )
+        results.update(ours)
     return {
         "cell": cell.key,
         "seed": seed,
@@ -192,6 +200,7 @@ def run_one(
         "seconds": round(time.perf_counter() - start, 1),
         "rows": {k: int(v.sum()) for k, v in masks.items()},
         "models": results,
+        "label_leakage": leaked,
     }
 
 
@@ -289,9 +298,17 @@ class _CategoriesAsObject:
 
 
 def kvtool_models(
-    data: Dataset, active: tuple, passive: tuple, masks: dict, seed: int, folder: Path, overrides: dict
-) -> dict[str, dict[str, float]]:
-    """kvtool's models at the command-line defaults (or ``overrides``), through its Python API."""
+    data: Dataset,
+    active: tuple,
+    passive: tuple,
+    masks: dict,
+    seed: int,
+    folder: Path,
+    overrides: dict,
+    defence: dict,
+) -> tuple[dict[str, dict[str, float]], dict]:
+    """kvtool's models at the command-line defaults (or ``overrides``), through its Python
+    API, and the label-leakage audit of VFed-SSD's split training (with ``defence``)."""
     from kedit_vfl.vfl.config import (
         DistillConfig,
         LocalConfig,
@@ -364,11 +381,11 @@ def kvtool_models(
     evaluate("vanilla VFL", "federated", vanilla, fallback=own)
     mpd, split, student = (folder / f"{n}.safetensors" for n in ("mpd", "split", "student"))
     pretrain_mpd(configured(MPDConfig, **common, out=mpd))
-    train_split(configured(SplitConfig, **common, init=mpd, out=split))
+    _, trained = train_split(configured(SplitConfig, **common, init=mpd, out=split, audit=True, **defence))
     distill(configured(DistillConfig, **common, teacher=split, out=student))
     evaluate("VFed-SSD local", "local", student)
     evaluate("VFed-SSD federated", "federated", split, fallback=student)
-    return out
+    return out, trained["label_leakage"]
 
 
 def summarise(runs: list[dict], cells: list[Cell]) -> str:
@@ -452,6 +469,16 @@ def summarise(runs: list[dict], cells: list[Cell]) -> str:
             f"Seed spread of VFed-SSD (std of AUC): largest {worst[0]:.4f} ({worst[1]}); "
             f"above 0.02 in {over} of {len(spreads)} cell-modes."
         )
+    audited = [r["label_leakage"] for r in runs if r.get("label_leakage") is not None]
+    if audited:
+        crossed = [a["accumulated"] for a in audited if a["rows"]]
+        worst = max(crossed) if crossed else None
+        out.append(
+            "Label leakage of VFed-SSD's split training (the best attack's AUC on each row's gradients "
+            f"summed over the run): median {np.median(crossed) if crossed else float('nan'):.3f}, "
+            f"worst {worst if worst is not None else float('nan'):.3f} over {len(crossed)} runs; "
+            f"no gradient crossed at all in {len(audited) - len(crossed)} of {len(audited)} runs."
+        )
     ours = [c for c in constant if "VFed-SSD" in c]
     out.append(
         f"Runs with constant scores (std of the scores < 1e-4): VFed-SSD {len(ours)}"
@@ -459,6 +486,17 @@ def summarise(runs: list[dict], cells: list[Cell]) -> str:
         + f", competitors {len(constant) - len(ours)}."
     )
     return "\n".join(out) + "\n"
+
+
+def defence_fields(text: str) -> dict[str, Any]:
+    """``--defence`` as the SplitConfig fields it sets."""
+    if text == "none":
+        return {}
+    if text == "freeze-passive":
+        return {"freeze_passive": True}
+    if text.startswith("label-epsilon="):
+        return {"label_epsilon": float(text.split("=", 1)[1])}
+    raise SystemExit(f"--defence {text!r}: expected none, freeze-passive or label-epsilon=EPS")
 
 
 def main() -> None:
@@ -480,8 +518,14 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a kvtool config field"
     )
+    parser.add_argument(
+        "--defence",
+        default="none",
+        help="label-leakage defence for VFed-SSD's train-split: none, freeze-passive or label-epsilon=EPS",
+    )
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    defence = defence_fields(args.defence)
     cells = [
         Cell(d, s, float(o), float(lab))
         for d in args.datasets.split(",")
@@ -502,7 +546,9 @@ def main() -> None:
         if args.jobs > 1:
             os.environ["OMP_NUM_THREADS"] = "1"  # one thread per run: the runs fill the cores
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(run_one, c, s, args.development, overrides): (c, s) for c, s in todo}
+            futures = {
+                pool.submit(run_one, c, s, args.development, overrides, defence): (c, s) for c, s in todo
+            }
             for future in as_completed(futures):
                 try:
                     run = future.result()

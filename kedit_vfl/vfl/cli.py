@@ -470,6 +470,22 @@ def train_split_command(
             "receives, per observation and summed over the run (one process only).",
         ),
     ] = default(SplitConfig, "audit"),
+    freeze_passive: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-passive",
+            help="Hold the publisher's tower as MPD left it: no gradient, so no label signal, crosses "
+            "(needs --init).",
+        ),
+    ] = default(SplitConfig, "freeze_passive"),
+    label_epsilon: Annotated[
+        float,
+        typer.Option(
+            "--label-epsilon",
+            help="Randomised response on the labels the federated part learns from: epsilon-label "
+            "differential privacy for what crosses (0 = off).",
+        ),
+    ] = default(SplitConfig, "label_epsilon"),
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
@@ -543,6 +559,8 @@ def train_split_command(
         self_train_weight=self_train_weight,
         local_first=local_first,
         audit=audit,
+        freeze_passive=freeze_passive,
+        label_epsilon=label_epsilon,
         clip=clip,
         embedding_noise=embedding_noise,
         gradient_noise=gradient_noise,

@@ -15,6 +15,7 @@ publisher's tower and the federated head (see ``self_train_round``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -139,6 +140,11 @@ def _train_active(
     y, b_row = labels.to(device), b_row.to(device)
     rows_a = side.rows_a.to(device)
     link = side.link
+    trains_passive = not config.freeze_passive  # frozen: no gradient ever crosses
+    peer = link if trains_passive else None
+    # what the federated part learns from: the labels, or with --label-epsilon their
+    # randomised response on the overlapped rows (the local branch keeps the true ones)
+    y_full = randomised_response(y, b_row >= 0, config.label_epsilon, config.seed)
     if config.audit:
         link.recorder = GradientRecorder(n_overlap, link.width)
 
@@ -166,7 +172,7 @@ def _train_active(
             p.requires_grad_(False)
         train_rows = train_rows[b_row[train_rows] >= 0]  # only the full loss is left to learn
         if resume_from is None and model_config.wide:
-            probe = _start_from_probe(model, a_num, a_cat, y, b_row, train_rows, link, generator)
+            probe = _start_from_probe(model, a_num, a_cat, y_full, b_row, train_rows, link, generator)
         groups = [{"params": list(model.fed_head.parameters()), "lr": config.lr}]
     else:
         heads = [*model.local_head.parameters(), *model.fed_head.parameters()]
@@ -179,7 +185,7 @@ def _train_active(
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     _, negatives, objective = mpd_settings(init) if init is not None else (0.0, 0, "infonce")
-    if side.passive is not None and resume_from is not None:
+    if side.passive is not None and resume_from is not None and trains_passive:
         side.passive.resume(resume_from)
     state = TrainingState(store, {"sampling": generator, "gradient_noise": link.generator}, resume_from)
 
@@ -188,10 +194,10 @@ def _train_active(
         partner = b_row[rows]
         overlapped = partner >= 0
         if bool(overlapped.all()):  # the common case: no masking needed
-            h_b = link.embed(partner, model.training)
+            h_b = link.embed(partner, model.training and trains_passive)
             local, full = model.with_embedding(a_num[rows], a_cat[rows], h_b)
             return local, full, overlapped
-        h_b = link.embed(partner[overlapped], model.training)
+        h_b = link.embed(partner[overlapped], model.training and trains_passive)
         local, full = model.partial(a_num[rows], a_cat[rows], overlapped, h_b)
         return local, full, overlapped
 
@@ -205,8 +211,8 @@ def _train_active(
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         local, full, overlapped = logits(rows)
-        target = y[rows]
-        full_target = target if len(full) == len(target) else target[overlapped]
+        target, noisy = y[rows], y_full[rows]
+        full_target = noisy if len(full) == len(target) else noisy[overlapped]
         loss = F.binary_cross_entropy_with_logits(full, full_target) if len(full) else full.sum()
         if config.aux_weight > 0 and not config.local_first:  # a held local branch learns nothing
             loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(local, target)
@@ -226,8 +232,9 @@ def _train_active(
     def evaluate() -> dict[str, float]:
         local, full, overlapped = logits(val_rows.to(device))
         local, full, target = local.cpu(), full.cpu(), labels[val_rows]
-        full_target = target[overlapped.cpu()]
-        full_loss = F.binary_cross_entropy_with_logits(full, full_target).item()
+        full_target = target[overlapped.cpu()]  # the reported AUC: true labels, on this side only
+        chosen_by = y_full[val_rows.to(device)].cpu()[overlapped.cpu()]  # what selection may use
+        full_loss = F.binary_cross_entropy_with_logits(full, chosen_by).item()
         local_loss = F.binary_cross_entropy_with_logits(local, target).item()
         return {
             "val/loss": full_loss + config.aux_weight * local_loss,
@@ -260,7 +267,7 @@ def _train_active(
             generator=generator,
             reporter=reporter,
             description="split training",
-            peer=link,
+            peer=peer,
             state=state,
         )
         state.extra["fit0"] = asdict(result)
@@ -271,7 +278,7 @@ def _train_active(
             model,
             logits,
             logits_in_slices,
-            y,
+            y_full,
             b_row,
             train_rows,
             val_rows,
@@ -279,7 +286,7 @@ def _train_active(
             generator,
             reporter,
         )
-        result, self_train_rows = self_train_round(*args, link=link, state=state)
+        result, self_train_rows = self_train_round(*args, link=peer, state=state)
     with torch.no_grad():  # calibrate both branches' intercepts
         rows = (all_train_rows if config.local_first else train_rows).to(device)
         local, full, overlapped = logits_in_slices(rows)
@@ -313,6 +320,8 @@ def _train_active(
         if local_result is None
         else ("hold-out" if "cv/loss" not in local_result.best else f"{FOLDS}-fold cross-validation"),
         "federated_fine_tune": held is None or not config.local_first,
+        "passive_frozen": config.freeze_passive,
+        "label_epsilon": config.label_epsilon or None,
         "val_auc": result.best.get("val/auc"),
         # with cross-validation the local branch trained on the validation rows too: no fair figure
         "val_local_auc": result.best.get("val/local_auc") if "cv/loss" not in local_best else None,
@@ -407,6 +416,19 @@ class _LocalBranch:
 _fit_local_branch = _LocalBranch
 
 
+def randomised_response(labels: torch.Tensor, where: torch.Tensor, epsilon: float, seed: int) -> torch.Tensor:
+    """``labels`` with each label at ``where`` kept with probability e^eps / (1 + e^eps),
+    flipped otherwise: epsilon-label differential privacy for everything computed from
+    them (Warner's randomised response). ``epsilon`` 0: unchanged. Seeded, so the same
+    rows flip in every stage and on resume."""
+    if epsilon <= 0:
+        return labels
+    generator = torch.Generator().manual_seed(seed + 7_919)
+    flip = torch.rand(len(labels), generator=generator) < 1.0 / (1.0 + math.exp(epsilon))
+    flip = flip.to(labels.device) & where & ~torch.isnan(labels)
+    return torch.where(flip, 1.0 - labels, labels)
+
+
 @torch.no_grad()
 def _start_from_probe(
     model: ActiveSplit,
@@ -450,7 +472,7 @@ def self_train_round(
     generator: torch.Generator,
     reporter: Reporter,
     *,
-    link: PassiveLink,
+    link: PassiveLink | None,
     state: TrainingState,
 ) -> tuple[FitResult, int]:
     """One round of self-training on the unlabelled overlapped rows.
