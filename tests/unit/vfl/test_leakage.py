@@ -8,11 +8,14 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
+from kedit_vfl.artifacts import load_artifact
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.config import SplitConfig
+from kedit_vfl.vfl.config import MPDConfig, SplitConfig
 from kedit_vfl.vfl.data.demo import DemoConfig, generate
+from kedit_vfl.vfl.models.store import load_split
 from kedit_vfl.vfl.privacy.leakage import GradientRecorder, attack_auc, leakage
-from kedit_vfl.vfl.stages.split import train_split
+from kedit_vfl.vfl.stages.mpd import pretrain_mpd
+from kedit_vfl.vfl.stages.split import randomised_response, train_split
 
 
 def test_recorder_keeps_the_first_and_the_sum_of_each_rows_gradients() -> None:
@@ -70,3 +73,41 @@ def test_the_audit_reproduces_the_leak_of_undefended_split_training(
 def test_the_audit_needs_one_process() -> None:
     with pytest.raises(UserError, match="--audit runs in one process"):
         SplitConfig(audit=True, party="active", rendezvous="tcp://127.0.0.1:29999", insecure=True)
+
+
+def test_randomised_response_flips_the_chosen_rows_at_its_rate() -> None:
+    labels = torch.tensor([0.0, 1.0] * 5000 + [float("nan")] * 10)
+    where = torch.ones(len(labels), dtype=torch.bool)
+    where[:2000] = False
+    assert randomised_response(labels, where, 0.0, 0) is labels  # off
+    noisy = randomised_response(labels, where, 1.0, 0)
+    assert torch.equal(noisy[:2000], labels[:2000])  # only where asked
+    assert torch.isnan(noisy[-10:]).all()  # unlabelled rows stay unlabelled
+    rate = float((noisy[2000:10000] != labels[2000:10000]).float().mean())
+    assert abs(rate - 1 / (1 + torch.e)) < 0.02
+    again = randomised_response(labels, where, 1.0, 0)
+    assert torch.equal(torch.nan_to_num(noisy, nan=-1.0), torch.nan_to_num(again, nan=-1.0))  # seeded
+
+
+def test_defences_bound_what_the_audit_finds(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    active, passive = demo
+    common = dict(active=active, passive=passive, device="cpu", epochs=5)
+    mpd = tmp_path / "m.safetensors"
+    pretrain_mpd(MPDConfig(**common, out=mpd))
+    base = dict(common, init=mpd, audit=True, local_first=False)  # joint: gradients cross every step
+    _, frozen = train_split(SplitConfig(**base, freeze_passive=True, out=tmp_path / "f.safetensors"))
+    assert frozen["label_leakage"]["rows"] == 0 and frozen["passive_frozen"]  # nothing crossed
+    model, _ = load_split(tmp_path / "f.safetensors")
+    pretrained = load_artifact(mpd, "vfl.mpd")
+    for name, value in model.tower_b.state_dict().items():
+        assert torch.equal(value, pretrained.tensors[f"tower_b.{name}"])  # held as MPD left it
+    _, noisy = train_split(SplitConfig(**base, label_epsilon=0.4, out=tmp_path / "n.safetensors"))
+    assert noisy["label_epsilon"] == 0.4
+    assert noisy["label_leakage"]["accumulated"] < 0.8  # the randomised labels bound the attack
+
+
+def test_defence_options_are_checked() -> None:
+    with pytest.raises(UserError, match="--freeze-passive needs --init"):
+        SplitConfig(freeze_passive=True)
+    with pytest.raises(UserError, match="--label-epsilon -1"):
+        SplitConfig(label_epsilon=-1.0)
