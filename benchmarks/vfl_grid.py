@@ -489,14 +489,16 @@ def summarise(runs: list[dict], cells: list[Cell]) -> str:
 
 
 def defence_fields(text: str) -> dict[str, Any]:
-    """``--defence`` as the SplitConfig fields it sets."""
-    if text == "none":
+    """``--defence`` as the SplitConfig fields it sets (default: the command line's)."""
+    if text == "default":
         return {}
+    if text == "none":
+        return {"freeze_passive": False}
     if text == "freeze-passive":
         return {"freeze_passive": True}
     if text.startswith("label-epsilon="):
-        return {"label_epsilon": float(text.split("=", 1)[1])}
-    raise SystemExit(f"--defence {text!r}: expected none, freeze-passive or label-epsilon=EPS")
+        return {"freeze_passive": False, "label_epsilon": float(text.split("=", 1)[1])}
+    raise SystemExit(f"--defence {text!r}: expected default, none, freeze-passive or label-epsilon=EPS")
 
 
 def main() -> None:
@@ -520,8 +522,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--defence",
-        default="none",
-        help="label-leakage defence for VFed-SSD's train-split: none, freeze-passive or label-epsilon=EPS",
+        default="default",
+        help="label-leakage defence for VFed-SSD's train-split: default, none (a trained publisher "
+        "tower), freeze-passive or label-epsilon=EPS",
     )
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}

@@ -473,9 +473,9 @@ def train_split_command(
     freeze_passive: Annotated[
         bool,
         typer.Option(
-            "--freeze-passive",
-            help="Hold the publisher's tower as MPD left it: no gradient, so no label signal, crosses "
-            "(needs --init).",
+            "--freeze-passive/--train-passive",
+            help="Hold the publisher's tower as MPD (--init) left it: no gradient, so no label signal, "
+            "crosses. --train-passive trains it with the gradients (they reveal labels; see --audit).",
         ),
     ] = default(SplitConfig, "freeze_passive"),
     label_epsilon: Annotated[

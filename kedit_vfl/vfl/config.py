@@ -269,10 +269,11 @@ class SplitConfig(TrainOptions):
     # Run the label-leakage attacks on the gradients the publisher receives (in one
     # process only: the audit needs the labels and what crossed on one machine).
     audit: bool = False
-    # Defences against label inference (see the threat model): a publisher's tower held as
-    # MPD left it (no gradient crosses), and randomised response on the labels the
-    # federated part learns from (epsilon-label DP; 0 = off).
-    freeze_passive: bool = False
+    # Defences against label inference (see the threat model): the publisher's tower held
+    # as MPD left it, so no gradient crosses (the default: measured to cost at most 0.4%
+    # AUC, while a trained tower's gradients give every label away), and randomised
+    # response on the labels the federated part learns from (epsilon-label DP; 0 = off).
+    freeze_passive: bool = True
     label_epsilon: float = 0.0
     clip: float = 0.0
     embedding_noise: float = 0.0
@@ -289,12 +290,10 @@ class SplitConfig(TrainOptions):
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
         if self.label_epsilon < 0:
             raise UserError(f"--label-epsilon {self.label_epsilon}: must not be negative (0 = off)")
-        if self.freeze_passive and self.init is None:
-            raise UserError("--freeze-passive needs --init: the publisher's tower is held as MPD left it")
         if self.freeze_passive and self.mpd_weight > 0:
-            raise UserError("--freeze-passive and --mpd-weight exclude each other: MPD would train the tower")
-        if self.freeze_passive and self.resume:
-            raise UserError("--freeze-passive runs are short and not resumable: run again without --resume")
+            raise UserError(
+                "--mpd-weight trains the publisher's tower, which is frozen by default: add --train-passive"
+            )
         if self.audit and self.party != "both":
             raise UserError(
                 "--audit runs in one process (both tables here): it needs the labels and what the "

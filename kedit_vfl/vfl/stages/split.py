@@ -73,7 +73,10 @@ COMMAND = "train-split"
 
 
 def passive_phase_lrs(config: SplitConfig, initialised: bool) -> tuple[float, ...]:
-    """The passive tower's learning rate in the fit and in the self-training round."""
+    """The passive tower's learning rate in the fit and in the self-training round (0: a
+    frozen tower, which still keeps the phases, snapshots and checkpoints in step)."""
+    if config.freeze_passive and initialised:
+        return (0.0, 0.0) if config.self_train_weight > 0 else (0.0,)
     first = config.lr * (config.init_lr_scale if initialised else 1.0)
     return (first, config.lr * config.init_lr_scale) if config.self_train_weight > 0 else (first,)
 
@@ -95,7 +98,10 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         SPLIT,
         config,
         model_config,
-        PassiveTraining(passive_phase_lrs(config, init is not None), config.weight_decay),
+        PassiveTraining(
+            passive_phase_lrs(config, init is not None),
+            0.0 if config.freeze_passive and init is not None else config.weight_decay,
+        ),
         config.protection,
         parent=init,
         extra={"protection": config.protection.to_dict()},
@@ -140,8 +146,12 @@ def _train_active(
     y, b_row = labels.to(device), b_row.to(device)
     rows_a = side.rows_a.to(device)
     link = side.link
-    trains_passive = not config.freeze_passive  # frozen: no gradient ever crosses
-    peer = link if trains_passive else None
+    trains_passive = not (config.freeze_passive and init is not None)  # frozen: no gradient crosses
+    if trains_passive and config.freeze_passive:
+        reporter.warn(
+            "no --init: the publisher's tower trains from scratch, so label gradients cross "
+            "(start from pretrain-mpd to keep them on this side; see --audit)"
+        )
     # what the federated part learns from: the labels, or with --label-epsilon their
     # randomised response on the overlapped rows (the local branch keeps the true ones)
     y_full = randomised_response(y, b_row >= 0, config.label_epsilon, config.seed)
@@ -185,7 +195,7 @@ def _train_active(
         groups.append({"params": list(matcher.parameters()), "lr": config.lr * scale})
     optimizer = FlatAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     _, negatives, objective = mpd_settings(init) if init is not None else (0.0, 0, "infonce")
-    if side.passive is not None and resume_from is not None and trains_passive:
+    if side.passive is not None and resume_from is not None:
         side.passive.resume(resume_from)
     state = TrainingState(store, {"sampling": generator, "gradient_noise": link.generator}, resume_from)
 
@@ -267,7 +277,7 @@ def _train_active(
             generator=generator,
             reporter=reporter,
             description="split training",
-            peer=peer,
+            peer=link,
             state=state,
         )
         state.extra["fit0"] = asdict(result)
@@ -286,7 +296,7 @@ def _train_active(
             generator,
             reporter,
         )
-        result, self_train_rows = self_train_round(*args, link=peer, state=state)
+        result, self_train_rows = self_train_round(*args, link=link, state=state)
     with torch.no_grad():  # calibrate both branches' intercepts
         rows = (all_train_rows if config.local_first else train_rows).to(device)
         local, full, overlapped = logits_in_slices(rows)
@@ -320,7 +330,7 @@ def _train_active(
         if local_result is None
         else ("hold-out" if "cv/loss" not in local_result.best else f"{FOLDS}-fold cross-validation"),
         "federated_fine_tune": held is None or not config.local_first,
-        "passive_frozen": config.freeze_passive,
+        "passive_frozen": not trains_passive,
         "label_epsilon": config.label_epsilon or None,
         "val_auc": result.best.get("val/auc"),
         # with cross-validation the local branch trained on the validation rows too: no fair figure
@@ -472,7 +482,7 @@ def self_train_round(
     generator: torch.Generator,
     reporter: Reporter,
     *,
-    link: PassiveLink | None,
+    link: PassiveLink,
     state: TrainingState,
 ) -> tuple[FitResult, int]:
     """One round of self-training on the unlabelled overlapped rows.

@@ -59,7 +59,7 @@ def test_the_audit_reproduces_the_leak_of_undefended_split_training(
     active, passive = demo
     config = SplitConfig(
         active=active, passive=passive, device="cpu", epochs=5, audit=True, local_first=False,
-        aux_weight=0.0, self_train_weight=0.0, out=tmp_path / "v.safetensors",
+        aux_weight=0.0, self_train_weight=0.0, freeze_passive=False, out=tmp_path / "v.safetensors",
     )  # fmt: skip
     _, result = train_split(config)
     leaked = result["label_leakage"]
@@ -101,13 +101,16 @@ def test_defences_bound_what_the_audit_finds(demo: tuple[Path, Path], tmp_path: 
     pretrained = load_artifact(mpd, "vfl.mpd")
     for name, value in model.tower_b.state_dict().items():
         assert torch.equal(value, pretrained.tensors[f"tower_b.{name}"])  # held as MPD left it
-    _, noisy = train_split(SplitConfig(**base, label_epsilon=0.4, out=tmp_path / "n.safetensors"))
+    _, noisy = train_split(
+        SplitConfig(**base, freeze_passive=False, label_epsilon=0.4, out=tmp_path / "n.safetensors")
+    )
     assert noisy["label_epsilon"] == 0.4
     assert noisy["label_leakage"]["accumulated"] < 0.8  # the randomised labels bound the attack
 
 
 def test_defence_options_are_checked() -> None:
-    with pytest.raises(UserError, match="--freeze-passive needs --init"):
-        SplitConfig(freeze_passive=True)
+    assert SplitConfig().freeze_passive  # the default: no label gradient crosses
+    with pytest.raises(UserError, match="add --train-passive"):
+        SplitConfig(mpd_weight=0.1, init=Path("m.safetensors"))
     with pytest.raises(UserError, match="--label-epsilon -1"):
         SplitConfig(label_epsilon=-1.0)
