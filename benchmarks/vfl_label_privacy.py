@@ -66,9 +66,47 @@ def main() -> None:
                 f"{fed / base['VFed-SSD federated'] - 1:+.2%} | {local:.4f} | "
                 f"{local / base['VFed-SSD local'] - 1:+.2%} |"
             )
+    lines += whole_grid()
     text = "\n".join(lines) + "\n"
     (RESULTS / "vfl_label_privacy.md").write_text(text)
     print(text)
+
+
+def whole_grid() -> list[str]:
+    """The default (frozen tower) against a trained one over the whole quality grid:
+    ``vfl_grid.jsonl`` and ``vfl_grid_train_passive.jsonl`` (``vfl_grid.py --defence none
+    --out benchmarks/results/vfl_grid_train_passive.md``), where both are on file."""
+    files = [RESULTS / "vfl_grid.jsonl", RESULTS / "vfl_grid_train_passive.jsonl"]
+    if not all(f.exists() for f in files):
+        return []
+    frozen, trained = ({} for _ in files)
+    for table, path in zip((frozen, trained), files, strict=True):
+        for line in path.read_text().splitlines():
+            run = json.loads(line)
+            table.setdefault(run["cell"], []).append(run)
+    lines = [
+        "",
+        "Over the whole quality grid (every data set, both splits, both overlaps, three label rates, three "
+        "seeds): VFed-SSD with the publisher's tower frozen (the default) against trained "
+        "(`--train-passive`), relative change of the mean AUC per cell, summarised per data set and split.",
+        "",
+        "| data set | split | federated: mean change | worst cell | local: mean change | worst cell |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for cell in sorted(set(frozen) & set(trained)):
+        key = tuple(cell.split("|")[:2])
+        for model in ("VFed-SSD federated", "VFed-SSD local"):
+            new = np.mean([r["models"][model]["auc"] for r in frozen[cell]])
+            old = np.mean([r["models"][model]["auc"] for r in trained[cell]])
+            groups.setdefault(key, {}).setdefault(model, []).append(new / old - 1)
+    for (name, split), changes in groups.items():
+        fed, local = changes["VFed-SSD federated"], changes["VFed-SSD local"]
+        lines.append(
+            f"| {name} | {split} | {np.mean(fed):+.2%} | {min(fed):+.2%} | {np.mean(local):+.2%} | "
+            f"{min(local):+.2%} |"
+        )
+    return lines
 
 
 def _mean(runs: list[dict], dataset: str, model: str) -> float:
