@@ -496,9 +496,13 @@ def defence_fields(text: str) -> dict[str, Any]:
         return {"freeze_passive": False}
     if text == "freeze-passive":
         return {"freeze_passive": True}
+    if text.startswith("calibrated-noise="):
+        return {"freeze_passive": False, "noise_multiplier": float(text.split("=", 1)[1])}
     if text.startswith("label-epsilon="):
         return {"freeze_passive": False, "label_epsilon": float(text.split("=", 1)[1])}
-    raise SystemExit(f"--defence {text!r}: expected default, none, freeze-passive or label-epsilon=EPS")
+    raise SystemExit(
+        f"--defence {text!r}: expected default, none, freeze-passive, calibrated-noise=Z or label-epsilon=EPS"
+    )
 
 
 def main() -> None:
@@ -524,7 +528,7 @@ def main() -> None:
         "--defence",
         default="default",
         help="label-leakage defence for VFed-SSD's train-split: default, none (a trained publisher "
-        "tower), freeze-passive or label-epsilon=EPS",
+        "tower), freeze-passive, calibrated-noise=Z or label-epsilon=EPS",
     )
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}

@@ -1,8 +1,8 @@
 """Label leakage against cost: every defence of ``train-split`` on the same grid cells.
 
-Runs ``vfl_grid.py`` once per defence (none, a frozen publisher tower, randomised
-response at two epsilons) on the data sets' given splits, overlap 0.6, labelled 0.05
-and 0.2, three seeds, each with the leakage audit of VFed-SSD's split training, then
+Runs ``vfl_grid.py`` once per defence (none, a frozen publisher tower, calibrated
+gradient noise, randomised response at two epsilons) on the data sets' given splits,
+overlap 0.6, labelled 0.05 and 0.2, three seeds, each with the leakage audit of VFed-SSD's split training, then
 tabulates per data set and defence: the worst accumulated attack AUC over the runs (the
 best attack on each row's gradients summed over the whole run), and VFed-SSD's
 federated and local AUC with their relative change against no defence.
@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DEFENCES = ("none", "freeze-passive", "label-epsilon=1", "label-epsilon=0.4")
+DEFENCES = ("none", "freeze-passive", "calibrated-noise=0.5", "label-epsilon=1", "label-epsilon=0.4")
 GRID = [
     "--datasets", "give_credit,default_credit,adult,movie_lens", "--splits", "given",
     "--overlaps", "0.6", "--labelled", "0.05,0.2", "--seeds", "0,1,2",

@@ -486,6 +486,17 @@ def train_split_command(
             "differential privacy for what crosses (0 = off).",
         ),
     ] = default(SplitConfig, "label_epsilon"),
+    noise_multiplier: Annotated[
+        float,
+        typer.Option(
+            "--noise-multiplier",
+            help="With --train-passive: clip each row's gradient at --clip-quantile of the observed norms "
+            "and add noise this many clips strong, scaled for every time a row is sent (0 = off).",
+        ),
+    ] = default(SplitConfig, "noise_multiplier"),
+    clip_quantile: Annotated[
+        float, typer.Option("--clip-quantile", help="Quantile of the gradient norms that sets the clip.")
+    ] = default(SplitConfig, "clip_quantile"),
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
@@ -561,6 +572,8 @@ def train_split_command(
         audit=audit,
         freeze_passive=freeze_passive,
         label_epsilon=label_epsilon,
+        noise_multiplier=noise_multiplier,
+        clip_quantile=clip_quantile,
         clip=clip,
         embedding_noise=embedding_noise,
         gradient_noise=gradient_noise,

@@ -275,6 +275,11 @@ class SplitConfig(TrainOptions):
     # response on the labels the federated part learns from (epsilon-label DP; 0 = off).
     freeze_passive: bool = True
     label_epsilon: float = 0.0
+    # Calibrated gradient perturbation (with --train-passive): clip each row's gradient at
+    # this quantile of the observed norms and add noise scaled for every time a row is
+    # sent in the run (see kedit_vfl.vfl.privacy.leakage.CalibratedNoise); 0 = off.
+    noise_multiplier: float = 0.0
+    clip_quantile: float = 0.5
     clip: float = 0.0
     embedding_noise: float = 0.0
     gradient_noise: float = 0.0
@@ -288,6 +293,9 @@ class SplitConfig(TrainOptions):
         _positive(self, "init_lr_scale")
         if self.mpd_weight > 0 and self.init is None:
             raise UserError("--mpd-weight needs --init (the matching head comes from pretrain-mpd)")
+        if self.noise_multiplier < 0:
+            raise UserError(f"--noise-multiplier {self.noise_multiplier}: must not be negative (0 = off)")
+        _fraction(self, "clip_quantile", 0.01, 1.0)
         if self.label_epsilon < 0:
             raise UserError(f"--label-epsilon {self.label_epsilon}: must not be negative (0 = off)")
         if self.freeze_passive and self.mpd_weight > 0:

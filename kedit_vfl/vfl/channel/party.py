@@ -25,7 +25,7 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import Protection
 from kedit_vfl.vfl.data.encoding import Party
 from kedit_vfl.vfl.models.networks import ServingTower, Tower
-from kedit_vfl.vfl.privacy.leakage import GradientRecorder
+from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, Tag
 from kedit_vfl.vfl.stages.train import FlatAdamW, single_thread
 
@@ -301,6 +301,7 @@ class PassiveLink:
         self.attached_rows = 0  # rows embedded since the last step, still in the autograd graph
         self.traffic = Traffic(width=endpoint.width)
         self.recorder: GradientRecorder | None = None  # the leakage audit: what the publisher receives
+        self.calibrated: CalibratedNoise | None = None  # the calibrated gradient perturbation
 
     @property
     def width(self) -> int:
@@ -333,7 +334,7 @@ class PassiveLink:
         )
         traffic.rows_trained += n
         if attached:  # in one process the backward pass goes on into the tower; same gradients
-            if self.protection.clip > 0 or self.protection.gradient_noise > 0:
+            if self.protection.clip > 0 or self.protection.gradient_noise > 0 or self.calibrated is not None:
                 h.register_hook(self._protect)
             if self.recorder is not None:  # after the protection: it sees what would be sent
                 recorder = self.recorder
@@ -366,10 +367,12 @@ class PassiveLink:
 
     def _protect(self, grad: torch.Tensor) -> torch.Tensor:
         p = self.protection
-        if p.clip <= 0 and p.gradient_noise <= 0:
+        if p.clip <= 0 and p.gradient_noise <= 0 and self.calibrated is None:
             return grad
         rows = len(grad)  # per-row gradients of the batch-mean loss are 1/B of each row's own
         own = add_noise(clip_rows(grad * rows, p.clip), p.gradient_noise, self.generator)
+        if self.calibrated is not None:
+            own = self.calibrated(own)
         return own / rows
 
     def phase(self, index: int) -> None:

@@ -79,3 +79,36 @@ def leakage(recorder: GradientRecorder, labels: torch.Tensor) -> dict[str, float
         "accumulated": float(np.max(known)) if known else None,
         "rows": int(rows.sum()),
     }
+
+
+class CalibratedNoise:
+    """Gradient perturbation calibrated to the gradients themselves, for the whole run.
+
+    The clip norm is the ``quantile`` of the per-row gradient norms of the first batch
+    sent (an absolute clip never binds when norms are 0.03-0.25), and every row's
+    gradient gets Gaussian noise of ``multiplier x clip x sqrt(observations)``, where
+    ``observations`` bounds how often one row is sent in the run: summed over the run,
+    a row's noise then grows as fast as its signal can, so the accumulated observation
+    keeps the noise-to-signal ratio ``multiplier`` that one observation would have.
+    """
+
+    def __init__(self, quantile: float, multiplier: float, observations: int, seed: int) -> None:
+        self.quantile, self.multiplier = quantile, multiplier
+        self.observations = max(1, observations)
+        self.clip: float | None = None
+        self.generator = torch.Generator().manual_seed(seed + 15_485_863)
+
+    @property
+    def noise_std(self) -> float | None:
+        if self.clip is None:
+            return None
+        return self.multiplier * self.clip * self.observations**0.5
+
+    def __call__(self, own: torch.Tensor) -> torch.Tensor:
+        """Each row's own gradient (B, d), clipped and noised."""
+        norms = own.norm(dim=1)
+        if self.clip is None:
+            self.clip = max(float(torch.quantile(norms.float().cpu(), self.quantile)), 1e-12)
+        scale = (self.clip / norms.clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1)
+        noise = torch.randn(own.shape, generator=self.generator).to(own.device, own.dtype)
+        return own * scale + noise * self.noise_std

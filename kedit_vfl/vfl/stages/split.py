@@ -41,7 +41,7 @@ from kedit_vfl.vfl.models.store import (
     model_config_of,
     mpd_settings,
 )
-from kedit_vfl.vfl.privacy.leakage import GradientRecorder, leakage
+from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder, leakage
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.stages.probe import Probe, linear_probe
@@ -176,8 +176,8 @@ def _train_active(
     all_train_rows = train_rows
     if config.local_first:
         if resume_from is None:  # a resumed run's checkpoint holds the local branch it trained
-            local_result = _fit_local_branch(config, model, a_num, a_cat, y, train_rows, val_rows, link)
-            local_result = local_result.fit(generator, reporter)
+            branch = _LocalBranch(config, model, a_num, a_cat, y, train_rows, val_rows, link)
+            local_result = branch.fit(generator, reporter)
         for p in [*model.tower_a.parameters(), *model.local_head.parameters()]:
             p.requires_grad_(False)
         train_rows = train_rows[b_row[train_rows] >= 0]  # only the full loss is left to learn
@@ -197,6 +197,13 @@ def _train_active(
     _, negatives, objective = mpd_settings(init) if init is not None else (0.0, 0, "infonce")
     if side.passive is not None and resume_from is not None:
         side.passive.resume(resume_from)
+    if config.noise_multiplier > 0 and trains_passive:  # bound: every epoch's passes, both fits
+        passes = -(-config.min_epoch_rows // max(len(train_rows), 1))
+        rounds = 2 if config.self_train_weight > 0 else 1
+        observations = config.epochs * passes * rounds
+        link.calibrated = CalibratedNoise(
+            config.clip_quantile, config.noise_multiplier, observations, config.seed
+        )
     state = TrainingState(store, {"sampling": generator, "gradient_noise": link.generator}, resume_from)
 
     def logits(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,6 +339,7 @@ def _train_active(
         "federated_fine_tune": held is None or not config.local_first,
         "passive_frozen": not trains_passive,
         "label_epsilon": config.label_epsilon or None,
+        "gradient_noise_std": link.calibrated.noise_std if link.calibrated is not None else None,
         "val_auc": result.best.get("val/auc"),
         # with cross-validation the local branch trained on the validation rows too: no fair figure
         "val_local_auc": result.best.get("val/local_auc") if "cv/loss" not in local_best else None,
@@ -350,7 +358,17 @@ class _LocalBranch:
     publisher but one keep-alive message an epoch (its phase, already its next one), so
     its waits stay bounded by ``--timeout`` however long the phase takes."""
 
-    def __init__(self, config, model, a_num, a_cat, y, train_rows, val_rows, link) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        config: SplitConfig,
+        model: ActiveSplit,
+        a_num: torch.Tensor,
+        a_cat: torch.Tensor,
+        y: torch.Tensor,
+        train_rows: torch.Tensor,
+        val_rows: torch.Tensor,
+        link: PassiveLink,
+    ) -> None:
         self.config, self.model, self.link = config, model, link
         self.a_num, self.a_cat, self.y = a_num, a_cat, y
         self.train_rows, self.val_rows = train_rows, val_rows
@@ -421,9 +439,6 @@ class _LocalBranch:
             reporter=reporter,
             description="local branch",
         )
-
-
-_fit_local_branch = _LocalBranch
 
 
 def randomised_response(labels: torch.Tensor, where: torch.Tensor, epsilon: float, seed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from kedit_vfl.errors import UserError
 from kedit_vfl.vfl.config import MPDConfig, SplitConfig
 from kedit_vfl.vfl.data.demo import DemoConfig, generate
 from kedit_vfl.vfl.models.store import load_split
-from kedit_vfl.vfl.privacy.leakage import GradientRecorder, attack_auc, leakage
+from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder, attack_auc, leakage
 from kedit_vfl.vfl.stages.mpd import pretrain_mpd
 from kedit_vfl.vfl.stages.split import randomised_response, train_split
 
@@ -114,3 +114,16 @@ def test_defence_options_are_checked() -> None:
         SplitConfig(mpd_weight=0.1, init=Path("m.safetensors"))
     with pytest.raises(UserError, match="--label-epsilon -1"):
         SplitConfig(label_epsilon=-1.0)
+
+
+def test_calibrated_noise_clips_at_the_observed_quantile_and_scales_for_the_run() -> None:
+    own = torch.cat([torch.full((50, 4), 0.01), torch.full((50, 4), 1.0)])  # norms 0.02 and 2.0
+    quiet = CalibratedNoise(quantile=0.5, multiplier=0.0, observations=100, seed=0)
+    clipped = quiet(own)
+    assert quiet.clip == pytest.approx(float(torch.quantile(own.norm(dim=1), 0.5)))
+    assert float(clipped.norm(dim=1).max()) <= quiet.clip + 1e-6  # large gradients bound, small kept
+    assert torch.allclose(clipped[:50], own[:50])  # below the clip: untouched
+    noisy = CalibratedNoise(quantile=0.5, multiplier=1.0, observations=100, seed=0)
+    out = noisy(own)
+    assert noisy.noise_std == pytest.approx(noisy.clip * 10.0)  # multiplier x clip x sqrt(100)
+    assert float((out - quiet(own)).std()) == pytest.approx(noisy.noise_std, rel=0.2)
