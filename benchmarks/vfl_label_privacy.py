@@ -3,10 +3,10 @@
 Runs ``vfl_grid.py`` once per defence (none, a frozen publisher tower, calibrated
 gradient noise, randomised response at two epsilons) on the data sets' given splits,
 overlap 0.6, labelled 0.05 and 0.2, three seeds, each with the leakage audit of
-VFed-SSD's split training, then tabulates per data set and defence: the worst accumulated attack AUC over the runs (the
-best attack on each row's gradients summed over the whole run), and VFed-SSD's
-federated and local AUC with their relative change against no defence.
-Runs already on file are not run again.
+VFed-SSD's split training, then tabulates per data set and defence: the worst
+accumulated attack AUC over the runs (the best attack on each row's gradients summed
+over the whole run), and VFed-SSD's federated and local AUC with their relative change
+against no defence. Runs already on file are not run again.
 
 Run: .venv/bin/python benchmarks/vfl_label_privacy.py
 """
