@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kedit_vfl.vfl.stages.selection import FOLDS, stratified_folds
+
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per-row L2 strengths tried, on standardised features
-FOLDS = 5
 MAX_ROWS = 200_000  # rows the probe fits on at most (a seeded sample beyond): it is a starting point
 
 
@@ -64,7 +65,7 @@ def linear_probe(
         features, offset, labels = features[keep], offset[keep], labels[keep]
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     x = (features - mean) / std
-    fold = _stratified_folds(labels, generator)
+    fold = stratified_folds(labels, generator)
     losses = {strength: 0.0 for strength in LAMBDAS}
     offset_loss = 0.0
     for k in range(FOLDS):
@@ -84,13 +85,3 @@ def linear_probe(
     bias = float(b - (w * mean.double() / std.double()).sum())
     n = len(labels)
     return Probe(weight, bias, best, losses[best] / n, offset_loss / n)
-
-
-def _stratified_folds(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A fold index per row, each class dealt round-robin in a seeded order."""
-    fold = torch.empty(len(labels), dtype=torch.long)
-    for value in (0.0, 1.0):
-        rows = torch.nonzero(labels == value).squeeze(1)
-        rows = rows[torch.randperm(len(rows), generator=generator)]
-        fold[rows] = torch.arange(len(rows)) % FOLDS
-    return fold
