@@ -121,6 +121,8 @@ def _format_cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
+    if isinstance(value, dict):  # a nested result (label_leakage, defence): "key value; ..."
+        return "; ".join(f"{k.replace('_', ' ')} {_format_cell(v)}" for k, v in value.items())
     return str(value)
 
 

@@ -23,6 +23,7 @@ from kedit_vfl.console import (
 from kedit_vfl.signing import use_signing
 from kedit_vfl.vfl.config import (
     AlignConfig,
+    AuditConfig,
     DemoConfig,
     DistillConfig,
     ExportConfig,
@@ -497,6 +498,14 @@ def train_split_command(
     clip_quantile: Annotated[
         float, typer.Option("--clip-quantile", help="Quantile of the gradient norms that sets the clip.")
     ] = default(SplitConfig, "clip_quantile"),
+    record_received: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--record-received",
+            help="On the publisher's side: keep the gradients it receives in this Parquet file, for "
+            "'kvtool vfl audit'.",
+        ),
+    ] = None,
     clip: Annotated[
         float,
         typer.Option("--clip", help="Bound each row's embedding and own gradient to this L2 norm (0 = off)."),
@@ -543,8 +552,10 @@ def train_split_command(
 
     Example: kvtool vfl train-split --active a.csv --passive b.csv --init runs/vfl/mpd.safetensors
 
-    --clip, --embedding-noise and --gradient-noise defend against label inference from
-    the gradients the active party returns (at some cost in AUC; see the README).
+    The publisher's tower is held as MPD left it by default: no gradient, so no label
+    signal, crosses (docs/threat-model.md). --audit measures the leak and what the
+    defence costs; the publisher sees what it received with --record-received and
+    'kvtool vfl audit'.
     """
     use_signing(sign_key, trust)
     from kedit_vfl.vfl.stages.split import train_split
@@ -574,6 +585,7 @@ def train_split_command(
         label_epsilon=label_epsilon,
         noise_multiplier=noise_multiplier,
         clip_quantile=clip_quantile,
+        record_received=record_received,
         clip=clip,
         embedding_noise=embedding_noise,
         gradient_noise=gradient_noise,
@@ -607,6 +619,14 @@ def distill_command(
             "--kd-local-rows", help="Also distil the teacher's local branch on rows without the publisher."
         ),
     ] = default(DistillConfig, "kd_local_rows"),
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit",
+            help="Record what reaches the publisher (no gradient crosses in distillation) and report "
+            "the leakage attacks with the teacher's own audit (one process only).",
+        ),
+    ] = default(DistillConfig, "audit"),
     epochs: EpochsOption = None,
     batch_size: BatchOption = None,
     lr: LrOption = None,
@@ -657,6 +677,7 @@ def distill_command(
         temperature=temperature,
         kd_weight=kd_weight,
         kd_local_rows=kd_local_rows,
+        audit=audit,
         val_fraction=val_fraction,
         seed=seed,
         device=device,
@@ -961,3 +982,39 @@ def export_command(
         chained("--model", config.model_path, quiet)
     result = export_onnx(config, RichReporter(quiet or json_output))
     _render(f"export ({format})", result, json_output)
+
+
+@app.command("audit")
+def audit_command(
+    record: Annotated[
+        Path, typer.Argument(help="The publisher's record: train-split --record-received FILE.")
+    ],
+    labels: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--labels",
+            help="A table with the users' labels, to score the attacks (for instance in a joint review).",
+        ),
+    ] = None,
+    id_col: IdColOption = default(AuditConfig, "id_col"),
+    label_col: Annotated[
+        str, typer.Option("--label-col", help="The label column of --labels (0/1).")
+    ] = default(AuditConfig, "label_col"),
+    scores: Annotated[
+        Optional[Path],
+        typer.Option("--scores", help="Write each user's attack scores and the attacker's guess (CSV)."),
+    ] = None,
+    seed: SeedOption = default(AuditConfig, "seed"),
+    json_output: JsonOption = False,
+) -> None:
+    """What the publisher could learn about the labels from the gradients it received.
+
+    Example: kvtool vfl train-split --party passive --record-received received.parquet ...
+    then: kvtool vfl audit received.parquet --scores guesses.csv
+    """
+    from kedit_vfl.vfl.privacy.audit import audit
+
+    config = AuditConfig(
+        record=record, labels=labels, id_col=id_col, label_col=label_col, scores=scores, seed=seed
+    )
+    _render("audit", audit(config), json_output)

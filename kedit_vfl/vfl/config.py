@@ -280,6 +280,9 @@ class SplitConfig(TrainOptions):
     # sent in the run (see kedit_vfl.vfl.privacy.leakage.CalibratedNoise); 0 = off.
     noise_multiplier: float = 0.0
     clip_quantile: float = 0.5
+    # Keep what the publisher received (per user: the first gradient, their sum, the
+    # count) in this Parquet file on the publisher's side, for ``kvtool vfl audit``.
+    record_received: Path | None = None
     clip: float = 0.0
     embedding_noise: float = 0.0
     gradient_noise: float = 0.0
@@ -307,6 +310,11 @@ class SplitConfig(TrainOptions):
                 "--audit runs in one process (both tables here): it needs the labels and what the "
                 "publisher receives on one machine"
             )
+        if self.record_received is not None and self.party == "active":
+            raise UserError(
+                "--record-received is for the publisher's side (--party passive, or one process): "
+                "the gradients are received there"
+            )
         self.protection  # noqa: B018 - validates the three options
 
     @property
@@ -324,6 +332,9 @@ class DistillConfig(TrainOptions):
     kd_weight: float = 0.5
     kd_local_rows: bool = False
     batch_size: int = 256
+    # Record what reaches the publisher (only embedding requests: no gradient is sent in
+    # distillation) and report the attacks' figures, with the teacher's own audit.
+    audit: bool = False
     out: Path = field(default_factory=lambda: default_output("local.safetensors"))
 
     def __post_init__(self) -> None:
@@ -332,6 +343,11 @@ class DistillConfig(TrainOptions):
         _fraction(self, "kd_weight")
         if self.teacher is None and self.kd_weight > 0:
             raise UserError("--kd-weight > 0 needs a --teacher")
+        if self.audit and self.party != "both":
+            raise UserError(
+                "--audit runs in one process (both tables here): it needs the labels and what the "
+                "publisher receives on one machine"
+            )
 
     @property
     def command(self) -> str:
@@ -404,6 +420,19 @@ class ScoreConfig:
     @property
     def to_stdout(self) -> bool:
         return self.out is not None and str(self.out) == "-"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``audit``: the publisher's record of received gradients, and optionally labels to
+    score the attacks with (see :mod:`kedit_vfl.vfl.privacy.audit`)."""
+
+    record: Path
+    labels: Path | None = None
+    id_col: str = "id"
+    label_col: str = "y"
+    scores: Path | None = None  # per-user attack scores, CSV
+    seed: int = 0  # the noise reference's draw
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 
 from kedit_vfl.errors import UserError
@@ -113,8 +114,27 @@ class PassiveParty:
         self.optimizer: FlatAdamW | None = None
         self.phase_index = -1
         self.pending: list[torch.Tensor] = []
+        self.pending_positions: list[torch.Tensor] = []  # overlap positions of each pending batch
         self.best: dict[str, torch.Tensor] | None = None
         self.rows_embedded = 0
+        self.ids = rows.ids
+        # --record-received: what arrives, per overlap position, kept for ``kvtool vfl audit``
+        self.recorder: GradientRecorder | None = None
+
+    def positions_of(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overlap positions of the requested keys, and whether each is in the agreement."""
+        keys = keys.to(self.device, torch.long)
+        if self.keys is not None:  # an alignment's keys: find each in the sorted table
+            index = torch.searchsorted(self.keys, keys).clamp_max(max(len(self.keys) - 1, 0))
+            agreed = self.keys[index] == keys if len(self.keys) else torch.zeros_like(keys, dtype=torch.bool)
+            return index, agreed
+        agreed = (keys >= 0) & (keys < len(self.overlap_rows))
+        return keys.clamp(0, max(len(self.overlap_rows) - 1, 0)), agreed
+
+    def ids_at(self, positions: torch.Tensor) -> pa.ChunkedArray:
+        """This party's user ids at these overlap positions."""
+        rows = self.overlap_rows[positions.to(self.device)].cpu().numpy()
+        return self.ids.take(pa.array(rows))
 
     def embed(self, keys: torch.Tensor, train: bool, attached: bool = False) -> torch.Tensor:
         """Embeddings of the rows with these keys. Training ones are remembered for the
@@ -124,14 +144,7 @@ class PassiveParty:
             return self._embed(keys, train, attached)
 
     def _embed(self, keys: torch.Tensor, train: bool, attached: bool = False) -> torch.Tensor:
-        keys = keys.to(self.device, torch.long)
-        if self.keys is not None:  # an alignment's keys: find each in the sorted table
-            index = torch.searchsorted(self.keys, keys).clamp_max(max(len(self.keys) - 1, 0))
-            agreed = self.keys[index] == keys if len(self.keys) else torch.zeros_like(keys, dtype=torch.bool)
-            keys = index
-        else:
-            agreed = (keys >= 0) & (keys < len(self.overlap_rows))
-            keys = keys.clamp(0, max(len(self.overlap_rows) - 1, 0))
+        keys, agreed = self.positions_of(keys)
         outside = keys.numel() > 0 and not bool(agreed.all())
         if outside and train:
             raise UserError("the active party asked to train on a row outside the agreed overlap")
@@ -150,6 +163,7 @@ class PassiveParty:
         if attached:
             return add_noise(h, self.protection.embedding_noise, self.generator)
         self.pending.append(h)
+        self.pending_positions.append(keys.cpu())
         return add_noise(h.detach(), self.protection.embedding_noise, self.generator)
 
     def _mode(self, train: bool) -> None:
@@ -167,7 +181,10 @@ class PassiveParty:
             if self.pending:
                 torch.autograd.backward(self.pending, [g.to(self.device) for g in grads])
             self.optimizer.step()
-        self.pending = []
+        if self.recorder is not None:
+            for positions, grad in zip(self.pending_positions, grads, strict=True):
+                self.recorder.add(positions, grad)
+        self.pending, self.pending_positions = [], []
 
     def step_attached(self) -> None:
         """The step after a backward pass that already reached the tower (in one process)."""

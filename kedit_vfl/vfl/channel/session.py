@@ -38,6 +38,8 @@ from kedit_vfl.vfl.data.read import open_table
 from kedit_vfl.vfl.data.schema import PartySchema
 from kedit_vfl.vfl.models.networks import ModelConfig, Tower
 from kedit_vfl.vfl.models.store import load_weights
+from kedit_vfl.vfl.privacy.leakage import GradientRecorder
+from kedit_vfl.vfl.privacy.received import write_received
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, checkpoint_dir
 from kedit_vfl.vfl.stages.train import single_thread
 
@@ -45,7 +47,7 @@ from kedit_vfl.vfl.stages.train import single_thread
 PARTY_LOCAL = {
     "active", "passive", "features_active", "features_passive", "categorical", "id_col", "label_col",
     "out", "device", "init", "teacher", "fallback", "model", "party", "rendezvous", "timeout",
-    "secret_file", "resume", "alignment", "identity", "peer_cert", "insecure",
+    "secret_file", "resume", "alignment", "identity", "peer_cert", "insecure", "record_received",
 }  # fmt: skip
 
 
@@ -297,8 +299,10 @@ def serve_passive(
     reporter: Reporter,
     device: torch.device,
     shared: dict[str, Any] | None = None,
+    record: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the passive party of a stage to the end; ``save`` writes its artifact."""
+    """Run the passive party of a stage to the end; ``save`` writes its artifact; with
+    ``record``, what it received is kept there (:mod:`kedit_vfl.vfl.privacy.received`)."""
     store = CheckpointStore(checkpoint_dir(config.out)) if resumable else None
     shared = shared if shared is not None else shared_settings(config, model_config)
     warm_up_autograd()
@@ -308,9 +312,19 @@ def serve_passive(
         party = PassiveParty(table.rows, rows, tower, seed, protection, training, store, device, keys=keys)
         if session.resume_from is not None:
             party.resume(session.resume_from)
+            if record is not None:
+                reporter.warn("--record-received keeps what arrives from the resumed point on")
+        if record is not None:
+            party.recorder = GradientRecorder(len(rows), party.width)
         reporter.log(f"connected to the active party: {len(rows)} overlapping rows; serving its requests")
         with reporter.task("serving the active party", total=None), single_thread():
             serve(channel, party)  # one thread throughout: switching thread counts per request costs ms
+        recorded: dict[str, Any] = {}
+        if record is not None and party.recorder is not None:
+            positions = torch.arange(len(rows))
+            meta = {"run_id": session.run_id, "command": command, "rows_overlapped": len(rows)}
+            users = write_received(record, party.recorder, party.ids_at(positions), meta)
+            recorded = {"record_received": str(record), "rows_recorded": users}
         try:
             saved = save(party, session) if save is not None else {}
         except UserError as exc:
@@ -327,5 +341,6 @@ def serve_passive(
             "rows_embedded": party.rows_embedded,
             "resumed_from": list(session.resume_from) if session.resume_from else None,
             **saved,
+            **recorded,
             "traffic": channel.traffic(),
         }

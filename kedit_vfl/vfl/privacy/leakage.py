@@ -32,6 +32,7 @@ class GradientRecorder:
         self.first = torch.zeros(rows, width)
         self.total = torch.zeros(rows, width)
         self.seen = torch.zeros(rows, dtype=torch.bool)
+        self.count = torch.zeros(rows, dtype=torch.int32)  # gradients received per row
         self.observations = 0
 
     def add(self, positions: torch.Tensor, grads: torch.Tensor) -> None:
@@ -42,6 +43,7 @@ class GradientRecorder:
         self.first[positions[new]] = own[new]
         self.seen[positions] = True
         self.total.index_add_(0, positions, own)
+        self.count.index_add_(0, positions, torch.ones(len(positions), dtype=torch.int32))
         self.observations += len(positions)
 
 
@@ -57,6 +59,8 @@ def norm_scores(grads: torch.Tensor) -> torch.Tensor:
 
 def direction_scores(grads: torch.Tensor) -> torch.Tensor:
     """Cosine with the largest gradient, the attacker's guess at one of the rare class."""
+    if len(grads) == 0:
+        return grads.new_zeros(0)
     reference = grads[int(norm_scores(grads).argmax())]
     return F.cosine_similarity(grads, reference.unsqueeze(0), dim=1)
 
@@ -69,7 +73,13 @@ def leakage(recorder: GradientRecorder, labels: torch.Tensor) -> dict[str, float
     rows = recorder.seen & ~torch.isnan(labels.cpu())
     y = labels.cpu()[rows]
     if not bool(rows.any()):
-        return {"norm": None, "direction": None, "accumulated": None, "rows": 0}
+        return {
+            "norm": None,
+            "direction": None,
+            "accumulated": None,
+            "rows": 0,
+            "gradients": recorder.observations,
+        }
     single, summed = recorder.first[rows], recorder.total[rows]
     accumulated = [attack_auc(norm_scores(summed), y), attack_auc(direction_scores(summed), y)]
     known = [a for a in accumulated if a is not None]
@@ -78,6 +88,40 @@ def leakage(recorder: GradientRecorder, labels: torch.Tensor) -> dict[str, float
         "direction": attack_auc(direction_scores(single), y),
         "accumulated": float(np.max(known)) if known else None,
         "rows": int(rows.sum()),
+        "gradients": recorder.observations,
+    }
+
+
+def concentration(grads: torch.Tensor) -> float:
+    """Share of the gradients' energy along their first principal direction (uncentred).
+
+    A label-free view of what the publisher holds: label-driven gradients of binary
+    labels lie along one direction, with a sign per class, so the share is near 1;
+    isotropic noise spreads over every dimension (see :func:`noise_concentration`).
+    """
+    if len(grads) == 0:
+        return 0.0
+    g = grads.double()
+    gram = g.T @ g
+    total = float(torch.trace(gram))
+    return 0.0 if total <= 0 else float(torch.linalg.eigvalsh(gram)[-1]) / total
+
+
+def noise_concentration(rows: int, width: int, seed: int = 0) -> float:
+    """:func:`concentration` of isotropic Gaussian noise of the same shape: the reference
+    a share is read against (for few rows even noise looks concentrated)."""
+    generator = torch.Generator().manual_seed(seed + 7_919)
+    return concentration(torch.randn(max(rows, 1), width, generator=generator))
+
+
+def attack_scores(first: torch.Tensor, total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row, the attacks' scores on its first gradient and on the sum of all it
+    received: high scores mark the rows the attacker guesses are of the rare class."""
+    return {
+        "norm_first": norm_scores(first),
+        "direction_first": direction_scores(first),
+        "norm_total": norm_scores(total),
+        "direction_total": direction_scores(total),
     }
 
 

@@ -38,6 +38,7 @@ from kedit_vfl.vfl.models.store import (
     split_from,
     two_party_extra,
 )
+from kedit_vfl.vfl.privacy.leakage import GradientRecorder, leakage
 from kedit_vfl.vfl.stages.runner import load_active
 from kedit_vfl.vfl.stages.selection import FOLDS, fit_cross_validated, too_few_to_select
 from kedit_vfl.vfl.stages.split import labelled_split
@@ -136,10 +137,12 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         assert parent is not None
         return None, serve_embeddings(config, COMMAND, parent, reporter, device)
     table = load_active(config, schemas.get("active"), True, reporter)
-    soft, traffic, teacher_extra, n_overlap = None, None, {}, 0
+    soft, traffic, teacher_extra, n_overlap, audited = None, None, {}, 0, {}
     if parent is not None:
         teacher = split_from(parent).to(device)
         side = open_serving(config, COMMAND, table, parent, device)
+        if config.audit:  # distillation only asks for embeddings: the audit checks that none crossed
+            side.link.recorder = GradientRecorder(len(side.rows_a), side.link.width)
         try:
             with reporter.task("teacher's soft targets", total=None):
                 soft = teacher_logits(teacher, table, side, device, config.kd_local_rows)
@@ -148,6 +151,13 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         finally:
             side.close()
         n_overlap = len(side.rows_a)
+        if side.link.recorder is not None:
+            assert table.labels is not None
+            audited = {
+                "label_leakage": leakage(side.link.recorder, table.labels[side.rows_a]),
+                # what the teacher's own training let cross (train-split --audit), if it was audited
+                "teacher_label_leakage": (parent.extra.get("metrics") or {}).get("label_leakage"),
+            }
     labels = table.labels
     assert labels is not None
     train_labelled, val_rows = labelled_split(labels, holdout_mask(table.rows.ids, config.val_fraction))
@@ -268,7 +278,7 @@ def distill(config: DistillConfig, reporter: Reporter = SILENT) -> tuple[Artifac
         party="active",
         extra=teacher_extra,
     )
-    result = {"out": str(config.out), "kind": LOCAL, "party": config.party, **metrics}
+    result = {"out": str(config.out), "kind": LOCAL, "party": config.party, **metrics, **audited}
     return artifact, {**result, "traffic": traffic} if traffic is not None else result
 
 

@@ -173,4 +173,5 @@ def _serve_passive(stage: Stage, reporter: Reporter, device: torch.device) -> di
         save=save,
         reporter=reporter,
         device=device,
+        record=getattr(config, "record_received", None),
     )

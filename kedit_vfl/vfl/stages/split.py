@@ -16,8 +16,10 @@ publisher's tower and the federated head (see ``self_train_round``).
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ from kedit_vfl.vfl.models.store import (
     mpd_settings,
 )
 from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder, leakage
+from kedit_vfl.vfl.privacy.received import write_received
 from kedit_vfl.vfl.stages.checkpoint import CheckpointStore, TrainingState
 from kedit_vfl.vfl.stages.mpd import mpd_loss, pair_scores
 from kedit_vfl.vfl.stages.probe import Probe, linear_probe
@@ -111,7 +114,10 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
     def train(side: ActiveSide, store: CheckpointStore) -> Trained:
         return _train_active(config, side, init, model_config, store, generator, reporter, device)
 
-    return run_stage(stage, train, reporter, device)
+    artifact, result = run_stage(stage, train, reporter, device)
+    if config.audit:
+        result["defence"] = defence_cost(config, result, reporter)
+    return artifact, result
 
 
 def _train_active(
@@ -155,7 +161,7 @@ def _train_active(
     # what the federated part learns from: the labels, or with --label-epsilon their
     # randomised response on the overlapped rows (the local branch keeps the true ones)
     y_full = randomised_response(y, b_row >= 0, config.label_epsilon, config.seed)
-    if config.audit:
+    if config.audit or config.record_received is not None:
         link.recorder = GradientRecorder(n_overlap, link.width)
 
     model = ActiveSplit({"active": side.table.schema}, model_config).to(device)
@@ -346,10 +352,70 @@ def _train_active(
         "train_rows_per_s": round(speed, 1),
         "self_train_rows": self_train_rows,
     }
-    if link.recorder is not None:
+    summary: dict[str, Any] = {"init": "mpd" if init else "scratch"}
+    if config.audit:
         metrics["label_leakage"] = leakage(link.recorder, y[rows_a])
+    if config.record_received is not None:
+        summary.update(_record_in_process(config, side, link))
     own = {name: getattr(model, name) for name in ("tower_a", "local_head", "fed_head")}
-    return Trained(own, metrics, {"init": "mpd" if init else "scratch"})
+    return Trained(own, metrics, summary)
+
+
+def _record_in_process(config: SplitConfig, side: ActiveSide, link: PassiveLink) -> dict[str, Any]:
+    """``--record-received`` in one process: the link's record, keyed by the publisher's ids."""
+    assert config.record_received is not None and link.recorder is not None and side.passive is not None
+    positions = torch.arange(len(side.rows_a))
+    keys = link.wire_keys[positions] if link.wire_keys is not None else positions
+    at, _ = side.passive.positions_of(keys)
+    meta = {"run_id": None, "command": COMMAND, "rows_overlapped": len(positions)}
+    users = write_received(config.record_received, link.recorder, side.passive.ids_at(at), meta)
+    return {"record_received": str(config.record_received), "rows_recorded": users}
+
+
+def defences_in_effect(config: SplitConfig) -> list[str]:
+    """The label-leakage defences this configuration runs, in words."""
+    found = []
+    if config.freeze_passive and config.init is not None:
+        found.append("frozen publisher tower")
+    if config.label_epsilon > 0:
+        found.append(f"randomised response, epsilon {config.label_epsilon:g}")
+    if config.noise_multiplier > 0:
+        found.append(f"calibrated gradient noise x{config.noise_multiplier:g}")
+    if config.clip > 0:
+        found.append(f"gradient clip {config.clip:g}")
+    if config.gradient_noise > 0:
+        found.append(f"gradient noise std {config.gradient_noise:g}")
+    return found
+
+
+def defence_cost(config: SplitConfig, result: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """``--audit``'s price tag: the same run (data, seed, sizes) without the defences, its
+    validation AUC and leak beside this run's. Costs a second training run."""
+    found = defences_in_effect(config)
+    if not found:
+        return {"in_effect": "none"}
+    reporter.log("audit: training the same configuration without the defence, to measure its cost")
+    with tempfile.TemporaryDirectory(prefix="kvtool-audit-") as folder:
+        undefended = replace(
+            config,
+            freeze_passive=False,
+            label_epsilon=0.0,
+            noise_multiplier=0.0,
+            clip=0.0,
+            gradient_noise=0.0,
+            audit=True,
+            record_received=None,
+            resume=False,
+            out=Path(folder) / "undefended.safetensors",
+        )
+        _, reference = train_split(undefended)
+    ours, theirs = result.get("val_auc"), reference.get("val_auc")
+    return {
+        "in_effect": ", ".join(found),
+        "val_auc_undefended": theirs,
+        "val_auc_cost": None if ours is None or not theirs else 1.0 - ours / theirs,
+        "leak_undefended": reference["label_leakage"]["accumulated"],
+    }
 
 
 class _LocalBranch:

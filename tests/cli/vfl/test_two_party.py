@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 from kedit_vfl.artifacts import load_artifact
@@ -45,8 +46,9 @@ def pipeline(tables: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     results["split"] = run_pair(
         "train-split",
         [*a_data, *EPOCHS, "--init", out["a_mpd"], trained, "--out", out["a_split"]],
-        [*p_data, *EPOCHS, "--init", out["p_mpd"], trained, "--out", out["p_split"]],
-    )
+        [*p_data, *EPOCHS, "--init", out["p_mpd"], trained, "--out", out["p_split"],
+         "--record-received", folder / "received.parquet"],
+    )  # fmt: skip
     results["distill"] = run_pair(
         "distill",
         [*a_data, *EPOCHS, "--teacher", out["a_split"], "--out", out["a_local"]],
@@ -65,6 +67,8 @@ def pipeline(tables: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
             "--init",
             both["mpd"],
             "--train-passive",
+            "--record-received",
+            folder / "both_received.parquet",
             "--out",
             both["split"],
             "--quiet",
@@ -73,6 +77,7 @@ def pipeline(tables: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
             "vfl", "distill", *data, "--teacher", both["split"], "--out", both["local"], "--quiet"
         ),
     }
+    out["received"], out["both_received"] = folder / "received.parquet", folder / "both_received.parquet"
     return {"out": out, "both": both, "two": {k: v[0].json() for k, v in results.items()},
             "passive": {k: v[1].json() for k, v in results.items()}, "single": single}  # fmt: skip
 
@@ -92,6 +97,26 @@ def test_two_processes_match_the_in_process_run(pipeline: dict) -> None:
     assert a.extra["peer_sha256"] == p.sha256
     info = kvtool_json("info", pipeline["out"]["p_split"])
     assert info["party"] == "passive"
+
+
+def test_the_publisher_records_what_it_received_and_audits_it(
+    pipeline: dict, tables: dict[str, Path]
+) -> None:
+    out = pipeline["out"]
+    assert pipeline["passive"]["split"]["record_received"] == str(out["received"])
+    two, one = (pq.read_table(out[n]).sort_by("id") for n in ("received", "both_received"))
+    assert two.column("id").to_pylist() == one.column("id").to_pylist()  # keyed by the publisher's ids
+    assert two.column("gradients").to_pylist() == one.column("gradients").to_pylist()
+    assert np.allclose(_vectors(two, "total"), _vectors(one, "total"), atol=1e-5)  # the same gradients
+    bare = kvtool_json("vfl", "audit", out["received"])
+    assert bare["rows_received"] == two.num_rows and bare["gradients_received"] > two.num_rows
+    assert bare["concentration"] > 2 * bare["concentration_of_noise"]  # undefended: label-driven
+    scored = kvtool_json("vfl", "audit", out["received"], "--labels", tables["active_train"])
+    assert scored["attack_auc"]["accumulated"] >= 0.9 and "give the labels away" in scored["verdict"]
+
+
+def _vectors(table: pa.Table, name: str) -> np.ndarray:
+    return np.array(table.column(name).to_pylist(), dtype=np.float64)
 
 
 def test_traffic_is_counted_and_near_the_floor(pipeline: dict) -> None:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from kedit_vfl.artifacts import load_artifact
 from kedit_vfl.errors import UserError
-from kedit_vfl.vfl.config import MPDConfig, SplitConfig
+from kedit_vfl.vfl.config import AuditConfig, DistillConfig, MPDConfig, SplitConfig
 from kedit_vfl.vfl.data.demo import DemoConfig, generate
 from kedit_vfl.vfl.models.store import load_split
+from kedit_vfl.vfl.privacy.audit import audit
 from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder, attack_auc, leakage
+from kedit_vfl.vfl.privacy.received import read_received, write_received
+from kedit_vfl.vfl.stages.distill import distill
 from kedit_vfl.vfl.stages.mpd import pretrain_mpd
 from kedit_vfl.vfl.stages.split import randomised_response, train_split
 
@@ -97,6 +102,14 @@ def test_defences_bound_what_the_audit_finds(demo: tuple[Path, Path], tmp_path: 
     base = dict(common, init=mpd, audit=True, local_first=False)  # joint: gradients cross every step
     _, frozen = train_split(SplitConfig(**base, freeze_passive=True, out=tmp_path / "f.safetensors"))
     assert frozen["label_leakage"]["rows"] == 0 and frozen["passive_frozen"]  # nothing crossed
+    assert frozen["label_leakage"]["gradients"] == 0
+    defence = frozen["defence"]  # the same run without the defence, for its price
+    assert defence["in_effect"] == "frozen publisher tower" and defence["leak_undefended"] >= 0.9
+    assert defence["val_auc_cost"] == pytest.approx(1 - frozen["val_auc"] / defence["val_auc_undefended"])
+    _, student = distill(DistillConfig(**common, teacher=tmp_path / "f.safetensors", audit=True,
+                                       out=tmp_path / "s.safetensors"))  # fmt: skip
+    assert student["label_leakage"]["gradients"] == 0  # distillation only asks for embeddings
+    assert student["teacher_label_leakage"] == frozen["label_leakage"]
     model, _ = load_split(tmp_path / "f.safetensors")
     pretrained = load_artifact(mpd, "vfl.mpd")
     for name, value in model.tower_b.state_dict().items():
@@ -127,3 +140,50 @@ def test_calibrated_noise_clips_at_the_observed_quantile_and_scales_for_the_run(
     out = noisy(own)
     assert noisy.noise_std == pytest.approx(noisy.clip * 10.0)  # multiplier x clip x sqrt(100)
     assert float((out - quiet(own)).std()) == pytest.approx(noisy.noise_std, rel=0.2)
+
+
+def _record(path: Path, gradients: torch.Tensor, ids: list[str]) -> None:
+    recorder = GradientRecorder(len(ids), gradients.shape[1])
+    recorder.add(torch.arange(len(ids)), gradients / len(ids))
+    write_received(path, recorder, pa.chunked_array([pa.array(ids)]), {"run_id": "r"})
+
+
+def test_the_publishers_audit_reads_its_record_and_scores_the_attacks(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    labels = (torch.rand(400, generator=generator) < 0.2).float()
+    leaky = (labels - 0.2).unsqueeze(1) * torch.randn(16, generator=generator)
+    ids = [f"u{i}" for i in range(400)]
+    _record(tmp_path / "leaky.parquet", leaky + 0.01 * torch.randn(400, 16, generator=generator), ids)
+    _record(tmp_path / "noise.parquet", torch.randn(400, 16, generator=generator), ids)
+    back = read_received(tmp_path / "leaky.parquet")
+    assert back.ids == ids and back.gradients.tolist() == [1] * 400 and back.meta["run_id"] == "r"
+    pacsv.write_csv(pa.table({"id": ids[:300], "y": labels[:300].numpy()}), tmp_path / "labels.csv")
+    leaked = audit(AuditConfig(record=tmp_path / "leaky.parquet", labels=tmp_path / "labels.csv",
+                               scores=tmp_path / "scores.csv"))  # fmt: skip
+    assert leaked["rows_labelled"] == 300 and leaked["attack_auc"]["accumulated"] > 0.95
+    assert leaked["concentration"] > 0.9 > leaked["concentration_of_noise"]
+    scores = pacsv.read_csv(tmp_path / "scores.csv")
+    assert scores.num_rows == 400 and "guessed_rare_class" in scores.column_names
+    quiet = audit(AuditConfig(record=tmp_path / "noise.parquet", labels=tmp_path / "labels.csv"))
+    assert (
+        quiet["attack_auc"]["accumulated"] < 0.65
+        and "look like noise" in audit(AuditConfig(record=tmp_path / "noise.parquet"))["verdict"]
+    )
+
+
+def test_the_audit_refuses_what_is_not_a_record(tmp_path: Path) -> None:
+    pacsv.write_csv(pa.table({"id": ["a"]}), tmp_path / "table.csv")
+    with pytest.raises(UserError, match="not a Parquet file"):
+        read_received(tmp_path / "table.csv")
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "plain.parquet")
+    with pytest.raises(UserError, match="not a record of received gradients"):
+        read_received(tmp_path / "plain.parquet")
+    _record(tmp_path / "nan.parquet", torch.full((2, 4), float("nan")), ["a", "b"])
+    with pytest.raises(UserError, match="NaN or infinite"):
+        read_received(tmp_path / "nan.parquet")
+    with pytest.raises(UserError, match="no such file"):
+        read_received(tmp_path / "missing.parquet")
+    _record(tmp_path / "ok.parquet", torch.ones(2, 4), ["a", "b"])
+    pacsv.write_csv(pa.table({"id": ["a"], "y": [3]}), tmp_path / "bad_labels.csv")
+    with pytest.raises(UserError, match="other than 0 and 1"):
+        audit(AuditConfig(record=tmp_path / "ok.parquet", labels=tmp_path / "bad_labels.csv"))
