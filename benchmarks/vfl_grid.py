@@ -381,7 +381,8 @@ def kvtool_models(
     evaluate("vanilla VFL", "federated", vanilla, fallback=own)
     mpd, split, student = (folder / f"{n}.safetensors" for n in ("mpd", "split", "student"))
     pretrain_mpd(configured(MPDConfig, **common, out=mpd))
-    _, trained = train_split(configured(SplitConfig, **common, init=mpd, out=split, audit=True, **defence))
+    split_config = configured(SplitConfig, **common, init=mpd, out=split, audit=True, **defence)
+    _, trained = train_split(split_config, price_defence=False)  # the grid runs "none" itself
     distill(configured(DistillConfig, **common, teacher=split, out=student))
     evaluate("VFed-SSD local", "local", student)
     evaluate("VFed-SSD federated", "federated", split, fallback=student)

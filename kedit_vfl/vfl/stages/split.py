@@ -84,11 +84,15 @@ def passive_phase_lrs(config: SplitConfig, initialised: bool) -> tuple[float, ..
     return (first, config.lr * config.init_lr_scale) if config.self_train_weight > 0 else (first,)
 
 
-def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artifact | None, dict[str, Any]]:
+def train_split(
+    config: SplitConfig, reporter: Reporter = SILENT, price_defence: bool = True
+) -> tuple[Artifact | None, dict[str, Any]]:
     """Train the split model (towers from MPD or from scratch); write ``vfl.split``.
 
     In a two-party run the active party writes its towers and heads, the passive party
-    its tower; both artifacts carry the same run id.
+    its tower; both artifacts carry the same run id. With ``config.audit`` and
+    ``price_defence``, the defence's cost is measured by a second, undefended run
+    (benchmarks that run the undefended configuration anyway turn it off).
     """
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -115,7 +119,7 @@ def train_split(config: SplitConfig, reporter: Reporter = SILENT) -> tuple[Artif
         return _train_active(config, side, init, model_config, store, generator, reporter, device)
 
     artifact, result = run_stage(stage, train, reporter, device)
-    if config.audit:
+    if config.audit and price_defence:
         result["defence"] = defence_cost(config, result, reporter)
     return artifact, result
 
