@@ -61,6 +61,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
     from kedit_vfl.edit.config import TrainConfig, WorldOptions
     from kedit_vfl.edit.data.sources import embedded_world
     from kedit_vfl.edit.editor.apply import edit_updates, holds, target_scores
@@ -78,7 +79,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     scored = {t: list(test[t]) for t in (*TRAIN_TASKS, HOLDOUT)}
     protocols = {}
     for name, options in PROTOCOLS:
-        summary = evaluate(result.editor, result.base, scored, prompter, **options)
+        method = HypernetworkEdit("instructedit", result.editor, prompter)
+        summary = evaluate(method, result.base, scored, **options)
         protocols[name] = {t: {m: summary["tasks"][t][m] for m in METRICS} for t in scored}
     mixed = _interleaved(scored)
     applied = {}

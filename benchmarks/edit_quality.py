@@ -61,6 +61,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.get("threads", 1))
+    from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
     from kedit_vfl.edit.config import TrainConfig
     from kedit_vfl.edit.data.records import EditRecord
     from kedit_vfl.edit.editor.batches import Prompter
@@ -86,7 +87,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         _save_editor(result, config, Path(job["save"]))
     test = {t: [EditRecord.from_dict(r) for r in rs] for t, rs in job["test"].items()}
     scored = {t: test[t] for t in (*job["tasks"], HOLDOUT) if test.get(t)}
-    summary = evaluate(result.editor, result.base, scored, Prompter(result.pools, index=0))
+    method = HypernetworkEdit("instructedit", result.editor, Prompter(result.pools, index=0))
+    summary = evaluate(method, result.base, scored)
     return {
         "variant": job["variant"],
         "seed": job["seed"],

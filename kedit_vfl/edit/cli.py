@@ -354,6 +354,26 @@ def evaluate_command(
     limit: Annotated[
         Optional[int], typer.Option("--limit", help="At most this many records per task.")
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="Editing methods to compare on the same records, comma-separated: instructedit, mend "
+            "(the editor trained without instructions), ft-l, ft-m (EasyEdit's fine-tuning baselines).",
+        ),
+    ] = ",".join(EvalConfig.methods),
+    mend_editor: Annotated[
+        Optional[Path],
+        typer.Option("--mend-editor", help="For --method mend: an editor trained with --no-instructions."),
+    ] = None,
+    hparams: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--hparams",
+            help="JSON object of FT-L/FT-M settings (objective, layers, steps, lr, norm_constraint, "
+            "stop_loss) over the method's defaults.",
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
@@ -363,6 +383,7 @@ def evaluate_command(
     """Reliability, Generalization, Locality and Portability per task, pre and post edit.
 
     Example: kvtool edit evaluate --json   (the embedded test split, hold-out task included)
+    Compare: kvtool edit evaluate --method instructedit,ft-m,ft-l
     """
     use_signing(None, trust)
     from kedit_vfl.edit.evaluation.evaluate import evaluate_editor
@@ -379,6 +400,9 @@ def evaluate_command(
         sequential=sequential,
         batch=batch,
         limit=limit,
+        methods=tuple(m.strip() for m in method.split(",") if m.strip()),
+        mend_editor=str(mend_editor) if mend_editor else None,
+        hparams=str(hparams) if hparams else None,
     )
     result = evaluate_editor(_editor_or_default(editor, quiet), config, RichReporter(quiet))
     if json_output:
@@ -391,11 +415,19 @@ def evaluate_command(
         if batch
         else "one edit at a time, rolled back"
     )
-    print_table(
-        f"edit quality ({protocol}): post-edit (pre-edit)",
-        ["task", *METRICS, "n_records"],
-        _metric_rows(result, result.get("holdout")),
-    )
+    for name, figures in result["methods"].items():
+        print_table(
+            f"{name}: edit quality ({protocol}): post-edit (pre-edit)",
+            ["task", *METRICS, "n_records"],
+            _metric_rows(figures, result.get("holdout")),
+        )
+    if len(result["methods"]) > 1:
+        columns = ["method", "reliability", "generalization", "locality", "mean_rgl", "seconds_per_edit"]
+        print_table(
+            f"methods compared ({protocol}, overall)",
+            columns,
+            [[row[c] for c in columns] for row in result["comparison"]],
+        )
 
 
 @app.command("analyze-gradients")

@@ -7,6 +7,7 @@ from typing import Any
 
 from kedit_vfl.errors import UserError
 
+METHOD_NAMES = ("instructedit", "mend", "ft-l", "ft-m")  # kedit_vfl.edit.algs
 METRICS = ("reliability", "generalization", "locality", "portability")  # what evaluate reports per task
 
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
@@ -118,10 +119,18 @@ class EvalConfig:
     batch: int = 0  # N: N edits applied together as ``apply`` does (updates summed)
     limit: int | None = None  # records per task
     seed: int = 0
+    methods: tuple[str, ...] = ("instructedit",)  # compared on the same records and protocol
+    mend_editor: str | None = None  # for MEND when the editor has instructions
+    hparams: str | None = None  # JSON of FTConfig fields for ft-l / ft-m
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise UserError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown or not self.methods:
+            raise UserError(f"--method {','.join(unknown)}: expected some of {', '.join(METHOD_NAMES)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise UserError("--method: a method is named twice")
         if self.instruction_index < 0:
             raise UserError(f"--instruction-index {self.instruction_index}: must be >= 0")
         if self.sequential < 0:
@@ -134,6 +143,44 @@ class EvalConfig:
             raise UserError("--no-prefix and --unseen-instruction exclude each other")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"--limit {self.limit}: must be positive")
+
+
+FT_OBJECTIVES = ("prompt_last", "target_new")
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    """Fine-tuning baselines as EasyEdit defines them (``hparams/FT``), in its terms.
+
+    FT-L (``prompt_last``): the last prompt token's prediction is pushed towards every
+    target token, and the weight change is bound elementwise by ``norm_constraint``
+    (EasyEdit's GPT-2 defaults: lr 5e-4, bound 5e-4). FT-M (``target_new``): the
+    teacher-forced NLL of the target tokens only, no bound; lr 5e-3 is the setting
+    the editing issue measured EasyEdit's FT-M with on the embedded model. Both run at
+    most ``steps`` Adam steps on all edits of a batch together and stop once the loss is
+    below ``stop_loss``.
+    """
+
+    objective: str = "target_new"
+    layers: tuple[str, ...] = ()  # module names; empty: the last edited block's MLP output projection
+    steps: int = 25
+    lr: float = 5e-3
+    norm_constraint: float = 0.0  # elementwise bound on the weight change; 0: none
+    stop_loss: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.objective not in FT_OBJECTIVES:
+            raise UserError(f"objective {self.objective!r}: expected one of {', '.join(FT_OBJECTIVES)}")
+        _positive("steps", self.steps)
+        _positive("lr", self.lr)
+        if self.norm_constraint < 0 or self.stop_loss < 0:
+            raise UserError("norm_constraint and stop_loss must not be negative")
+
+
+FT_PRESETS = {
+    "ft-l": FTConfig(objective="prompt_last", lr=5e-4, norm_constraint=5e-4),
+    "ft-m": FTConfig(objective="target_new", lr=5e-3),
+}
 
 
 @dataclass(frozen=True)

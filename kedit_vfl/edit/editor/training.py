@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, save_artifact
+from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
 from kedit_vfl.edit.config import TrainConfig
 from kedit_vfl.edit.data.instructions import InstructionPools, default_pools, load_pools
 from kedit_vfl.edit.data.records import EditRecord
@@ -140,7 +141,9 @@ def validate(
 ) -> dict[str, Any]:
     """The evaluation protocol on the validation split; ``score`` is what early stopping watches."""
     rows = {
-        task: evaluate_records(editor, base, list(records[:limit]), prompter)
+        task: evaluate_records(
+            HypernetworkEdit("instructedit", editor, prompter), base, list(records[:limit])
+        )
         for task, records in data.items()
     }
     summary = summarise(rows)

@@ -9,18 +9,22 @@ unedited model, the updates summed), then scores all N.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kedit_vfl.edit.algs.base import EditMethod
+from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
+from kedit_vfl.edit.algs.registry import build_method
 from kedit_vfl.edit.config import EvalConfig
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch, probe
 from kedit_vfl.edit.editor.network import Editor, edit_gradients, edited_params, forward_with, merge_updates
-from kedit_vfl.edit.editor.store import LoadedEditor, load_editor, open_editor_base
+from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.metrics import METRICS, average, token_accuracy, unchanged_top1
 from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError
@@ -69,34 +73,35 @@ def score_record(
 
 
 def evaluate_records(
-    editor: Editor,
+    method: EditMethod,
     base: BaseModel,
     records: Sequence[EditRecord],
-    prompter: Prompter,
     sequential: int = 0,
     reporter: Reporter = SILENT,
     label: str = "evaluating edits",
     batch: int = 0,
+    timer: list[float] | None = None,
 ) -> list[dict[str, float | None]]:
-    """One metrics row per record, under the chosen protocol."""
-    editor.eval()
+    """One metrics row per record, under the chosen protocol; ``timer`` collects the
+    seconds spent computing updates."""
     rows: list[dict[str, float | None]] = []
     chunk = max(1, sequential, batch)
     with reporter.task(label, total=len(records)) as task:
         for start in range(0, len(records), chunk):
             group = records[start : start + chunk]
             updates: dict[str, torch.Tensor] = {}
-            with torch.no_grad():
-                if batch:  # together, as apply does: every update on the unedited model, summed
-                    updates = compute_update(editor, base, group, prompter)
-                else:  # one after another, each on the model the previous ones left
-                    for record in group:
-                        params = edited_params(base.model, updates) if updates else None
-                        update = compute_update(editor, base, [record], prompter, params)
-                        updates = merge_updates(updates, update)
+            began = time.perf_counter()
+            if batch:  # together, as apply does: every update on the unedited model, summed
+                updates = method.updates(base, group)
+            else:  # one after another, each on the model the previous ones left
+                for record in group:
+                    params = edited_params(base.model, updates) if updates else None
+                    updates = merge_updates(updates, method.updates(base, [record], params))
+            if timer is not None:
+                timer.append(time.perf_counter() - began)
             params = edited_params(base.model, updates)
             for record in group:
-                rows.append(score_record(base, record, prompter, params))
+                rows.append(score_record(base, record, method.prompter, params))
                 task.advance(1)
     return rows
 
@@ -114,22 +119,26 @@ def summarise(rows_by_task: Mapping[str, Sequence[Mapping[str, float | None]]]) 
 
 
 def evaluate(
-    editor: Editor,
+    method: EditMethod,
     base: BaseModel,
     records_by_task: Mapping[str, Sequence[EditRecord]],
-    prompter: Prompter,
     sequential: int = 0,
     reporter: Reporter = SILENT,
     batch: int = 0,
 ) -> dict[str, Any]:
-    """Metrics per task and overall (the mean over tasks), pre and post edit."""
+    """Metrics per task and overall (the mean over tasks), pre and post edit, and the
+    seconds per edit spent computing updates."""
+    timer: list[float] = []
     rows = {
         task: evaluate_records(
-            editor, base, records, prompter, sequential, reporter, f"evaluating {task}", batch
+            method, base, records, sequential, reporter, f"{method.name}: {task}", batch, timer
         )
         for task, records in records_by_task.items()
     }
-    return summarise(rows)
+    summary = summarise(rows)
+    edits = summary["overall"]["n_records"]
+    summary["seconds_per_edit"] = sum(timer) / edits if edits else None
+    return summary
 
 
 def evaluation_records(
@@ -159,16 +168,33 @@ def evaluation_records(
 def evaluate_editor(
     editor_path: str | Path, config: EvalConfig, reporter: Reporter = SILENT
 ) -> dict[str, Any]:
-    """``kvtool edit evaluate``: metrics per task and overall, with the editor's own instructions."""
+    """``kvtool edit evaluate``: metrics per task and overall for each ``--method``.
+
+    The first method's figures are the top level (as a single method reports them);
+    ``methods`` holds every method's, and ``comparison`` one overall row per method.
+    """
     loaded = load_editor(editor_path)
     base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
+    plain = load_editor(config.mend_editor) if config.mend_editor else None
+    if plain is not None:
+        check_fingerprint(plain, base, config.mend_editor)
+        plain.editor.to(base.device).eval()
     records = evaluation_records(config, loaded, reporter)
     pools = None if config.no_prefix else loaded.pools
     prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
-    seed_everything(config.seed)
-    result = evaluate(loaded.editor, base, records, prompter, config.sequential, reporter, config.batch)
+    methods = {}
+    for name in config.methods:
+        method = build_method(name, loaded, prompter, plain, config.hparams)
+        if name == "instructedit" and config.no_prefix:
+            method = HypernetworkEdit(name, loaded.editor, Prompter(None))
+        seed_everything(config.seed)
+        methods[name] = evaluate(method, base, records, config.sequential, reporter, config.batch)
+    first = methods[config.methods[0]]
     return {
-        **result,
+        **first,
+        "method": config.methods[0],
+        "methods": methods,
+        "comparison": [comparison_row(name, result) for name, result in methods.items()],
         "holdout": loaded.artifact.extra.get("holdout"),
         "trained_tasks": loaded.artifact.extra.get("tasks"),
         "instructions": loaded.pools is not None,
@@ -179,4 +205,19 @@ def evaluate_editor(
             "unseen_instruction": config.unseen_instruction,
             "no_prefix": config.no_prefix,
         },
+    }
+
+
+def comparison_row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    """One method's overall figures, and the mean of Reliability, Generalization, Locality."""
+    overall = result["overall"]
+    parts = [overall.get(k) for k in ("reliability", "generalization", "locality")]
+    known = [p for p in parts if p is not None]
+    return {
+        "method": name,
+        "reliability": overall.get("reliability"),
+        "generalization": overall.get("generalization"),
+        "locality": overall.get("locality"),
+        "mean_rgl": sum(known) / len(known) if known else None,
+        "seconds_per_edit": result.get("seconds_per_edit"),
     }

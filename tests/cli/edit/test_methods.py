@@ -1,0 +1,93 @@
+"""``edit evaluate --method``: every method behind one seam, on the same records and metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kedit_vfl.edit.algs.finetune import FineTune, prompt_last_loss, target_new_loss
+from kedit_vfl.edit.algs.registry import ft_config
+from kedit_vfl.edit.config import FT_PRESETS, EvalConfig
+from kedit_vfl.edit.models.tokens import TokenBatch
+from kedit_vfl.errors import UserError
+from tests.cli.edit.conftest import train
+from tests.cli.runner import kvtool, kvtool_json
+
+
+def test_methods_are_compared_on_the_same_records(edit_files: dict[str, Path], gpt2_editor: Path) -> None:
+    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    result = kvtool_json("edit", "evaluate", *common, "--method", "instructedit,ft-m,ft-l", "--device", "cpu")
+    assert list(result["methods"]) == ["instructedit", "ft-m", "ft-l"] and result["method"] == "instructedit"
+    assert result["overall"] == result["methods"]["instructedit"]["overall"]  # the first one on top
+    rows = {row["method"]: row for row in result["comparison"]}
+    for name, row in rows.items():
+        assert row["seconds_per_edit"] > 0
+        figures = result["methods"][name]["overall"]
+        assert row["mean_rgl"] == pytest.approx(
+            (figures["reliability"] + figures["generalization"] + figures["locality"]) / 3
+        )
+    # FT-M fine-tunes on the edit itself until the loss is tiny: its own prompts hold
+    assert rows["ft-m"]["reliability"] == 1.0
+    # FT-L's elementwise bound keeps it close to the base model: less reliable, more local
+    assert rows["ft-l"]["reliability"] < rows["ft-m"]["reliability"]
+    assert rows["ft-l"]["locality"] >= rows["ft-m"]["locality"]
+
+
+def test_mend_is_the_editor_without_instructions(
+    edit_files: dict[str, Path], gpt2_editor: Path, tmp_path: Path
+) -> None:
+    common = [
+        "--editor",
+        gpt2_editor,
+        "--data",
+        edit_files["edits"],
+        "--model",
+        edit_files["gpt2"],
+        "--device",
+        "cpu",
+    ]
+    refused = kvtool("edit", "evaluate", *common, "--method", "mend")
+    assert refused.exit_code == 2 and "--mend-editor" in refused.stderr
+    plain = train(edit_files, "gpt2", tmp_path / "plain.safetensors", "--no-instructions")
+    result = kvtool_json("edit", "evaluate", *common, "--method", "instructedit,mend", "--mend-editor", plain)
+    assert set(result["methods"]) == {"instructedit", "mend"}
+    alone = kvtool_json(
+        "edit", "evaluate", *common[:-2], "--editor", plain, "--method", "mend", "--device", "cpu"
+    )
+    assert alone["overall"] == result["methods"]["mend"]["overall"]  # same editor, same figures
+
+
+def test_hparams_override_the_preset_and_are_checked(tmp_path: Path) -> None:
+    good = tmp_path / "ft.json"
+    good.write_text(json.dumps({"lr": 0.01, "steps": 5, "layers": ["transformer.h.0.mlp.c_proj"]}))
+    config = ft_config(FT_PRESETS["ft-l"], str(good))
+    assert config.lr == 0.01 and config.steps == 5 and config.norm_constraint == 5e-4
+    assert config.layers == ("transformer.h.0.mlp.c_proj",)
+    for text, message in [
+        ("[1]", "expected a JSON object"),
+        ('{"learning_rate": 1}', "unknown setting learning_rate"),
+        ('{"steps": 2.5}', "steps must be an integer"),
+        ('{"objective": "other"}', "objective 'other'"),
+        ("{", "not JSON"),
+    ]:
+        good.write_text(text)
+        with pytest.raises(UserError, match=message):
+            ft_config(FT_PRESETS["ft-m"], str(good))
+    with pytest.raises(UserError, match="--method rome"):
+        EvalConfig(methods=("rome",))
+
+
+def test_ft_losses_score_the_target_tokens() -> None:
+    # one row: prompt token 0, target tokens 1, 2 (labels mark targets; position 0 predicts token 1)
+    batch = TokenBatch(
+        torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[-100, 1, 2]])
+    )
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 0, 1] = logits[0, 1, 2] = 10.0  # teacher-forced: each position predicts its next target
+    assert float(target_new_loss(logits, batch)) < 1e-3
+    # FT-L reads only the last prompt position, which cannot put mass on both target tokens
+    assert float(prompt_last_loss(logits, batch)) > 5.0
+    assert FineTune("ft-m", FT_PRESETS["ft-m"]).prompter.pools is None
