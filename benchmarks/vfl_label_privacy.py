@@ -8,6 +8,9 @@ accumulated attack AUC over the runs (the best attack on each row's gradients su
 over the whole run), and VFed-SSD's federated and local AUC with their relative change
 against no defence. Runs already on file are not run again.
 
+With ``--summarise-only`` it tabulates the runs on file and runs nothing. The second
+table compares the defences run over the whole quality grid (see :data:`WHOLE_GRID`).
+
 Run: .venv/bin/python benchmarks/vfl_label_privacy.py
 """
 
@@ -34,7 +37,8 @@ def runs_file(defence: str) -> Path:
 
 
 def main() -> None:
-    for defence in DEFENCES:
+    summarise_only = "--summarise-only" in sys.argv[1:]
+    for defence in DEFENCES if not summarise_only else ():
         out = runs_file(defence).with_suffix(".md")
         command = [sys.executable, str(ROOT / "benchmarks" / "vfl_grid.py"), *GRID, "--jobs", "2"]
         subprocess.run(
@@ -72,40 +76,68 @@ def main() -> None:
     print(text)
 
 
+WHOLE_GRID = {  # defence -> the whole-grid runs file (vfl_grid.py --defence D --out ...md)
+    "none": "vfl_grid_train_passive.jsonl",
+    "freeze-passive (default)": "vfl_grid.jsonl",
+    "calibrated-noise=1": "vfl_grid_calibrated_noise_1.jsonl",
+    "label-epsilon=1": "vfl_grid_label_epsilon_1.jsonl",
+}
+
+
 def whole_grid() -> list[str]:
-    """The default (frozen tower) against a trained one over the whole quality grid:
-    ``vfl_grid.jsonl`` and ``vfl_grid_train_passive.jsonl`` (``vfl_grid.py --defence none
-    --out benchmarks/results/vfl_grid_train_passive.md``), where both are on file."""
-    files = [RESULTS / "vfl_grid.jsonl", RESULTS / "vfl_grid_train_passive.jsonl"]
-    if not all(f.exists() for f in files):
+    """Every defence run over the whole quality grid against no defence (a trained
+    publisher tower), per data set and split: the worst leak, and the relative change of
+    the mean AUC per cell (mean and worst cell). Defences without a runs file are left out."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for defence, name in WHOLE_GRID.items():
+        path = RESULTS / name
+        if path.exists():
+            for line in path.read_text().splitlines():
+                run = json.loads(line)
+                runs.setdefault(defence, {}).setdefault(run["cell"], []).append(run)
+    if "none" not in runs or len(runs) < 2:
         return []
-    frozen, trained = ({} for _ in files)
-    for table, path in zip((frozen, trained), files, strict=True):
-        for line in path.read_text().splitlines():
-            run = json.loads(line)
-            table.setdefault(run["cell"], []).append(run)
+    base = runs["none"]
     lines = [
         "",
         "Over the whole quality grid (every data set, both splits, both overlaps, three label rates, three "
-        "seeds): VFed-SSD with the publisher's tower frozen (the default) against trained "
-        "(`--train-passive`), relative change of the mean AUC per cell, summarised per data set and split.",
+        "seeds; `python benchmarks/vfl_grid.py --defence D --out ...`): each defence against no defence "
+        "(the publisher's tower trained, `--train-passive`). Leak: the worst accumulated attack AUC over "
+        "the runs (- : no gradient crossed; without a defence it is 1.000 on every audited cell above); "
+        "changes: relative change of VFed-SSD's mean AUC per cell, "
+        "the mean over the cells and the worst cell.",
         "",
-        "| data set | split | federated: mean change | worst cell | local: mean change | worst cell |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| data set | split | defence | cells | leak (worst) | federated: mean change | worst cell | "
+        "local: mean change | worst cell |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for cell in sorted(set(frozen) & set(trained)):
-        key = tuple(cell.split("|")[:2])
-        for model in ("VFed-SSD federated", "VFed-SSD local"):
-            new = np.mean([r["models"][model]["auc"] for r in frozen[cell]])
-            old = np.mean([r["models"][model]["auc"] for r in trained[cell]])
-            groups.setdefault(key, {}).setdefault(model, []).append(new / old - 1)
-    for (name, split), changes in groups.items():
-        fed, local = changes["VFed-SSD federated"], changes["VFed-SSD local"]
-        lines.append(
-            f"| {name} | {split} | {np.mean(fed):+.2%} | {min(fed):+.2%} | {np.mean(local):+.2%} | "
-            f"{min(local):+.2%} |"
-        )
+    keys = sorted({tuple(cell.split("|")[:2]) for cell in base})
+    for name, split in keys:
+        for defence, table in runs.items():
+            cells = [c for c in table if c in base and tuple(c.split("|")[:2]) == (name, split)]
+            if not cells:
+                continue
+            crossed = [
+                r["label_leakage"]["accumulated"]
+                for c in cells
+                for r in table[c]
+                if r.get("label_leakage") and r["label_leakage"]["rows"]
+            ]
+            changes = {}
+            for model in ("VFed-SSD federated", "VFed-SSD local"):
+                changes[model] = [
+                    np.mean([r["models"][model]["auc"] for r in table[c]])
+                    / np.mean([r["models"][model]["auc"] for r in base[c]])
+                    - 1
+                    for c in cells
+                ]
+            fed, local = changes["VFed-SSD federated"], changes["VFed-SSD local"]
+            audited = any(r.get("label_leakage") for c in cells for r in table[c])
+            leak = f"{max(crossed):.3f}" if crossed else "-" if audited else "not audited"
+            lines.append(
+                f"| {name} | {split} | {defence} | {len(cells)} | {leak} | {np.mean(fed):+.2%} | "
+                f"{min(fed):+.2%} | {np.mean(local):+.2%} | {min(local):+.2%} |"
+            )
     return lines
 
 
