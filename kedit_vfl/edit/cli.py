@@ -98,6 +98,26 @@ def _metric_rows(summary: dict[str, Any], holdout: str | None = None) -> list[li
     return rows
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _curve_rows(methods: dict[str, Any]) -> list[list[Any]]:
+    """One row per checkpoint: each method's retention / locality there."""
+    steps = sorted({p["edits"] for m in methods.values() for p in m.get("sequential_curve", [])})
+    rows = []
+    for edits in steps:
+        cells = []
+        for figures in methods.values():
+            point = next((p for p in figures.get("sequential_curve", []) if p["edits"] == edits), None)
+            cells.append(
+                "-" if point is None or point["retention"] is None
+                else f"{point['retention']:.3f} / " + _figure(point["locality"])
+            )  # fmt: skip
+        rows.append([edits, *cells])
+    return rows
+
+
 @app.command("train-editor")
 def train_editor_command(
     model: ModelOption = "embedded",
@@ -374,6 +394,15 @@ def evaluate_command(
             "stop_loss) over the method's defaults.",
         ),
     ] = None,
+    curve_every: Annotated[
+        int,
+        typer.Option(
+            "--curve-every", help="With --sequential: score all edits so far every this many (0: N/10)."
+        ),
+    ] = EvalConfig.curve_every,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", help="With --sequential: write the retention curve (PNG).")
+    ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
@@ -403,6 +432,8 @@ def evaluate_command(
         methods=tuple(m.strip() for m in method.split(",") if m.strip()),
         mend_editor=str(mend_editor) if mend_editor else None,
         hparams=str(hparams) if hparams else None,
+        curve_every=curve_every,
+        plot=str(plot) if plot else None,
     )
     result = evaluate_editor(_editor_or_default(editor, quiet), config, RichReporter(quiet))
     if json_output:
@@ -420,6 +451,12 @@ def evaluate_command(
             f"{name}: edit quality ({protocol}): post-edit (pre-edit)",
             ["task", *METRICS, "n_records"],
             _metric_rows(figures, result.get("holdout")),
+        )
+    if sequential:
+        print_table(
+            f"retention over {sequential} edits in a row (mean over sequences)",
+            ["edits", *result["methods"]],
+            _curve_rows(result["methods"]),
         )
     if len(result["methods"]) > 1:
         columns = ["method", "reliability", "generalization", "locality", "mean_rgl", "seconds_per_edit"]

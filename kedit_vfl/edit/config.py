@@ -122,6 +122,8 @@ class EvalConfig:
     methods: tuple[str, ...] = ("instructedit",)  # compared on the same records and protocol
     mend_editor: str | None = None  # for MEND when the editor has instructions
     hparams: str | None = None  # JSON of FTConfig fields for ft-l / ft-m
+    curve_every: int = 0  # with --sequential: score the edits so far every this many (0: N/10)
+    plot: str | None = None  # with --sequential: the retention curve as a PNG
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -139,6 +141,10 @@ class EvalConfig:
             raise UserError(f"--batch {self.batch}: must be >= 0")
         if self.batch and self.sequential:
             raise UserError("--batch and --sequential exclude each other")
+        if self.curve_every < 0:
+            raise UserError(f"--curve-every {self.curve_every}: must be >= 0")
+        if self.plot is not None and not self.sequential:
+            raise UserError("--plot draws the --sequential retention curve: add --sequential N")
         if self.no_prefix and self.unseen_instruction:
             raise UserError("--no-prefix and --unseen-instruction exclude each other")
         if self.limit is not None and self.limit <= 0:

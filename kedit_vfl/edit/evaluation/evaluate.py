@@ -81,9 +81,13 @@ def evaluate_records(
     label: str = "evaluating edits",
     batch: int = 0,
     timer: list[float] | None = None,
+    curve: list[dict[str, float | None]] | None = None,
+    curve_every: int = 0,
 ) -> list[dict[str, float | None]]:
     """One metrics row per record, under the chosen protocol; ``timer`` collects the
-    seconds spent computing updates."""
+    seconds spent computing updates. With ``sequential`` and ``curve``, every
+    ``curve_every`` edits of a sequence the edits so far are scored on the model as it
+    stands (``edits``, ``retention``: their Reliability, ``locality``: theirs)."""
     rows: list[dict[str, float | None]] = []
     chunk = max(1, sequential, batch)
     with reporter.task(label, total=len(records)) as task:
@@ -91,19 +95,50 @@ def evaluate_records(
             group = records[start : start + chunk]
             updates: dict[str, torch.Tensor] = {}
             began = time.perf_counter()
+            spent = 0.0
             if batch:  # together, as apply does: every update on the unedited model, summed
                 updates = method.updates(base, group)
             else:  # one after another, each on the model the previous ones left
-                for record in group:
+                for done, record in enumerate(group, 1):
                     params = edited_params(base.model, updates) if updates else None
                     updates = merge_updates(updates, method.updates(base, [record], params))
+                    if curve is not None and sequential and curve_every and done % curve_every == 0:
+                        paused = time.perf_counter()
+                        curve.append(_retention(base, group[:done], method.prompter, updates))
+                        spent += time.perf_counter() - paused
             if timer is not None:
-                timer.append(time.perf_counter() - began)
+                timer.append(time.perf_counter() - began - spent)
             params = edited_params(base.model, updates)
             for record in group:
                 rows.append(score_record(base, record, method.prompter, params))
                 task.advance(1)
     return rows
+
+
+def _retention(
+    base: BaseModel, done: Sequence[EditRecord], prompter: Prompter, updates: Mapping[str, torch.Tensor]
+) -> dict[str, float | None]:
+    """Reliability and Locality of the edits made so far, on the model they left."""
+    params = edited_params(base.model, updates)
+    scored = [score_record(base, record, prompter, params) for record in done]
+    mean = average(scored)
+    return {"edits": len(done), "retention": mean.get("reliability"), "locality": mean.get("locality")}
+
+
+def mean_curve(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The curve over every sequence: at each number of edits, the mean over sequences."""
+    by_edits: dict[int, list[Mapping[str, Any]]] = {}
+    for point in points:
+        by_edits.setdefault(int(point["edits"]), []).append(point)
+    out = []
+    for edits in sorted(by_edits):
+        group = by_edits[edits]
+        row: dict[str, Any] = {"edits": edits, "sequences": len(group)}
+        for key in ("retention", "locality"):
+            known = [g[key] for g in group if g[key] is not None]
+            row[key] = sum(known) / len(known) if known else None
+        out.append(row)
+    return out
 
 
 def summarise(rows_by_task: Mapping[str, Sequence[Mapping[str, float | None]]]) -> dict[str, Any]:
@@ -125,19 +160,34 @@ def evaluate(
     sequential: int = 0,
     reporter: Reporter = SILENT,
     batch: int = 0,
+    curve_every: int = 0,
 ) -> dict[str, Any]:
     """Metrics per task and overall (the mean over tasks), pre and post edit, and the
-    seconds per edit spent computing updates."""
+    seconds per edit spent computing updates; with ``sequential``, the retention curve
+    (``sequential_curve``, every ``curve_every`` edits, by default a tenth of a sequence)."""
     timer: list[float] = []
+    points: list[dict[str, float | None]] = []
+    every = curve_every or max(1, sequential // 10)
     rows = {
         task: evaluate_records(
-            method, base, records, sequential, reporter, f"{method.name}: {task}", batch, timer
-        )
+            method,
+            base,
+            records,
+            sequential,
+            reporter,
+            f"{method.name}: {task}",
+            batch,
+            timer,
+            points if sequential else None,
+            every,
+        )  # fmt: skip
         for task, records in records_by_task.items()
     }
     summary = summarise(rows)
     edits = summary["overall"]["n_records"]
     summary["seconds_per_edit"] = sum(timer) / edits if edits else None
+    if sequential:
+        summary["sequential_curve"] = mean_curve(points)
     return summary
 
 
@@ -188,7 +238,15 @@ def evaluate_editor(
         if name == "instructedit" and config.no_prefix:
             method = HypernetworkEdit(name, loaded.editor, Prompter(None))
         seed_everything(config.seed)
-        methods[name] = evaluate(method, base, records, config.sequential, reporter, config.batch)
+        methods[name] = evaluate(
+            method, base, records, config.sequential, reporter, config.batch, config.curve_every
+        )
+    if config.plot is not None and config.sequential:
+        from kedit_vfl.edit.evaluation.plots import retention_curves
+
+        retention_curves(
+            {n: m["sequential_curve"] for n, m in methods.items()}, config.sequential, config.plot
+        )
     first = methods[config.methods[0]]
     return {
         **first,

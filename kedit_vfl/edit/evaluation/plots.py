@@ -1,4 +1,5 @@
-"""The scatter plot of ``analyze-gradients``: one panel per editor or mode."""
+"""Plots: the scatter of ``analyze-gradients`` (one panel per editor or mode) and the
+retention curve of ``evaluate --sequential``."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def scatter_panels(panels: list[dict[str, Any]], labels: list[str], holdout: str
         axis.legend(fontsize=8, loc="best")
         axis.grid(alpha=0.2)
     figure.suptitle("Editor update directions, PCA by task")
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+
+
+def retention_curves(curves: dict[str, list[dict[str, Any]]], sequential: int, path: str | Path) -> None:
+    """Write a PNG: Reliability of all edits so far and their Locality, per method."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for name, curve in curves.items():
+        edits = [p["edits"] for p in curve]
+        for axis, key in zip(axes[0], ("retention", "locality"), strict=True):
+            axis.plot(
+                edits, [p[key] if p[key] is not None else np.nan for p in curve], marker="o", label=name
+            )
+    for axis, title in zip(axes[0], ("Retention (Reliability of all edits so far)", "Locality"), strict=True):
+        axis.set_xlabel("edits in a row")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.2)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Sequential editing, sequences of {sequential}")
     figure.tight_layout()
     atomic_write(Path(path), lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)

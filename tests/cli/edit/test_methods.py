@@ -91,3 +91,22 @@ def test_ft_losses_score_the_target_tokens() -> None:
     # FT-L reads only the last prompt position, which cannot put mass on both target tokens
     assert float(prompt_last_loss(logits, batch)) > 5.0
     assert FineTune("ft-m", FT_PRESETS["ft-m"]).prompter.pools is None
+
+
+def test_sequential_editing_reports_a_retention_curve(
+    edit_files: dict[str, Path], gpt2_editor: Path, tmp_path: Path
+) -> None:
+    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    plot = tmp_path / "curve.png"
+    result = kvtool_json("edit", "evaluate", *common, "--device", "cpu", "--method", "instructedit,ft-m",
+                         "--sequential", "3", "--curve-every", "1", "--plot", plot)  # fmt: skip
+    for name in ("instructedit", "ft-m"):
+        curve = result["methods"][name]["sequential_curve"]
+        assert [p["edits"] for p in curve] == [1, 2, 3] and all(p["sequences"] == 1 for p in curve)
+        # after the last edit, the curve scores the same edits on the same model as the summary
+        assert curve[-1]["retention"] == pytest.approx(result["methods"][name]["overall"]["reliability"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = kvtool("edit", "evaluate", *common, "--device", "cpu", "--sequential", "3", "--curve-every", "1")
+    assert table.exit_code == 0 and "retention over 3" in table.stdout
+    refused = kvtool("edit", "evaluate", *common, "--plot", plot)
+    assert refused.exit_code == 2 and "add --sequential" in refused.stderr
