@@ -378,9 +378,9 @@ def _record_in_process(config: SplitConfig, side: ActiveSide, link: PassiveLink)
 
 def defences_in_effect(config: SplitConfig) -> list[str]:
     """The label-leakage defences this configuration runs, in words."""
+    if config.freeze_passive and config.init is not None:  # nothing crosses: the rest never applies
+        return ["frozen publisher tower"]
     found = []
-    if config.freeze_passive and config.init is not None:
-        found.append("frozen publisher tower")
     if config.label_epsilon > 0:
         found.append(f"randomised response, epsilon {config.label_epsilon:g}")
     if config.noise_multiplier > 0:

@@ -20,7 +20,7 @@ from kedit_vfl.vfl.privacy.leakage import CalibratedNoise, GradientRecorder, att
 from kedit_vfl.vfl.privacy.received import read_received, write_received
 from kedit_vfl.vfl.stages.distill import distill
 from kedit_vfl.vfl.stages.mpd import pretrain_mpd
-from kedit_vfl.vfl.stages.split import randomised_response, train_split
+from kedit_vfl.vfl.stages.split import defences_in_effect, randomised_response, train_split
 
 
 def test_recorder_keeps_the_first_and_the_sum_of_each_rows_gradients() -> None:
@@ -187,3 +187,11 @@ def test_the_audit_refuses_what_is_not_a_record(tmp_path: Path) -> None:
     pacsv.write_csv(pa.table({"id": ["a"], "y": [3]}), tmp_path / "bad_labels.csv")
     with pytest.raises(UserError, match="other than 0 and 1"):
         audit(AuditConfig(record=tmp_path / "ok.parquet", labels=tmp_path / "bad_labels.csv"))
+
+
+def test_the_defences_in_effect_are_named_as_they_apply() -> None:
+    frozen = SplitConfig(init=Path("m.safetensors"), noise_multiplier=1.0)
+    assert defences_in_effect(frozen) == ["frozen publisher tower"]  # no gradient for noise to touch
+    trained = SplitConfig(freeze_passive=False, label_epsilon=1.0, noise_multiplier=0.5)
+    assert defences_in_effect(trained) == ["randomised response, epsilon 1", "calibrated gradient noise x0.5"]
+    assert defences_in_effect(SplitConfig(freeze_passive=False)) == []
