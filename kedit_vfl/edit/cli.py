@@ -30,6 +30,7 @@ from kedit_vfl.edit.config import (
     TrainConfig,
     WorldOptions,
 )
+from kedit_vfl.errors import UserError
 from kedit_vfl.paths import runs_dir
 from kedit_vfl.signing import use_signing
 
@@ -98,6 +99,13 @@ def _metric_rows(summary: dict[str, Any], holdout: str | None = None) -> list[li
     return rows
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--batch-sizes {text}: expected whole numbers, comma-separated") from None
+
+
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -140,6 +148,14 @@ def train_editor_command(
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="Maximum meta-training steps.")] = TrainConfig.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Edits per step.")] = TrainConfig.batch_size,
+    batch_sizes: Annotated[
+        str,
+        typer.Option(
+            "--batch-sizes",
+            help="Edits per step drawn from these sizes, comma-separated (one editor for single edits "
+            "and batches); empty: always --batch-size.",
+        ),
+    ] = ",".join(map(str, TrainConfig.batch_sizes)),
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the editor.")] = TrainConfig.lr,
     lr_alpha: Annotated[
         float, typer.Option("--lr-alpha", help="Learning rate of the step sizes.")
@@ -209,6 +225,7 @@ def train_editor_command(
         instructions_file=str(instructions) if instructions else None,
         steps=steps,
         batch_size=batch_size,
+        batch_sizes=_sizes(batch_sizes),
         lr=lr,
         lr_alpha=lr_alpha,
         c_edit=c_edit,

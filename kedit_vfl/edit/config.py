@@ -66,6 +66,10 @@ class TrainConfig:
     instructions_file: str | None = None
     steps: int = 3000
     batch_size: int = 1  # edit records per meta-training step (their updates sum)
+    # Mixed batch sizes: each step draws its number of edits from these (MEND's batched
+    # objective at several sizes, so one editor serves single edits and batches); empty:
+    # always ``batch_size``.
+    batch_sizes: tuple[int, ...] = ()
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; compared on worlds 0-2, README)
     c_edit: float = 0.1
@@ -95,6 +99,8 @@ class TrainConfig:
                     f"--tasks/--holdout: unknown task {', '.join(unknown)} "
                     f"(the embedded world has {', '.join(KNOWN_TASKS)})"
                 )
+        if any(size < 1 for size in self.batch_sizes):
+            raise UserError(f"--batch-sizes {','.join(map(str, self.batch_sizes))}: every size must be >= 1")
         for name in ("steps", "batch_size", "lr", "lr_alpha", "val_every", "val_records", "patience"):
             _positive("--" + name.replace("_", "-"), getattr(self, name))
         if self.c_edit < 0 or self.c_loc < 0:

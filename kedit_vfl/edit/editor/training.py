@@ -294,7 +294,8 @@ def train_editor(
     with reporter.task("meta-training the editor", total=config.steps) as task:
         task.advance(trainer.step)
         while trainer.step < config.steps and not stopped:
-            records = sample_records(data.train, config.batch_size, rng)
+            size = rng.choice(config.batch_sizes) if config.batch_sizes else config.batch_size
+            records = sample_records(data.train, size, rng)
             loss, logs = meta_step(editor, base, records, train_prompter, config, rng, loc_pool)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -110,3 +110,23 @@ def test_sequential_editing_reports_a_retention_curve(
     assert table.exit_code == 0 and "retention over 3" in table.stdout
     refused = kvtool("edit", "evaluate", *common, "--plot", plot)
     assert refused.exit_code == 2 and "add --sequential" in refused.stderr
+
+
+def test_an_editor_trains_on_mixed_batch_sizes(
+    edit_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kedit_vfl.artifacts import load_artifact
+    from kedit_vfl.edit.editor import training
+
+    drawn: list[int] = []
+    sample = training.sample_records
+    monkeypatch.setattr(
+        training, "sample_records", lambda data, n, rng: drawn.append(n) or sample(data, n, rng)
+    )
+    editor = train(edit_files, "gpt2", tmp_path / "mixed.safetensors", "--batch-sizes", "1,3")
+    assert set(drawn) == {1, 3}  # both sizes drawn over 16 seeded steps
+    assert load_artifact(editor, "edit.editor").config["batch_sizes"] == [1, 3]
+    bad = kvtool("edit", "train-editor", "--batch-sizes", "1,x")
+    assert bad.exit_code == 2 and "--batch-sizes 1,x" in bad.stderr
+    zero = kvtool("edit", "train-editor", "--batch-sizes", "0,2")
+    assert zero.exit_code == 2 and "every size must be >= 1" in zero.stderr
