@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from kedit_vfl.edit.algs.base import WeightMethod
 from kedit_vfl.edit.config import FTConfig
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
@@ -41,7 +42,7 @@ def prompt_last_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 LOSSES = {"target_new": target_new_loss, "prompt_last": prompt_last_loss}
 
 
-class FineTune:
+class FineTune(WeightMethod):
     """FT-L or FT-M on the chosen weights (see :class:`FTConfig`)."""
 
     def __init__(self, name: str, config: FTConfig) -> None:

@@ -11,13 +11,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from kedit_vfl.edit.algs.base import WeightMethod
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
 from kedit_vfl.edit.editor.network import Editor, edit_gradients
 from kedit_vfl.edit.models.base import BaseModel
 
 
-class HypernetworkEdit:
+class HypernetworkEdit(WeightMethod):
     """A trained :class:`Editor` applied with its prompter."""
 
     def __init__(self, name: str, editor: Editor, prompter: Prompter) -> None:

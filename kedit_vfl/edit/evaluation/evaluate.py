@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from kedit_vfl.edit.algs.base import EditMethod
+from kedit_vfl.edit.algs.base import Edited, EditMethod
 from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
 from kedit_vfl.edit.algs.registry import build_method
 from kedit_vfl.edit.config import EvalConfig
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch, probe
-from kedit_vfl.edit.editor.network import Editor, edit_gradients, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with
 from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.metrics import METRICS, average, token_accuracy, unchanged_top1
 from kedit_vfl.edit.models.base import BaseModel
@@ -51,13 +51,13 @@ def _mean(values: torch.Tensor) -> float | None:
 
 @torch.no_grad()
 def score_record(
-    base: BaseModel, record: EditRecord, prompter: Prompter, params: Mapping[str, torch.Tensor] | None
+    base: BaseModel, record: EditRecord, prompter: Prompter, edited: Edited
 ) -> dict[str, float | None]:
-    """Post-edit metrics (with ``params``) and pre-edit metrics (base weights) of one record."""
+    """Post-edit metrics (the ``edited`` model) and pre-edit metrics (base weights) of one record."""
     p = probe(record, prompter, base.tokenizer, base.max_length)
     batch = p.batch.to(base.device)
     pre = forward_with(base.model, None, batch.model_inputs())
-    post = forward_with(base.model, params, batch.model_inputs())
+    post = edited.logits(base, batch)
     acc_pre, acc_post = token_accuracy(pre, batch), token_accuracy(post, batch)
     same = unchanged_top1(pre, post, batch)
     row: dict[str, float | None] = {}
@@ -93,34 +93,32 @@ def evaluate_records(
     with reporter.task(label, total=len(records)) as task:
         for start in range(0, len(records), chunk):
             group = records[start : start + chunk]
-            updates: dict[str, torch.Tensor] = {}
+            edited = method.start(base)
             began = time.perf_counter()
             spent = 0.0
-            if batch:  # together, as apply does: every update on the unedited model, summed
-                updates = method.updates(base, group)
-            else:  # one after another, each on the model the previous ones left
-                for done, record in enumerate(group, 1):
-                    params = edited_params(base.model, updates) if updates else None
-                    updates = merge_updates(updates, method.updates(base, [record], params))
-                    if curve is not None and sequential and curve_every and done % curve_every == 0:
-                        paused = time.perf_counter()
-                        curve.append(_retention(base, group[:done], method.prompter, updates))
-                        spent += time.perf_counter() - paused
+            with torch.no_grad():
+                if batch:  # together, as apply does: every update on the unedited model, summed
+                    edited = method.add(base, edited, group)
+                else:  # one after another, each on the model the previous ones left
+                    for done, record in enumerate(group, 1):
+                        edited = method.add(base, edited, [record])
+                        if curve is not None and sequential and curve_every and done % curve_every == 0:
+                            paused = time.perf_counter()
+                            curve.append(_retention(base, group[:done], method.prompter, edited))
+                            spent += time.perf_counter() - paused
             if timer is not None:
                 timer.append(time.perf_counter() - began - spent)
-            params = edited_params(base.model, updates)
             for record in group:
-                rows.append(score_record(base, record, method.prompter, params))
+                rows.append(score_record(base, record, method.prompter, edited))
                 task.advance(1)
     return rows
 
 
 def _retention(
-    base: BaseModel, done: Sequence[EditRecord], prompter: Prompter, updates: Mapping[str, torch.Tensor]
+    base: BaseModel, done: Sequence[EditRecord], prompter: Prompter, edited: Edited
 ) -> dict[str, float | None]:
     """Reliability and Locality of the edits made so far, on the model they left."""
-    params = edited_params(base.model, updates)
-    scored = [score_record(base, record, prompter, params) for record in done]
+    scored = [score_record(base, record, prompter, edited) for record in done]
     mean = average(scored)
     return {"edits": len(done), "retention": mean.get("reliability"), "locality": mean.get("locality")}
 
