@@ -257,6 +257,7 @@ def train_editor_command(
         holdout=config.holdout,
         best=result.best,
         history=result.history,
+        memory=result.memory,
     )
     save_artifact(
         Artifact(EDITOR_KIND, result.editor.state_dict(), config_to_dict(config), provenance, extra), out

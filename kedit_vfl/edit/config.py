@@ -7,7 +7,7 @@ from typing import Any
 
 from kedit_vfl.errors import UserError
 
-METHOD_NAMES = ("instructedit", "mend", "ft-l", "ft-m")  # kedit_vfl.edit.algs
+METHOD_NAMES = ("instructedit", "memory", "mend", "ft-l", "ft-m")  # kedit_vfl.edit.algs
 METRICS = ("reliability", "generalization", "locality", "portability")  # what evaluate reports per task
 
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")

@@ -10,6 +10,7 @@ from typing import Any
 from kedit_vfl.edit.algs.base import EditMethod
 from kedit_vfl.edit.algs.finetune import FineTune
 from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
+from kedit_vfl.edit.algs.memory import MemoryEdit
 from kedit_vfl.edit.config import FT_PRESETS, METHOD_NAMES, FTConfig
 from kedit_vfl.edit.editor.batches import Prompter
 from kedit_vfl.edit.editor.store import LoadedEditor
@@ -36,6 +37,14 @@ def build_method(
                 "use --method mend, or an editor trained with instructions"
             )
         return HypernetworkEdit(name, loaded.editor, prompter)
+    if name == "memory":
+        threshold = (loaded.artifact.extra.get("memory") or {}).get("threshold")
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+            raise UserError(
+                "--method memory: this editor records no routing threshold (trained before the side "
+                "memory existed); train it again with kvtool edit train-editor"
+            )
+        return MemoryEdit(name, loaded.editor, prompter, float(threshold))
     if name == "mend":
         editor = plain if plain is not None else loaded
         if editor.pools is not None:

@@ -143,16 +143,22 @@ class Editor(nn.Module):
         """Weight updates keyed by parameter name, in each weight's own layout."""
         updates = {}
         for i, target in enumerate(self.targets):
-            x, delta = grads[target.module].x.float(), grads[target.module].delta.float()
-            if self.training:
-                self.x_norms[i].update(x)
-                self.delta_norms[i].update(delta)
-            h = torch.cat([self.x_norms[i](x), self.delta_norms[i](delta)], dim=-1)  # (N, d_in + d_out)
-            h = self.transforms[target.shape_key](h, self.slot[i])
-            x_t, delta_t = h.split([target.d_in, target.d_out], dim=-1)  # (N, d_in), (N, d_out)
+            x_t, delta_t = self.transformed(i, grads[target.module])
             update = -self.alpha[i] * rank_one_sum(x_t, delta_t)  # (d_out, d_in): a descent step
             updates[target.param] = update.transpose(0, 1) if target.transposed else update
         return updates
+
+    def transformed(self, i: int, grads: LayerGrads) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target ``i``'s factors after the network: ``x~`` (N, d_in), ``delta~`` (N, d_out)."""
+        target = self.targets[i]
+        x, delta = grads.x.float(), grads.delta.float()
+        if self.training:
+            self.x_norms[i].update(x)
+            self.delta_norms[i].update(delta)
+        h = torch.cat([self.x_norms[i](x), self.delta_norms[i](delta)], dim=-1)  # (N, d_in + d_out)
+        h = self.transforms[target.shape_key](h, self.slot[i])
+        x_t, delta_t = h.split([target.d_in, target.d_out], dim=-1)
+        return x_t, delta_t
 
 
 def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 
 from kedit_vfl.artifacts import Artifact, config_to_dict, load_artifact, save_artifact
 from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
+from kedit_vfl.edit.algs.memory import calibrate_threshold
 from kedit_vfl.edit.config import TrainConfig
 from kedit_vfl.edit.data.instructions import InstructionPools, default_pools, load_pools
 from kedit_vfl.edit.data.records import EditRecord
@@ -66,6 +67,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
+    memory: dict[str, float | None] = field(default_factory=dict)  # the routing threshold (algs.memory)
 
 
 def load_train_data(config: TrainConfig, reporter: Reporter = SILENT) -> TrainData:
@@ -312,6 +314,9 @@ def train_editor(
             task.advance(1, **{k: v for k, v in logs.items() if k in ("loss", "edit/acc", "val/score")})
     editor.load_state_dict(trainer.best_state)
     editor.eval()
+    # the side memory's routing threshold, chosen on the validation records (never the test)
+    validation = [r for task in sorted(data.validation) for r in data.validation[task]]
+    memory = calibrate_threshold(editor, base, val_prompter, validation)
     return TrainResult(
         editor,
         pools,
@@ -322,4 +327,5 @@ def train_editor(
         trainer.step,
         stopped,
         time.perf_counter() - started,
+        memory,
     )

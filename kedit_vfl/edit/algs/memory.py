@@ -1,0 +1,165 @@
+"""A side memory of edits: the trained editor's updates, each applied only to the inputs
+routed to it (the remedy of GRACE and WISE for long sequences and large batches).
+
+Each edit is stored as its key (the unedited model's input to the first edited layer
+at the last prompt token, standardised with the editor's own statistics and scaled to
+unit length) and its update as low-rank factors (``-alpha delta~^T``, ``x~``), computed on
+the unedited model. A scored row goes to the edit whose key is nearest in cosine, if
+the similarity is at least the threshold, and is run with that edit's update alone;
+every other row runs the base model. Edits therefore never add up: the hundredth edit
+sees the model the first one saw, and an unrelated prompt sees the base model.
+
+The threshold is chosen on records that are not scored (:func:`calibrate_threshold`:
+a validation split), to tell rephrasings of an edit from unrelated prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kedit_vfl.edit.data.records import EditRecord
+from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with
+from kedit_vfl.edit.models.base import BaseModel
+from kedit_vfl.edit.models.tokens import TokenBatch, encode_pairs
+
+DEFAULT_THRESHOLD = 0.95  # cosine; used only when the validation records cannot calibrate it
+
+
+@dataclass
+class MemoryEdits:
+    """The side memory: one key and one factored update per edit."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)  # (d,) each
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    method: MemoryEdit | None = None
+
+    @torch.no_grad()
+    def logits(self, base: BaseModel, batch: TokenBatch) -> torch.Tensor:
+        assert self.method is not None
+        pre, keys = self.method.keys_and_logits(base, batch)
+        if not self.keys:
+            return pre
+        best, routed = self.method.route(keys, torch.stack(self.keys))
+        out = pre.clone()
+        inputs = batch.model_inputs()
+        for edit in best[routed].unique().tolist():
+            rows = torch.nonzero(routed & (best == edit)).squeeze(1)
+            params = self.method.params_of(base, self.factors[edit])
+            out[rows] = forward_with(base.model, params, {k: v[rows] for k, v in inputs.items()})
+        return out
+
+
+class MemoryEdit:
+    """The editor's updates kept in a routed side memory (see the module docstring)."""
+
+    def __init__(self, name: str, editor: Editor, prompter: Prompter, threshold: float) -> None:
+        self.name, self.editor, self.prompter, self.threshold = name, editor, prompter, threshold
+
+    def start(self, base: BaseModel) -> MemoryEdits:
+        return MemoryEdits(method=self)
+
+    @torch.no_grad()
+    def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:  # type: ignore[override]
+        batch = edit_batch(records, self.prompter, base.tokenizer, base.max_length).to(base.device)
+        _, keys = self.keys_and_logits(base, batch)
+        grads = edit_gradients(base.model, base.targets, batch)  # always the unedited model
+        self.editor.eval()
+        factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in records]
+        for i, target in enumerate(self.editor.targets):
+            x_t, delta_t = self.editor.transformed(i, grads[target.module])
+            owner = grads[target.module].edit_index
+            for r in range(len(records)):
+                mine = owner == r
+                left = (-self.editor.alpha[i] * delta_t[mine]).T.contiguous()  # (d_out, T_r)
+                factors[r][target.param] = (left, x_t[mine].contiguous())  # (T_r, d_in)
+        return MemoryEdits([*edited.keys, *keys], [*edited.factors, *factors], self)
+
+    def keys_and_logits(self, base: BaseModel, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unedited model's logits, and each row's key (B, d), from one forward pass."""
+        first = self.editor.targets[0]
+        captured: dict[str, torch.Tensor] = {}
+        module = dict(base.model.named_modules())[first.module]
+        handle = module.register_forward_hook(lambda m, args, out: captured.__setitem__("x", args[0]))
+        try:
+            logits = forward_with(base.model, None, batch.model_inputs())
+        finally:
+            handle.remove()
+        x = captured["x"]
+        x = x if x.dim() == 3 else x.reshape(*batch.input_ids.shape, -1)  # OPT runs MLPs on (B*T, d)
+        last_prompt = batch.predict_mask.float().argmax(1)  # the token that predicts the first target
+        rows = torch.arange(len(last_prompt), device=last_prompt.device)
+        keys = self.editor.x_norms[0](x[rows, last_prompt].float())
+        return logits, F.normalize(keys, dim=-1)
+
+    def route(self, keys: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's nearest edit (the latest among equals) and whether it is near enough."""
+        similarity = keys @ memory.T  # (B, M)
+        flipped = similarity.flip(1)
+        best = memory.shape[0] - 1 - flipped.argmax(1)
+        return best, flipped.max(1).values >= self.threshold
+
+    def params_of(
+        self, base: BaseModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        own = dict(base.model.named_parameters())
+        out = {}
+        for target in self.editor.targets:
+            left, right = factors[target.param]
+            update = left @ right  # (d_out, d_in)
+            weight = own[target.param]
+            out[target.param] = (weight.float() + (update.T if target.transposed else update)).to(
+                weight.dtype
+            )
+        return out
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    editor: Editor, base: BaseModel, prompter: Prompter, records: Sequence[EditRecord]
+) -> dict[str, float | None]:
+    """The similarity threshold that best tells rephrasings of an edit (which must reach
+    it) from unrelated prompts (which must not), on ``records`` (never the scored ones):
+    the midpoint of the best balanced-accuracy cut, with the rates it gives there."""
+    method = MemoryEdit("memory", editor, prompter, threshold=1.0)
+    if not records:
+        return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
+    keys = _keys(method, base, [(prompter(r, r.prompt), r.target_new) for r in records])
+    positives, negatives = [], []
+    for i, record in enumerate(records):
+        if record.rephrase:
+            own = _keys(method, base, [(prompter(record, q), record.target_new) for q in record.rephrase])
+            similarity = own @ keys.T
+            # a rephrasing counts only when its own edit is the nearest one
+            nearest = similarity.argmax(1) == i
+            positives.extend(
+                torch.where(nearest, similarity[:, i], torch.full_like(similarity[:, i], -1)).tolist()
+            )
+        if record.locality:
+            other = _keys(method, base, [(p.prompt, p.answer) for p in record.locality])
+            negatives.extend((other @ keys.T).max(1).values.tolist())
+    if not positives or not negatives:  # nothing to tell apart: a strict default
+        return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
+    pos, neg = torch.tensor(positives), torch.tensor(negatives)
+    candidates = torch.cat([pos, neg]).unique()
+    best, best_cut = -1.0, DEFAULT_THRESHOLD
+    for cut in candidates.tolist():
+        score = float((pos >= cut).float().mean() + (neg < cut).float().mean())
+        if score > best:
+            best, best_cut = score, cut
+    below = neg[neg < best_cut]
+    threshold = (best_cut + float(below.max())) / 2 if len(below) else best_cut
+    return {
+        "threshold": threshold,
+        "rephrase_routed": float((pos >= threshold).float().mean()),
+        "unrelated_routed": float((neg >= threshold).float().mean()),
+    }
+
+
+def _keys(method: MemoryEdit, base: BaseModel, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    batch = encode_pairs(base.tokenizer, [p for p, _ in pairs], [t for _, t in pairs], base.max_length)
+    return method.keys_and_logits(base, batch.to(base.device))[1]
