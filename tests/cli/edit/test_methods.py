@@ -130,3 +130,42 @@ def test_an_editor_trains_on_mixed_batch_sizes(
     assert bad.exit_code == 2 and "--batch-sizes 1,x" in bad.stderr
     zero = kvtool("edit", "train-editor", "--batch-sizes", "0,2")
     assert zero.exit_code == 2 and "every size must be >= 1" in zero.stderr
+
+
+def test_the_side_memory_routes_each_edit_and_leaves_the_rest_alone(
+    edit_files: dict[str, Path], gpt2_editor: Path
+) -> None:
+    from kedit_vfl.edit.algs.memory import MemoryEdit
+    from kedit_vfl.edit.algs.registry import build_method
+    from kedit_vfl.edit.data.sources import read_records
+    from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+    from kedit_vfl.edit.editor.network import forward_with
+    from kedit_vfl.edit.editor.store import load_editor, open_editor_base
+    from kedit_vfl.edit.models.tokens import encode_pairs
+
+    loaded = load_editor(gpt2_editor)
+    assert 0 < loaded.artifact.extra["memory"]["threshold"] <= 1  # calibrated by train-editor
+    base = open_editor_base(loaded, str(edit_files["gpt2"]), "cpu", "float32", str(gpt2_editor))
+    prompter = Prompter(loaded.pools)
+    assert isinstance(build_method("memory", loaded, prompter), MemoryEdit)
+    # a strict threshold: only an edit's own prompt routes (the tiny model's calibration is loose)
+    method = MemoryEdit("memory", loaded.editor, prompter, threshold=0.9999)
+    edits = read_records([str(edit_files["edits"])])
+    one = method.add(base, method.start(base), edits[:1])
+    every = method.add(base, one, edits[1:])  # later edits, one batch
+    own = edit_batch(edits[:1], prompter, base.tokenizer, base.max_length)
+    assert torch.equal(one.logits(base, own), every.logits(base, own))  # the first edit is untouched
+    unrelated = encode_pairs(base.tokenizer, ["Zz qq unrelated words here"], ["x"], base.max_length)
+    assert torch.equal(
+        every.logits(base, unrelated), forward_with(base.model, None, unrelated.model_inputs())
+    )
+    old = dict(loaded.artifact.extra)
+    loaded.artifact.extra.pop("memory")
+    with pytest.raises(UserError, match="records no routing threshold"):
+        build_method("memory", loaded, prompter)
+    loaded.artifact.extra.update(old)
+    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    result = kvtool_json(
+        "edit", "evaluate", *common, "--device", "cpu", "--method", "memory", "--sequential", "3"
+    )
+    assert result["method"] == "memory" and result["overall"]["n_records"] == 3
