@@ -396,8 +396,9 @@ def evaluate_command(
         str,
         typer.Option(
             "--method",
-            help="Editing methods to compare on the same records, comma-separated: instructedit, mend "
-            "(the editor trained without instructions), ft-l, ft-m (EasyEdit's fine-tuning baselines).",
+            help="Editing methods to compare on the same records, comma-separated: instructedit, memory "
+            "(its updates in a routed side memory, for batches and sequences), mend (the editor trained "
+            "without instructions), ft-l, ft-m (EasyEdit's fine-tuning baselines).",
         ),
     ] = ",".join(EvalConfig.methods),
     mend_editor: Annotated[
