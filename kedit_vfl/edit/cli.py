@@ -156,6 +156,14 @@ def train_editor_command(
             "and batches); empty: always --batch-size.",
         ),
     ] = ",".join(map(str, TrainConfig.batch_sizes)),
+    memory_edits: Annotated[
+        int,
+        typer.Option(
+            "--memory-edits",
+            help="Calibrate the side memory's routing threshold (evaluate --method memory) for a memory "
+            "of this many edits.",
+        ),
+    ] = TrainConfig.memory_edits,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the editor.")] = TrainConfig.lr,
     lr_alpha: Annotated[
         float, typer.Option("--lr-alpha", help="Learning rate of the step sizes.")
@@ -226,6 +234,7 @@ def train_editor_command(
         steps=steps,
         batch_size=batch_size,
         batch_sizes=_sizes(batch_sizes),
+        memory_edits=memory_edits,
         lr=lr,
         lr_alpha=lr_alpha,
         c_edit=c_edit,

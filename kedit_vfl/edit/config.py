@@ -70,6 +70,10 @@ class TrainConfig:
     # objective at several sizes, so one editor serves single edits and batches); empty:
     # always ``batch_size``.
     batch_sizes: tuple[int, ...] = ()
+    # The side memory (evaluate --method memory) routes a prompt to an edit when their keys
+    # are close enough; the threshold is chosen on the validation split for a memory
+    # holding this many edits (more edits, more unrelated prompts near one: stricter).
+    memory_edits: int = 100
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; compared on worlds 0-2, README)
     c_edit: float = 0.1
@@ -101,7 +105,16 @@ class TrainConfig:
                 )
         if any(size < 1 for size in self.batch_sizes):
             raise UserError(f"--batch-sizes {','.join(map(str, self.batch_sizes))}: every size must be >= 1")
-        for name in ("steps", "batch_size", "lr", "lr_alpha", "val_every", "val_records", "patience"):
+        for name in (
+            "steps",
+            "batch_size",
+            "lr",
+            "lr_alpha",
+            "val_every",
+            "val_records",
+            "patience",
+            "memory_edits",
+        ):
             _positive("--" + name.replace("_", "-"), getattr(self, name))
         if self.c_edit < 0 or self.c_loc < 0:
             raise UserError("--c-edit/--c-loc: must be non-negative")

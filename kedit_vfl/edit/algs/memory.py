@@ -120,15 +120,26 @@ class MemoryEdit:
 
 @torch.no_grad()
 def calibrate_threshold(
-    editor: Editor, base: BaseModel, prompter: Prompter, records: Sequence[EditRecord]
+    editor: Editor,
+    base: BaseModel,
+    prompter: Prompter,
+    records: Sequence[EditRecord],
+    background: Sequence[EditRecord] = (),
+    memory_edits: int = 0,
 ) -> dict[str, float | None]:
     """The similarity threshold that best tells rephrasings of an edit (which must reach
     it) from unrelated prompts (which must not), on ``records`` (never the scored ones):
-    the midpoint of the best balanced-accuracy cut, with the rates it gives there."""
+    the midpoint of the best balanced-accuracy cut, with the rates it gives there.
+
+    The more edits a memory holds, the likelier an unrelated prompt finds one near it;
+    so the memory calibrated against holds ``memory_edits`` keys: ``records``' own, then
+    ``background`` records' (the training split) up to that size.
+    """
     method = MemoryEdit("memory", editor, prompter, threshold=1.0)
     if not records:
         return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
-    keys = _keys(method, base, [(prompter(r, r.prompt), r.target_new) for r in records])
+    extra = list(background)[: max(0, memory_edits - len(records))]
+    keys = _keys(method, base, [(prompter(r, r.prompt), r.target_new) for r in [*records, *extra]])
     positives, negatives = [], []
     for i, record in enumerate(records):
         if record.rephrase:
@@ -145,7 +156,10 @@ def calibrate_threshold(
     if not positives or not negatives:  # nothing to tell apart: a strict default
         return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
     pos, neg = torch.tensor(positives), torch.tensor(negatives)
-    candidates = torch.cat([pos, neg]).unique()
+    reachable = pos[pos > -1]  # a rephrasing nearest to another edit is lost at any threshold
+    if not len(reachable):
+        return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": 0.0, "unrelated_routed": None}
+    candidates = torch.cat([reachable, neg[neg > float(reachable.min()) - 1e-6]]).unique()
     best, best_cut = -1.0, DEFAULT_THRESHOLD
     for cut in candidates.tolist():
         score = float((pos >= cut).float().mean() + (neg < cut).float().mean())
@@ -157,6 +171,7 @@ def calibrate_threshold(
         "threshold": threshold,
         "rephrase_routed": float((pos >= threshold).float().mean()),
         "unrelated_routed": float((neg >= threshold).float().mean()),
+        "memory_edits": len(keys),
     }
 
 

@@ -316,7 +316,9 @@ def train_editor(
     editor.eval()
     # the side memory's routing threshold, chosen on the validation records (never the test)
     validation = [r for task in sorted(data.validation) for r in data.validation[task]]
-    memory = calibrate_threshold(editor, base, val_prompter, validation)
+    background = [r for task in sorted(data.train) for r in data.train[task]]
+    random.Random(f"{config.seed}/memory").shuffle(background)
+    memory = calibrate_threshold(editor, base, val_prompter, validation, background, config.memory_edits)
     return TrainResult(
         editor,
         pools,
