@@ -64,7 +64,7 @@ class MemoryEdit:
         return MemoryEdits(method=self)
 
     @torch.no_grad()
-    def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:  # type: ignore[override]
+    def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:
         batch = edit_batch(records, self.prompter, base.tokenizer, base.max_length).to(base.device)
         _, keys = self.keys_and_logits(base, batch)
         grads = edit_gradients(base.model, base.targets, batch)  # always the unedited model
