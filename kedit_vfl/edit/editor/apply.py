@@ -65,7 +65,7 @@ def edit_updates(
 
     ``batch_size`` bounds how many edits share a forward pass (memory, speed), never the
     result. Computing each batch on the model the previous batches left made nearly every
-    edit fail in our measurements (README, *Several edits at once*): one update can move an
+    edit fail in our measurements (docs/benchmarks.md, editing): one update can move an
     MLP output weight by most of its own norm, and the next edit's gradients on that
     model fall outside the statistics the editor normalises with.
     """
@@ -141,11 +141,12 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
     ]
     failed = sum(not e["held"] for e in edits)
     if failed:
-        trained_on = loaded.artifact.config.get("batch_size", 1)
+        sizes = loaded.artifact.config.get("batch_sizes") or [loaded.artifact.config.get("batch_size", 1)]
         reporter.warn(
             f"{failed} of {len(edits)} edits do not hold (new target not top-1 on every token); "
-            f"the editor was meta-trained on {trained_on} edit(s) per step and interference grows with "
-            "the number of edits applied together (README: 'Several edits at once')"
+            f"the editor was meta-trained on {'/'.join(map(str, sizes))} edit(s) per step and summed "
+            "updates interfere as edits are added (train-editor --batch-sizes helps; 'kvtool edit "
+            "evaluate --method memory' keeps many edits apart; docs/benchmarks.md has the figures)"
         )
     apply_updates_(base.model, updates)
     report = {
