@@ -235,8 +235,16 @@ def main() -> None:
     parser.add_argument("--curve-edits", type=int, default=1000)
     parser.add_argument("--editors", type=Path, default=ROOT / "runs" / "bench" / "edit_methods")
     parser.add_argument("--out", type=Path, default=RESULTS / "edit_methods.md")
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="tabulate the JSON on file, run nothing"
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    runs_file = args.out.with_suffix(".json")
+    if args.summarise_only:
+        done = {r["seed"]: r for r in json.loads(runs_file.read_text())}
+        write(args.out, [done[s] for s in seeds], "")
+        return
     args.editors.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     jobs = [
@@ -253,7 +261,6 @@ def main() -> None:
     editors = {s: {} for s in seeds}
     for job, path in zip(jobs, paths, strict=True):
         editors[job["seed"]][job["variant"]] = path
-    runs_file = args.out.with_suffix(".json")
     done = {r["seed"]: r for r in json.loads(runs_file.read_text())} if runs_file.exists() else {}
     todo = [
         {"seed": s, "editors": editors[s], "first_seed": seeds[0], "curve_edits": args.curve_edits}
@@ -264,9 +271,35 @@ def main() -> None:
         for result in pool.map(score_seed, todo):
             done[result["seed"]] = result
             runs_file.write_text(json.dumps(list(done.values()), indent=1))
-    text = table([done[s] for s in seeds])
-    text += f"\nWall time {time.perf_counter() - started:.0f} s with {args.jobs} worker(s).\n"
-    args.out.write_text(text)
+    write(
+        args.out,
+        [done[s] for s in seeds],
+        f"Wall time {time.perf_counter() - started:.0f} s with {args.jobs} worker(s).",
+    )
+
+
+def write(out: Path, seeds: list[dict[str, Any]], footer: str) -> None:
+    """The markdown tables, and the test-split retention curves as a PNG beside them."""
+    from kedit_vfl.edit.evaluation.plots import retention_curves
+
+    png = out.with_name(out.stem + "_sequential.png")
+    curves = {}
+    for name, first in seeds[0]["sequential"].items():
+        if "training records" in name:
+            continue
+        points = []
+        for point in first["curve"]:
+            runs = [s["sequential"][name] for s in seeds if name in s["sequential"]]
+            at = [p for r in runs for p in r["curve"] if p["edits"] == point["edits"]]
+            points.append({
+                "edits": point["edits"],
+                "retention": statistics.mean(p["retention"] for p in at),
+                "locality": statistics.mean(p["locality"] for p in at),
+            })  # fmt: skip
+        curves[name] = points
+    retention_curves(curves, seeds[0]["sequential"][next(iter(curves))]["edits"], png)
+    text = table(seeds) + f"\n![Retention curves]({png.name})\n" + (f"\n{footer}\n" if footer else "")
+    out.write_text(text)
     print(text, file=sys.stdout)
 
 
