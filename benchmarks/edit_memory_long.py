@@ -28,15 +28,6 @@ WORLD = ["--world-countries", "160", "--world-people", "240", "--world-recent", 
 TRAINED = ("counterfact", "recent", "convsent")
 
 
-def interleaved(groups: list[list]) -> list:
-    out, queues = [], [list(g) for g in groups]
-    while any(queues):
-        for queue in queues:
-            if queue:
-                out.append(queue.pop(0))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=1000)
@@ -55,7 +46,7 @@ def main() -> None:
     import torch
 
     from kedit_vfl.edit.algs.registry import build_method
-    from kedit_vfl.edit.data.sources import embedded_world, world_options_of
+    from kedit_vfl.edit.data.sources import embedded_world, interleaved, world_options_of
     from kedit_vfl.edit.editor.batches import Prompter
     from kedit_vfl.edit.editor.store import load_editor, open_editor_base
     from kedit_vfl.edit.evaluation.evaluate import evaluate

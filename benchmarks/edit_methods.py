@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,25 +57,9 @@ def train(job: dict[str, Any]) -> str:
             [*command, *EDITORS[job["variant"]], "--out", str(out), "--quiet", "--json"],
             check=True,
             stdout=subprocess.DEVNULL,
-            env={"OMP_NUM_THREADS": "1", **_env()},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     return str(out)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
-
-
-def interleaved(records_by_task: dict[str, list[Any]]) -> list[Any]:
-    queues = {t: list(rs) for t, rs in sorted(records_by_task.items())}
-    out = []
-    while any(queues.values()):
-        for queue in queues.values():
-            if queue:
-                out.append(queue.pop(0))
-    return out
 
 
 def overall(summary: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +73,7 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from kedit_vfl.edit.algs.registry import build_method
-    from kedit_vfl.edit.data.sources import embedded_world, world_options_of
+    from kedit_vfl.edit.data.sources import embedded_world, interleaved, world_options_of
     from kedit_vfl.edit.editor.batches import Prompter
     from kedit_vfl.edit.editor.store import load_editor, open_editor_base
     from kedit_vfl.edit.evaluation.evaluate import evaluate
@@ -99,7 +84,7 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
     base = open_editor_base(main, None, "cpu", "float32", paths["instructed"])
     world = embedded_world(world_options_of(main.base))
     test = {t: list(world.records["test"][t]) for t in TASKS}
-    mixed = {"mixed": interleaved(test)}
+    mixed = {"mixed": interleaved([test[t] for t in sorted(test)])}
     plain_prompter = Prompter(None)
 
     def method(name: str, variant: str = "instructed") -> Any:
@@ -119,7 +104,7 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
     for name, m in methods.items():
         summary = evaluate(m, base, test)
         out["single"][name] = {**overall(summary), "tasks": summary["tasks"]}
-    pool = interleaved(test) + interleaved({t: list(world.records["validation"][t]) for t in TASKS})
+    pool = mixed["mixed"] + interleaved([world.records["validation"][t] for t in sorted(TASKS)])
     for name in ("instructedit", "instructedit, mixed-batch editor", "memory", "ft-m"):
         if name not in methods:
             continue
@@ -134,7 +119,7 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
         n = len(mixed["mixed"])
         summary = evaluate(methods[name], base, mixed, sequential=n, curve_every=10)
         out["sequential"][name] = {**overall(summary), "curve": summary["sequential_curve"], "edits": n}
-    train_records = interleaved({t: list(world.records["train"][t]) for t in TASKS if t != HOLDOUT})
+    train_records = interleaved([world.records["train"][t] for t in sorted(TASKS) if t != HOLDOUT])
     long = train_records[: job["curve_edits"]]
     for name in ("memory", "instructedit"):
         every = max(1, len(long) // 10)

@@ -45,17 +45,6 @@ APPLY_SIZES = (8, 16, 32)
 METRICS = ("reliability", "generalization", "locality")
 
 
-def _interleaved(records_by_task: dict[str, list[Any]]) -> list[Any]:
-    """Test records of every task, one of each in turn (an apply call mixing tasks)."""
-    queues = {t: list(rs) for t, rs in sorted(records_by_task.items())}
-    out = []
-    while any(queues.values()):
-        for queue in queues.values():
-            if queue:
-                out.append(queue.pop(0))
-    return out
-
-
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one editor, then score it under every protocol (runs in a worker process)."""
     import torch
@@ -63,7 +52,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
     from kedit_vfl.edit.config import TrainConfig, WorldOptions
-    from kedit_vfl.edit.data.sources import embedded_world
+    from kedit_vfl.edit.data.sources import embedded_world, interleaved
     from kedit_vfl.edit.editor.apply import edit_updates, holds, target_scores
     from kedit_vfl.edit.editor.batches import Prompter
     from kedit_vfl.edit.editor.network import edited_params
@@ -82,7 +71,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         method = HypernetworkEdit("instructedit", result.editor, prompter)
         summary = evaluate(method, result.base, scored, **options)
         protocols[name] = {t: {m: summary["tasks"][t][m] for m in METRICS} for t in scored}
-    mixed = _interleaved(scored)
+    mixed = interleaved([scored[t] for t in sorted(scored)])
     applied = {}
     for size in APPLY_SIZES:
         edits = mixed[:size]

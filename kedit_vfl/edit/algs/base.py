@@ -9,6 +9,7 @@ batch's updates are all computed on the weights the state started from.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -56,12 +57,13 @@ class WeightEdits:
         return forward_with(base.model, self.params(base), batch.model_inputs())
 
 
-class WeightMethod:
+class WeightMethod(ABC):
     """Shared part of the methods that change weights: subclasses give :meth:`updates`."""
 
     name: str
     prompter: Prompter
 
+    @abstractmethod
     def updates(
         self,
         base: BaseModel,
@@ -70,7 +72,6 @@ class WeightMethod:
     ) -> dict[str, torch.Tensor]:
         """Weight updates (parameter name -> delta, in the weight's layout) that make the
         model with ``params`` (None: the base weights) state every record's new target."""
-        raise NotImplementedError
 
     def start(self, base: BaseModel) -> WeightEdits:
         return WeightEdits()

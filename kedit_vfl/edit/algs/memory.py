@@ -34,7 +34,7 @@ DEFAULT_THRESHOLD = 0.95  # cosine; used only when the validation records cannot
 class MemoryEdits:
     """The side memory: one key and one factored update per edit."""
 
-    keys: list[torch.Tensor] = field(default_factory=list)  # (d,) each
+    keys: torch.Tensor | None = None  # (M, d), one row per edit
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     method: MemoryEdit | None = None
 
@@ -42,9 +42,9 @@ class MemoryEdits:
     def logits(self, base: BaseModel, batch: TokenBatch) -> torch.Tensor:
         assert self.method is not None
         pre, keys = self.method.keys_and_logits(base, batch)
-        if not self.keys:
+        if self.keys is None:
             return pre
-        best, routed = self.method.route(keys, torch.stack(self.keys))
+        best, routed = self.method.route(keys, self.keys)
         out = pre.clone()
         inputs = batch.model_inputs()
         for edit in best[routed].unique().tolist():
@@ -77,7 +77,8 @@ class MemoryEdit:
                 mine = owner == r
                 left = (-self.editor.alpha[i] * delta_t[mine]).T.contiguous()  # (d_out, T_r)
                 factors[r][target.param] = (left, x_t[mine].contiguous())  # (T_r, d_in)
-        return MemoryEdits([*edited.keys, *keys], [*edited.factors, *factors], self)
+        stored = keys if edited.keys is None else torch.cat([edited.keys, keys])
+        return MemoryEdits(stored, [*edited.factors, *factors], self)
 
     def keys_and_logits(self, base: BaseModel, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The unedited model's logits, and each row's key (B, d), from one forward pass."""

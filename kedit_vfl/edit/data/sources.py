@@ -62,6 +62,15 @@ def by_task(records: Sequence[EditRecord]) -> dict[str, list[EditRecord]]:
     return grouped
 
 
+def interleaved(groups: Sequence[Sequence[EditRecord]]) -> list[EditRecord]:
+    """One record of each group in turn until all are used (a batch or sequence mixing tasks)."""
+    queues = [list(group) for group in groups]
+    out: list[EditRecord] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[depth] for q in queues if depth < len(q))
+    return out
+
+
 def read_records(paths: Sequence[str | Path], task: str | None = None) -> list[EditRecord]:
     """Records from files in any supported format (auto-detected)."""
     from kedit_vfl.edit.data.loaders import load_records
