@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from kedit_vfl.edit.algs.base import Edited, EditMethod
-from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
 from kedit_vfl.edit.algs.registry import build_method
 from kedit_vfl.edit.config import EvalConfig
 from kedit_vfl.edit.data.records import EditRecord
@@ -222,19 +221,18 @@ def evaluate_editor(
     ``methods`` holds every method's, and ``comparison`` one overall row per method.
     """
     loaded = load_editor(editor_path)
-    base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
     plain = load_editor(config.mend_editor) if config.mend_editor else None
+    pools = None if config.no_prefix else loaded.pools
+    prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
+    # every method's options are checked before the (slow) base model is opened
+    chosen = {name: build_method(name, loaded, prompter, plain, config.hparams) for name in config.methods}
+    base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
     if plain is not None:
         check_fingerprint(plain, base, config.mend_editor)
         plain.editor.to(base.device).eval()
     records = evaluation_records(config, loaded, reporter)
-    pools = None if config.no_prefix else loaded.pools
-    prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
     methods = {}
-    for name in config.methods:
-        method = build_method(name, loaded, prompter, plain, config.hparams)
-        if name == "instructedit" and config.no_prefix:
-            method = HypernetworkEdit(name, loaded.editor, Prompter(None))
+    for name, method in chosen.items():
         seed_everything(config.seed)
         methods[name] = evaluate(
             method, base, records, config.sequential, reporter, config.batch, config.curve_every
