@@ -42,9 +42,20 @@ app = typer.Typer(
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", help="'embedded' (the project's own small LM) or a Hugging Face name or folder."),
+    typer.Option(
+        "--model",
+        help="'embedded' (the project's own small LM), a Hugging Face name or folder, or "
+        "random:SHAPE[,key=value...] (random weights of a preset or config.json shape; docs: large models).",
+    ),
 ]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="The base model's weights: float32, bfloat16, float16 or auto (the checkpoint's); "
+        "the editor stays float32.",
+    ),
+]
 DataOption = Annotated[
     Optional[list[Path]],
     typer.Option(
@@ -164,6 +175,20 @@ def train_editor_command(
             "of this many edits.",
         ),
     ] = TrainConfig.memory_edits,
+    accumulate: Annotated[
+        int,
+        typer.Option(
+            "--accumulate",
+            help="Meta-steps averaged into one optimizer step (N matches torchrun with N processes).",
+        ),
+    ] = TrainConfig.accumulate,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute the base model's activations in backward instead of keeping them.",
+        ),
+    ] = TrainConfig.gradient_checkpointing,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the editor.")] = TrainConfig.lr,
     lr_alpha: Annotated[
         float, typer.Option("--lr-alpha", help="Learning rate of the step sizes.")
@@ -235,6 +260,8 @@ def train_editor_command(
         batch_size=batch_size,
         batch_sizes=_sizes(batch_sizes),
         memory_edits=memory_edits,
+        accumulate=accumulate,
+        gradient_checkpointing=gradient_checkpointing,
         lr=lr,
         lr_alpha=lr_alpha,
         c_edit=c_edit,
@@ -251,6 +278,8 @@ def train_editor_command(
     )
     reporter = RichReporter(quiet)
     result = train_editor(config, out=out, resume=resume, reporter=reporter)
+    if not result.main:
+        return  # another rank of a data-parallel run: rank 0 writes and reports
     provenance = make_provenance(
         "edit train-editor",
         config_to_dict(config),
@@ -281,11 +310,13 @@ def train_editor_command(
         "validation": {k: best.get(k) for k in ("score", *METRICS)},
         "edited_layers": [t.module for t in result.editor.targets],
         "instructions": result.pools is not None,
+        "resources": result.resources,
     }
     if json_output:
         emit_json(payload)
         return
-    print_kv("editor", {k: v for k, v in payload.items() if k != "validation"})
+    print_kv("editor", {k: v for k, v in payload.items() if k not in ("validation", "resources")})
+    print_kv("resources", result.resources)
     if best.get("tasks"):
         print_table(
             f"validation at step {best['step']}: post-edit (pre-edit)",

@@ -12,7 +12,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")  # what e
 
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
-DTYPE_NAMES = ("float32", "bfloat16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # transformers' names; auto: the checkpoint's
 
 
 def _positive(name: str, value: float) -> None:
@@ -74,6 +74,12 @@ class TrainConfig:
     # are close enough; the threshold is chosen on the validation split for a memory
     # holding this many edits (more edits, more unrelated prompts near one: stricter).
     memory_edits: int = 100
+    # Meta-steps whose gradients average into one optimizer step: one process with
+    # --accumulate N takes the step that N data-parallel processes (torchrun) take.
+    accumulate: int = 1
+    # transformers' activation checkpointing through the base model's blocks: saves the
+    # edited blocks' activations for more compute (docs/large-models.md has the measurement).
+    gradient_checkpointing: bool = False
     lr: float = 1e-4  # Adam, hypernetwork
     lr_alpha: float = 1e-4  # Adam, per-layer step sizes (MEND's lr_lr; compared on worlds 0-2, README)
     c_edit: float = 0.1
@@ -114,6 +120,7 @@ class TrainConfig:
             "val_records",
             "patience",
             "memory_edits",
+            "accumulate",
         ):
             _positive("--" + name.replace("_", "-"), getattr(self, name))
         if self.c_edit < 0 or self.c_loc < 0:

@@ -11,7 +11,8 @@ import torch
 
 from kedit_vfl.edit.config import EditorConfig, WorldOptions
 from kedit_vfl.edit.data.records import EditRecord
-from kedit_vfl.edit.models.base import BaseModel, load_base_model
+from kedit_vfl.edit.models.base import BaseModel, load_base_model, load_random_model
+from kedit_vfl.edit.models.random_weights import is_random_spec
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 
@@ -33,7 +34,18 @@ def open_base(
     editor: EditorConfig,
     reporter: Reporter = SILENT,
 ) -> tuple[BaseModel, dict[str, Any]]:
-    """The base model and how to find it again (stored in the editor artifact)."""
+    """The base model and how to find it again (stored in the editor artifact).
+
+    A ``random:`` spec (models.random_weights) is built with the embedded world's
+    tokenizer, so the world's records train and evaluate an editor for it.
+    """
+    if is_random_spec(model):
+        built = embedded_world(world, reporter)
+        base = load_random_model(
+            model, str(built.model_dir), device, dtype, editor.layers, editor.n_blocks, reporter
+        )
+        info = {"model": model, "world": {"seed": world.seed, "sizes": dict(world.sizes)}}
+        return base, {**info, "dtype": dtype}
     if model == EMBEDDED:
         built = embedded_world(world, reporter)
         source = str(built.model_dir)
@@ -46,6 +58,11 @@ def open_base(
     base = load_base_model(source, device, dtype, editor.layers, editor.n_blocks, reporter)
     base.source = model if model != EMBEDDED else f"embedded (world seed {world.seed})"
     return base, {**info, "dtype": dtype}
+
+
+def uses_embedded_world(model: str | None) -> bool:
+    """The embedded model and ``random:`` models run on the embedded world's records by default."""
+    return model == EMBEDDED or (model is not None and is_random_spec(model))
 
 
 def world_options_of(base_info: dict[str, Any]) -> WorldOptions:

@@ -22,7 +22,12 @@ import torch
 
 from kedit_vfl.edit.config import ApplyConfig
 from kedit_vfl.edit.data.records import EditRecord
-from kedit_vfl.edit.data.sources import EMBEDDED, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.sources import (
+    embedded_world,
+    read_records,
+    uses_embedded_world,
+    world_options_of,
+)
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
 from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params, forward_with, merge_updates
 from kedit_vfl.edit.editor.store import load_editor, open_editor_base
@@ -108,7 +113,7 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
     base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
     if config.edits:
         records = read_records(config.edits)
-    elif (config.model or loaded.base.get("model")) == EMBEDDED:
+    elif uses_embedded_world(config.model or loaded.base.get("model")):
         # The demo requests: the first test edit of each task (an editor trained one edit
         # per step handles a few edits at once, not a whole split; see the README).
         world = embedded_world(world_options_of(loaded.base), reporter)

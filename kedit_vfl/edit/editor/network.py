@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -139,12 +141,21 @@ class Editor(nn.Module):
         self.delta_norms = nn.ModuleList(RunningNorm(t.d_out) for t in self.targets)
         self.alpha = nn.Parameter(torch.full((len(self.targets),), float(config.edit_lr)))
 
-    def forward(self, grads: Mapping[str, LayerGrads]) -> dict[str, torch.Tensor]:
-        """Weight updates keyed by parameter name, in each weight's own layout."""
+    def forward(
+        self, grads: Mapping[str, LayerGrads], factored: bool = False
+    ) -> dict[str, torch.Tensor] | dict[str, LowRankUpdate]:
+        """Weight updates keyed by parameter name, in each weight's own layout; or, with
+        ``factored``, keyed by module name as :class:`LowRankUpdate` factors (meta-training:
+        no ``d_out x d_in`` matrix is ever built, see :func:`low_rank_edits`)."""
+        factors = {
+            target.module: LowRankUpdate(-self.alpha[i], *self.transformed(i, grads[target.module]))
+            for i, target in enumerate(self.targets)
+        }
+        if factored:
+            return factors
         updates = {}
-        for i, target in enumerate(self.targets):
-            x_t, delta_t = self.transformed(i, grads[target.module])
-            update = -self.alpha[i] * rank_one_sum(x_t, delta_t)  # (d_out, d_in): a descent step
+        for target in self.targets:
+            update = factors[target.module].dense()  # (d_out, d_in): a descent step
             updates[target.param] = update.transpose(0, 1) if target.transposed else update
         return updates
 
@@ -159,6 +170,49 @@ class Editor(nn.Module):
         h = self.transforms[target.shape_key](h, self.slot[i])
         x_t, delta_t = h.split([target.d_in, target.d_out], dim=-1)
         return x_t, delta_t
+
+
+@dataclass
+class LowRankUpdate:
+    """``scale * delta~^T x~``: one layer's update as the editor makes it, kept factored."""
+
+    scale: torch.Tensor  # () the layer's -alpha
+    x: torch.Tensor  # (N, d_in)
+    delta: torch.Tensor  # (N, d_out)
+
+    def dense(self) -> torch.Tensor:
+        """(d_out, d_in), one matmul."""
+        return self.scale * rank_one_sum(self.x, self.delta)
+
+    def effect(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs @ dense().T`` through the factors: (..., d_in) -> (..., d_out) in float32."""
+        return self.scale * ((inputs.float() @ self.x.transpose(0, 1)) @ self.delta)
+
+
+@contextmanager
+def low_rank_edits(model: nn.Module, updates: Mapping[str, LowRankUpdate]) -> Iterator[None]:
+    """Inside the block, each edited module's output gains its update's effect on its input.
+
+    The same function as ``W + dW`` (up to float rounding), but its memory grows with the
+    edited tokens, not with ``d_out x d_in``: on a 7B model the dense path holds, per
+    edited weight, ``dW`` and ``W + dW`` for backward (hundreds of MB each). The weights
+    are untouched, so activation checkpointing recomputes the same function as long as
+    backward runs inside the block.
+    """
+    modules = dict(model.named_modules())
+
+    def make_hook(update: LowRankUpdate) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            return output + update.effect(args[0]).to(output.dtype)
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(u)) for name, u in updates.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def edited_params(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import copy
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ from kedit_vfl.edit.data.instructions import InstructionPools, default_pools, lo
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import by_task, embedded_world, open_base, read_records, split_validation
 from kedit_vfl.edit.editor.batches import Prompter, training_batches
-from kedit_vfl.edit.editor.network import Editor, edit_gradients, edited_params, forward_with
+from kedit_vfl.edit.editor.distributed import Distributed, from_environment
+from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with, low_rank_edits
 from kedit_vfl.edit.editor.store import CHECKPOINT_KIND
 from kedit_vfl.edit.evaluation.evaluate import evaluate_records, summarise
 from kedit_vfl.edit.evaluation.metrics import kl_on_answers, nll_mean, token_accuracy
@@ -68,6 +69,8 @@ class TrainResult:
     stopped_early: bool = False
     seconds: float = 0.0
     memory: dict[str, float | None] = field(default_factory=dict)  # the routing threshold (algs.memory)
+    resources: dict[str, Any] = field(default_factory=dict)  # peak memory, seconds per step
+    main: bool = True  # False on the other ranks of a data-parallel run (they write nothing)
 
 
 def load_train_data(config: TrainConfig, reporter: Reporter = SILENT) -> TrainData:
@@ -108,34 +111,82 @@ def sample_records(data: Mapping[str, Sequence[EditRecord]], n: int, rng: random
 
 
 def meta_step(
-    editor: Editor,
+    editor: Editor | torch.nn.Module,
     base: BaseModel,
     records: Sequence[EditRecord],
     prompter: Prompter,
     config: TrainConfig,
     rng: random.Random,
     loc_pool: Sequence[EditRecord],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The meta-training loss of one batch of edits, and its logged parts (flat slash keys)."""
+    scale: float = 1.0,
+) -> dict[str, float]:
+    """One batch of edits: its meta-training loss, backpropagated (times ``scale``) into the
+    editor's gradients; returns the loss's logged parts (flat slash keys).
+
+    ``editor`` may be the DDP-wrapped editor. The edited model runs with the update kept
+    factored (:func:`low_rank_edits`), and backward runs inside that block because
+    activation checkpointing recomputes the edited forward during backward.
+    """
     batches = training_batches(
         records, prompter, base.tokenizer, base.max_length, rng, config.use_rephrase, loc_pool
     )
     inner, outer, loc = (b.to(base.device) if b is not None else None for b in batches.values())
-    updates = editor(edit_gradients(base.model, base.targets, inner))
-    params = edited_params(base.model, updates)
-    post = forward_with(base.model, params, outer.model_inputs())
-    loss_edit = nll_mean(post, outer)
-    loss = config.c_edit * loss_edit
-    logs = {"loss/edit": loss_edit.item(), "edit/acc": token_accuracy(post.detach(), outer).mean().item()}
+    grads = edit_gradients(base.model, base.targets, inner)
+    pre_loc = None
     if loc is not None:
         with torch.no_grad():
             pre_loc = forward_with(base.model, None, loc.model_inputs())
-        post_loc = forward_with(base.model, params, loc.model_inputs())
-        loss_loc = kl_on_answers(pre_loc, post_loc, loc)
-        loss = loss + config.c_loc * loss_loc
-        logs["loss/loc"] = loss_loc.item()
+    updates = editor(grads, factored=True)
+    with low_rank_edits(base.model, updates), checkpointed(base.model, config.gradient_checkpointing):
+        post = base.model(**outer.model_inputs(), use_cache=False).logits
+        loss_edit = nll_mean(post, outer)
+        loss = config.c_edit * loss_edit
+        logs = {"loss/edit": loss_edit.item(), "edit/acc": token_accuracy(post.detach(), outer).mean().item()}
+        if loc is not None:
+            post_loc = base.model(**loc.model_inputs(), use_cache=False).logits
+            loss_loc = kl_on_answers(pre_loc, post_loc, loc)
+            loss = loss + config.c_loc * loss_loc
+            logs["loss/loc"] = loss_loc.item()
+        (loss * scale).backward()
     logs["loss"] = loss.item()
-    return loss, logs
+    return logs
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (it needs no input to require grad).
+
+    transformers checkpoints only in training mode, so meta-training switches the base
+    model to training mode around the edited forward; dropout is set to zero first, so
+    the base model computes exactly what it computes in eval mode.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support activation checkpointing"
+        )
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    # transformers also makes the embeddings' output require grad (for PEFT's reentrant
+    # case); here that would carry backward through every block, not just the edited ones.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+@contextmanager
+def checkpointed(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Training mode (where transformers checkpoints) inside the block when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
 
 
 def validate(
@@ -165,7 +216,7 @@ _RESUMABLE_CHANGES = {"steps", "patience", "val_every"}
 class _Trainer:
     """Holds the mutable state of one training run, so checkpoints can save and restore it."""
 
-    def __init__(self, config: TrainConfig, editor: Editor, out: Path | None) -> None:
+    def __init__(self, config: TrainConfig, editor: Editor, out: Path | None, writes: bool = True) -> None:
         self.config = config
         self.editor = editor
         hyper = [p for name, p in editor.named_parameters() if name != "alpha"]
@@ -174,6 +225,7 @@ class _Trainer:
             foreach=True,
         )
         self.checkpoint = _checkpoint_path(out) if out is not None else None
+        self.writes = writes  # rank 0 of a data-parallel run, or the only process
         self.params = dict(editor.named_parameters())
         self.average = {k: p.detach().clone() for k, p in self.params.items()} if config.ema else {}
         self.step = 0
@@ -209,7 +261,7 @@ class _Trainer:
                     self.params[name].copy_(weights)
 
     def save(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.writes:
             return
         tensors, optim_meta = flatten(self.optimizer.state_dict(), prefix="optim/")
         tensors.update({f"editor/{k}": v for k, v in self.editor.state_dict().items()})
@@ -277,34 +329,62 @@ class _Trainer:
 def train_editor(
     config: TrainConfig, out: Path | None = None, resume: bool = False, reporter: Reporter = SILENT
 ) -> TrainResult:
-    """Meta-train an editor for ``config.model``; returns the best editor by validation score."""
+    """Meta-train an editor for ``config.model``; returns the best editor by validation score.
+
+    Under torchrun this process is one rank of a data-parallel run (editor.distributed).
+    """
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    dist = from_environment(resolve_device(config.device))
+    try:
+        return _train(config, out, resume, reporter if dist.is_main else SILENT, dist, started)
+    finally:
+        dist.finish()
+
+
+def _train(
+    config: TrainConfig, out: Path | None, resume: bool, reporter: Reporter, dist: Distributed, started: float
+) -> TrainResult:
+    device = dist.device(resolve_device(config.device))
     seed_everything(config.seed)
     data = load_train_data(config, reporter)
     pools = load_instruction_pools(config)
     base, base_info = open_base(config.model, config.world, device, config.dtype, config.editor, reporter)
+    if config.gradient_checkpointing:
+        enable_checkpointing(base.model)
     editor = Editor(base.targets, config.editor).to(device).train()
-    trainer = _Trainer(config, editor, out)
+    trainer = _Trainer(config, editor, out, writes=dist.is_main)
     if resume:
         trainer.restore()
         reporter.log(f"resuming from step {trainer.step} (best score {trainer.best['score']:.3f})")
-    rng = random.Random(f"{config.seed}/{trainer.step}")
+    model = dist.wrap(editor, device)
+    rng = random.Random(f"{config.seed}/{trainer.step}" + (f"/rank {dist.rank}" if dist.rank else ""))
     train_prompter, val_prompter = Prompter(pools), Prompter(pools, index=0)
     loc_pool = [r for records in data.train.values() for r in records if r.locality]
     stopped = False
+    step_seconds = 0.0
+    first_step = trainer.step
     with reporter.task("meta-training the editor", total=config.steps) as task:
         task.advance(trainer.step)
         while trainer.step < config.steps and not stopped:
-            size = rng.choice(config.batch_sizes) if config.batch_sizes else config.batch_size
-            records = sample_records(data.train, size, rng)
-            loss, logs = meta_step(editor, base, records, train_prompter, config, rng, loc_pool)
+            tick = time.perf_counter()
             trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parts: list[dict[str, float]] = []
+            for micro in range(config.accumulate):
+                size = rng.choice(config.batch_sizes) if config.batch_sizes else config.batch_size
+                records = sample_records(data.train, size, rng)
+                last = micro == config.accumulate - 1
+                with nullcontext() if last or not dist.active else model.no_sync():
+                    parts.append(
+                        meta_step(
+                            model, base, records, train_prompter, config, rng, loc_pool, 1 / config.accumulate
+                        )
+                    )
+            logs = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
             torch.nn.utils.clip_grad_norm_(editor.parameters(), 100.0)
             trainer.optimizer.step()
             trainer.update_average()
             trainer.step += 1
+            step_seconds += time.perf_counter() - tick
             if trainer.step % config.val_every == 0 or trainer.step == config.steps:
                 with trainer.averaged_weights():
                     summary = validate(editor, base, data.validation, val_prompter, config.val_records)
@@ -314,11 +394,14 @@ def train_editor(
             task.advance(1, **{k: v for k, v in logs.items() if k in ("loss", "edit/acc", "val/score")})
     editor.load_state_dict(trainer.best_state)
     editor.eval()
-    # the side memory's routing threshold, chosen on the validation records (never the test)
-    validation = [r for task in sorted(data.validation) for r in data.validation[task]]
-    background = [r for task in sorted(data.train) for r in data.train[task]]
-    random.Random(f"{config.seed}/memory").shuffle(background)
-    memory = calibrate_threshold(editor, base, val_prompter, validation, background, config.memory_edits)
+    resources = training_resources(base, editor, device, step_seconds, trainer.step - first_step, dist)
+    memory: dict[str, float | None] = {}
+    if dist.is_main:
+        # the side memory's routing threshold, chosen on the validation records (never the test)
+        validation = [r for task in sorted(data.validation) for r in data.validation[task]]
+        background = [r for task in sorted(data.train) for r in data.train[task]]
+        random.Random(f"{config.seed}/memory").shuffle(background)
+        memory = calibrate_threshold(editor, base, val_prompter, validation, background, config.memory_edits)
     return TrainResult(
         editor,
         pools,
@@ -330,4 +413,42 @@ def train_editor(
         stopped,
         time.perf_counter() - started,
         memory,
+        resources,
+        dist.is_main,
     )
+
+
+def training_resources(
+    base: BaseModel, editor: Editor, device: torch.device, seconds: float, steps: int, dist: Distributed
+) -> dict[str, Any]:
+    """What a run used: peak memory beside the sizes it is judged against, and time per step.
+
+    ``editor_state_gib`` is the editor's float32 parameters and Adam's two moments (12
+    bytes a parameter); the run also holds their gradients, the weight average and the
+    best weights so far (12 more).
+    """
+    gib = 2**30
+    editor_parameters = sum(p.numel() for p in editor.parameters())
+    return {
+        "peak_rss_gib": round(peak_rss_bytes() / gib, 3),
+        "peak_cuda_gib": round(torch.cuda.max_memory_allocated(device) / gib, 3)
+        if device.type == "cuda"
+        else None,
+        "base_parameters": sum(p.numel() for p in base.model.parameters()),
+        "base_weights_gib": round(
+            sum(p.numel() * p.element_size() for p in base.model.parameters()) / gib, 3
+        ),
+        "editor_parameters": editor_parameters,
+        "editor_state_gib": round(editor_parameters * 12 / gib, 3),
+        "seconds_per_step": round(seconds / steps, 4) if steps else None,
+        "processes": dist.world_size,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

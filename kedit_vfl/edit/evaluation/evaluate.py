@@ -20,7 +20,13 @@ from kedit_vfl.edit.algs.base import Edited, EditMethod
 from kedit_vfl.edit.algs.registry import build_method
 from kedit_vfl.edit.config import EvalConfig
 from kedit_vfl.edit.data.records import EditRecord
-from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.sources import (
+    by_task,
+    embedded_world,
+    read_records,
+    uses_embedded_world,
+    world_options_of,
+)
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch, probe
 from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with
 from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
@@ -194,7 +200,7 @@ def evaluation_records(
     """``--data`` records, or the embedded world's test split of every task (hold-out included)."""
     if config.data:
         grouped = by_task(read_records(config.data))
-    elif (config.model or loaded.base.get("model")) == EMBEDDED:
+    elif uses_embedded_world(config.model or loaded.base.get("model")):
         grouped = {
             t: list(r)
             for t, r in embedded_world(world_options_of(loaded.base), reporter).records["test"].items()

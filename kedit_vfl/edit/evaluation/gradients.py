@@ -24,7 +24,13 @@ import torch
 
 from kedit_vfl.artifacts import atomic_write, config_to_dict
 from kedit_vfl.edit.data.records import EditRecord
-from kedit_vfl.edit.data.sources import EMBEDDED, by_task, embedded_world, read_records, world_options_of
+from kedit_vfl.edit.data.sources import (
+    by_task,
+    embedded_world,
+    read_records,
+    uses_embedded_world,
+    world_options_of,
+)
 from kedit_vfl.edit.editor.batches import Prompter
 from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.analysis import UpdateSketch, separation_report
@@ -113,7 +119,7 @@ def analysis_records(config: AnalyzeConfig, loaded: LoadedEditor) -> dict[str, l
     """``--data`` or the embedded world's test (then validation) records, N per task."""
     if config.data:
         grouped = by_task(read_records(config.data))
-    elif (config.model or loaded.base.get("model")) == EMBEDDED:
+    elif uses_embedded_world(config.model or loaded.base.get("model")):
         # Test records first, then validation and train ones to reach N per task: the
         # analysis looks at update directions, not at how well the edits generalise.
         world = embedded_world(world_options_of(loaded.base))

@@ -25,7 +25,9 @@ from kedit_vfl.progress import SILENT, Reporter
 
 ALL_WEIGHTS, EDITED_LAYERS = "all-weights", "edited-layers"  # what a base model fingerprint covers
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# transformers' own dtype names; "auto" is the checkpoint's dtype (float32 when it has none).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"
 
 # Default edited modules per architecture: the MLP projections of the last blocks.
 # ``{i}`` is the block index; the blocks' container path finds how many there are.
@@ -220,8 +222,7 @@ def load_base_model(
     """Load a Hugging Face causal LM (name or local folder), frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     local = Path(source)
     if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise UserError(f"--model {source}: no such folder")
@@ -231,14 +232,48 @@ def load_base_model(
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES.get(dtype, dtype))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {source}: cannot load a causal language model ({first})") from exc
+    return prepare_base(model, tokenizer, source, device, layers, n_blocks)
+
+
+def load_random_model(
+    spec: str,
+    tokenizer_source: str,
+    device: torch.device,
+    dtype: str = "float32",
+    layers: Sequence[str] = (),
+    n_blocks: int = 3,
+    reporter: Reporter = SILENT,
+) -> BaseModel:
+    """A ``random:`` spec's model (models.random_weights) with the tokenizer of ``tokenizer_source``."""
+    from transformers import AutoTokenizer
+
+    from kedit_vfl.edit.models.random_weights import build_random_model, parse_random_spec
+
+    check_dtype(dtype)
+    parsed = parse_random_spec(spec)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    reporter.log(f"building {spec} with random weights")
+    model = build_random_model(parsed, tokenizer, DTYPES.get(dtype, torch.float32))
+    return prepare_base(model, tokenizer, spec, device, layers, n_blocks)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES and dtype != AUTO_DTYPE:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join([*DTYPES, AUTO_DTYPE])}")
+
+
+def prepare_base(
+    model: nn.Module, tokenizer: Any, source: str, device: torch.device, layers: Sequence[str], n_blocks: int
+) -> BaseModel:
+    """Frozen, in eval mode, on ``device``, its tokenizer padding on the right."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     model.to(device).eval()
     model.requires_grad_(False)
     targets = resolve_targets(model, layers, n_blocks)
-    return BaseModel(model, tokenizer, source, targets, device, DTYPES[dtype])
+    return BaseModel(model, tokenizer, source, targets, device, next(model.parameters()).dtype)
