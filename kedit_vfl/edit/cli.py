@@ -526,6 +526,52 @@ def evaluate_command(
         )
 
 
+@app.command("build-model")
+def build_model_command(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="random:SHAPE[,key=value...]: a preset (tinyllama-1.1b, llama-2-7b, qwen2-0.5b, gpt2) "
+            "or a config.json, with config overrides and seed=N."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Hugging Face model folder to write.")],
+    dtype: DtypeOption = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Write a model of any transformers architecture with random weights, for tests and
+    benchmarks at a real model's size without the hub (the embedded world's tokenizer).
+
+    Example: kvtool edit build-model random:tinyllama-1.1b,num_hidden_layers=4 --out runs/tiny-llama
+    """
+    import torch
+
+    from kedit_vfl.edit.data.sources import embedded_world
+    from kedit_vfl.edit.models.base import load_random_model, save_model_folder
+    from kedit_vfl.edit.models.random_weights import parse_random_spec
+
+    parse_random_spec(spec)  # a malformed spec fails before the world is opened
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    reporter = RichReporter(quiet)
+    world = embedded_world(WorldOptions(), reporter)
+    base = load_random_model(spec, str(world.model_dir), torch.device("cpu"), dtype, reporter=reporter)
+    save_model_folder(base, out, overwrite)
+    payload = {
+        "out": str(out),
+        "model_type": base.model.config.model_type,
+        "parameters": sum(p.numel() for p in base.model.parameters()),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "fingerprint": base.fingerprint(),
+    }
+    if json_output:
+        emit_json(payload)
+        return
+    print_kv("model", payload)
+
+
 @app.command("analyze-gradients")
 def analyze_gradients_command(
     editor: Annotated[Optional[Path], typer.Option("--editor", help="Editor artifact (edit.editor).")] = None,

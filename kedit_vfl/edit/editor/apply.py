@@ -10,8 +10,6 @@ after.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params,
 from kedit_vfl.edit.editor.store import load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.evaluate import compute_update
 from kedit_vfl.edit.evaluation.metrics import target_probability, token_accuracy
-from kedit_vfl.edit.models.base import BaseModel, quiet_transformers
+from kedit_vfl.edit.models.base import BaseModel, save_model_folder
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 
@@ -88,20 +86,7 @@ def holds(acc_post: float) -> bool:
 
 
 def _save_model(base: BaseModel, out: Path, report: dict[str, Any], overwrite: bool) -> None:
-    """Write to a temporary folder beside ``out``, then rename: never a half-written model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with quiet_transformers():
-            base.model.save_pretrained(tmp, safe_serialization=True)
-            base.tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        if out.exists() and overwrite:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    save_model_folder(base, out, overwrite, {REPORT_NAME: json.dumps(report, indent=2)})
 
 
 def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter = SILENT) -> ApplyResult:

@@ -261,6 +261,32 @@ def load_random_model(
     return prepare_base(model, tokenizer, spec, device, layers, n_blocks)
 
 
+def save_model_folder(
+    base: BaseModel, out: Path, overwrite: bool, files: dict[str, str] | None = None
+) -> None:
+    """A Hugging Face folder (weights, tokenizer, ``files``), written beside ``out`` then
+    renamed: never a half-written model."""
+    import shutil
+    import tempfile
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with quiet_transformers():
+            base.model.save_pretrained(tmp, safe_serialization=True)
+            base.tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists() and overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES and dtype != AUTO_DTYPE:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join([*DTYPES, AUTO_DTYPE])}")
