@@ -115,12 +115,16 @@ def make_provenance(
     }
 
 
-def _digest(parts: Iterable[tuple[str, str, tuple[int, ...], bytes]], metadata: Mapping[str, str]) -> str:
-    """sha256 over the metadata fields and each tensor's name, dtype, shape and bytes."""
+def _digest(parts: Iterable[tuple[str, str, tuple[int, ...], Any]], metadata: Mapping[str, str]) -> str:
+    """sha256 over the metadata fields and each tensor's name, dtype, shape and bytes.
+
+    The bytes are views (memoryview, NumPy), never copies: an editor for a 7B model and its
+    optimizer state are gigabytes, and a copy of each at once would double the peak.
+    """
     digest = hashlib.sha256()
     for key in _META_KEYS:
         digest.update(key.encode() + b"\0" + metadata.get(key, "").encode() + b"\0")
-    for name, dtype, shape, data in sorted(parts):
+    for name, dtype, shape, data in sorted(parts, key=lambda part: part[0]):
         digest.update(name.encode() + b"\0" + dtype.encode() + str(shape).encode())
         digest.update(data)
     return digest.hexdigest()
@@ -132,7 +136,7 @@ def _content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     parts = []
     for name, tensor in tensors.items():
         tensor = tensor.detach().contiguous().cpu()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         parts.append((name, str(tensor.dtype), tuple(tensor.shape), data))
     return _digest(parts, metadata)
 
@@ -231,7 +235,7 @@ def _parts(header: dict[str, Any], start: int, data: bytes, path: Path) -> list:
             raise UserError(
                 f"{path}: damaged or truncated artifact (tensor '{str(name)[:80]}' out of bounds)"
             )
-        parts.append((name, TORCH_DTYPES[dtype], shape, data[start + begin : start + end]))
+        parts.append((name, TORCH_DTYPES[dtype], shape, memoryview(data)[start + begin : start + end]))
     return parts
 
 
@@ -376,7 +380,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "extra_keys": sorted(artifact.extra),
         "tensors": {
             name: {"shape": list(shape), "dtype": dtype.removeprefix("torch.")}
-            for name, dtype, shape, _ in sorted(checked.parts)
+            for name, dtype, shape, _ in sorted(checked.parts, key=lambda part: part[0])
         },
         "parameters": sum(math.prod(shape) for _, _, shape, _ in checked.parts),
     }
