@@ -168,7 +168,12 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    if hasattr(
+        model, "activation_checkpointing_enable"
+    ):  # newer transformers; older ones only have the old name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers also makes the embeddings' output require grad (for PEFT's reentrant
     # case); here that would carry backward through every block, not just the edited ones.
     if hasattr(model, "disable_input_require_grads"):
