@@ -126,11 +126,11 @@ def signature_fields(content_digest: str) -> dict[str, str]:
 
 def check_signature(path: Path, metadata: dict[str, str], content_digest: str) -> str | None:
     """The signer's fingerprint if the signature holds; with ``--trust``, refuse anything else."""
-    from cryptography.exceptions import InvalidSignature
-
     policy, signer, signature = current(), metadata.get("signer"), metadata.get("signature")
     if policy.trusted is None:
         return signer
+    from cryptography.exceptions import InvalidSignature
+
     if not signer or not signature:
         raise UserError(f"{path}: not signed, and --trust requires a signature from a trusted key")
     public = policy.trusted.get(signer)

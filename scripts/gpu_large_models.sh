@@ -8,7 +8,7 @@
 #    cuda/bfloat16, and REF_EDITOR on cuda/float32 too; the CPU's own figures for REF_EDITOR
 #    are REF_JSON (edit evaluate --json on the CPU).
 #
-# Usage: [PY=python3] [DEVICE=cuda] [BIG=random:llama-2-7b] [STEPS=1000] REF_EDITOR=path
+# Usage: [PY=python3] [DEVICE=cuda] [BIG=random:llama-2-7b] [SKIP_BIG=1] [STEPS=1000] REF_EDITOR=path
 #        [REF_JSON=path] bash scripts/gpu_large_models.sh
 # DEVICE=cpu BIG=<small spec> is a dry run of this script on a machine without a GPU.
 set -uo pipefail
@@ -31,6 +31,7 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA d
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, {gpu}")
 PY
 
+if [[ -z "${SKIP_BIG:-}" ]]; then
 step "train-editor --model $BIG --device $DEVICE --dtype bfloat16 --steps 20"
 start=$(date +%s)
 timeout "${BIG_TIMEOUT:-330}" "$PY" -m kedit_vfl edit train-editor --model "$BIG" --device "$DEVICE" \
@@ -40,6 +41,7 @@ echo "took $(($(date +%s) - start)) s" >&2
 "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("big:", r["resources"], r["validation"])' \
   "$OUT/train_big.json" || failed=1
 rm -f "$OUT/editor-big.safetensors" "$OUT"/editor-big.ckpt.safetensors
+fi
 
 step "train-editor on the embedded world --device $DEVICE --dtype bfloat16 --steps $STEPS"
 start=$(date +%s)
