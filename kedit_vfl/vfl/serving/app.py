@@ -187,10 +187,14 @@ class ServerState:
 def _one_line(error: dict[str, Any]) -> str:
     """A pydantic error as one line: where in the body, and what was wrong."""
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    message = str(error.get("msg", "invalid"))[:200]
+    if not loc:
+        return 'the body must be a JSON object {"rows": [...]}, sent as Content-Type: application/json'
     if len(loc) >= 4 and loc[0] == "rows" and loc[2] == "features":
         return f"row {loc[1]}: feature '{loc[3][:80]}' must be a number, a string or null"
-    where = ".".join(loc) or "the request body"
-    return f"{where}: {str(error.get('msg', 'invalid'))[:200]}"
+    if len(loc) >= 2 and loc[0] == "rows" and loc[1].isdigit():
+        return f"row {loc[1]}: {'.'.join(loc[2:]) or 'the row'}: {message}"
+    return f"{'.'.join(loc)}: {message}"
 
 
 class _BodyLimit:

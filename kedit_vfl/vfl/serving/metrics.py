@@ -18,6 +18,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -39,6 +40,7 @@ class ServeMetrics:
     """The server's counters, histograms and gauges."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: they double the page for nothing we use
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "kvtool_serve_requests", "HTTP scoring requests by status code", ["status"], registry=registry
