@@ -486,16 +486,22 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     # 3-4: federated
     deadline = TARGETS["federated"]["deadline_ms"]
-    for scenario in ("federated", "publisher_killed"):
+    # the overlap, aligned once (PSI) for the servers that reconnect without a new PSI
+    aligned = {"active": folder / "a_align.safetensors", "passive": folder / "p_align.safetensors"}
+    pair("align", ["--table", DATA / "active_test.csv", "--out", aligned["active"]],
+         ["--table", DATA / "passive_test.csv", "--out", aligned["passive"]], identities)  # fmt: skip
+    scenarios = {"federated": False, "publisher_killed": True, "publisher_killed_psi": False}
+    for scenario, with_alignment in scenarios.items():
         port, rendezvous = free_port(), f"tcp://127.0.0.1:{free_port()}"
+        align = {party: ["--alignment", path] if with_alignment else [] for party, path in aligned.items()}
         advertiser = start(
             ["--model", models["a_split"], "--fallback", models["local"],
              "--active", DATA / "active_test.csv", "--port", port, "--rendezvous", rendezvous,
-             "--deadline-ms", deadline, *security(identities, "active")]
+             "--deadline-ms", deadline, *align["active"], *security(identities, "active")]
         )  # fmt: skip
         publisher_args = [
             "--party", "passive", "--model", models["p_split"], "--passive", DATA / "passive_test.csv",
-            "--rendezvous", rendezvous, *security(identities, "passive"),
+            "--rendezvous", rendezvous, *align["passive"], *security(identities, "passive"),
         ]  # fmt: skip
         publishers = [start(publisher_args)]
         wait_ready(port, advertiser, lambda r: r["publisher"] == "connected")
@@ -515,7 +521,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             publishers.append(start(args))
             events["restarted"] = time.perf_counter()
 
-        actions = {seconds / 4: kill, seconds / 2: revive} if scenario == "publisher_killed" else {}
+        actions = {seconds / 4: kill, seconds / 2: revive} if scenario != "federated" else {}
         print(f"{scenario}, {rate} requests/s for {seconds:.0f} s...", file=sys.stderr)
         result = arun(open_loop(port, singles, rate, seconds, actions))
         summary = summarise(result, deadline)
@@ -550,11 +556,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def verdicts(out: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(target, measured, met?) for the results table."""
-    local, batched, fed, killed = (
+    local, batched, fed, killed, psi = (
         out["local"],
         out["local_batched"],
         out["federated"],
         out["publisher_killed"],
+        out["publisher_killed_psi"],
     )
     counted = killed["metrics"]
     ratio = counted.get("kvtool_serve_fallback_ratio", float("nan"))
@@ -578,7 +585,13 @@ def verdicts(out: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("publisher killed: rows the publisher could not answer served locally within the deadline",
          f"{killed['fallback_requests']:,} fallback requests, p99 {killed['fallback_p99_ms']:.2f} ms, "
          f"max {killed['fallback_max_ms']:.2f} ms; {100 * killed['within_deadline']:.2f}% of all requests "
-         "within 15 ms", killed["fallback_max_ms"] is not None and killed["fallback_max_ms"] <= 15.0),
+         "within 15 ms (servers given --alignment)",
+         killed["fallback_max_ms"] is not None and killed["fallback_max_ms"] <= 15.0),
+        ("the same, the overlap found by PSI at each reconnection (no --alignment)",
+         f"{psi['fallback_requests']:,} fallback requests, p99 {psi['fallback_p99_ms']:.2f} ms, "
+         f"max {psi['fallback_max_ms']:.2f} ms; all requests p99 {psi['p99_ms']:.2f} ms, "
+         f"{100 * psi['within_deadline']:.2f}% within 15 ms",
+         psi["fallback_max_ms"] is not None and psi["fallback_max_ms"] <= 15.0),
         ("publisher killed: fallback visible in /metrics",
          f"fallback ratio {ratio:.3f} at the end; publisher-down rows {down:,.0f}, deadline rows {late:,.0f}",
          down + late > 0),
@@ -601,7 +614,8 @@ def report(out: dict[str, Any]) -> str:
     scenarios = (
         ("local", "local, 500/s"),
         ("federated", "federated, 200/s, deadline 15 ms"),
-        ("publisher_killed", "federated, 200/s, publisher killed at 1/4, back at 1/2"),
+        ("publisher_killed", "federated, 200/s, publisher killed at 1/4, back at 1/2 (--alignment)"),
+        ("publisher_killed_psi", "the same, PSI at each connection"),
     )
     for name, label in scenarios:
         s = out[name]

@@ -95,7 +95,8 @@ class MicroBatcher:
                     return
                 batch = self._take()
             connection = self.link.current
-            if connection is None:
+            if connection is None:  # no session: nothing to send, no keepalive due until one opens
+                self._last_sent = time.perf_counter()
                 self._fail(batch)
                 continue
             if not batch:
