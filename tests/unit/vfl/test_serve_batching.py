@@ -92,10 +92,10 @@ def test_no_session_costs_no_cpu() -> None:
         batcher = MicroBatcher(link, asyncio.get_running_loop(), ServeMetrics())  # type: ignore[arg-type]
         batcher.start()
         cpu = time.process_time()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.6)  # past the keepalive interval (1 s), where the spin began
         used = time.process_time() - cpu
         batcher.stop()
         return used
 
-    assert asyncio.run(run()) < 0.1
+    assert asyncio.run(run()) < 0.15
     assert link.heartbeats == 0
