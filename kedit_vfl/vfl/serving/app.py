@@ -81,7 +81,10 @@ class ServerState:
                 413, f"{len(rows)} rows in one request; at most --max-batch {self.config.max_batch}"
             )
         check_rows(rows, served.schema)
-        num, cat = encode_rows(rows, served.schema)
+        try:
+            num, cat = encode_rows(rows, served.schema)
+        except UserError as exc:  # a value the transform refuses: the client's, never the service's
+            raise BadRequest(422, str(exc).replace("\n", " ")) from exc
         num, cat = num.to(self.device), cat.to(self.device)
         n, ids = len(rows), [row.id for row in rows]
         reasons = [LOCAL_MODEL] * n
