@@ -471,6 +471,8 @@ class ServeConfig:
             )
         if self.max_batch > MAX_SERVE_BATCH:
             raise UserError(f"--max-batch {self.max_batch}: at most {MAX_SERVE_BATCH:,} rows per request")
+        if self.party == "active" and self.passive is not None:
+            raise UserError("--passive is the publisher's table: give it to the publisher's --party passive")
         if self.party == "passive":
             if self.rendezvous is None:
                 raise UserError(

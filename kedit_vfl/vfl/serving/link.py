@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -53,9 +54,9 @@ class Connection:
         return [self.key_of.get(i) for i in ids]
 
 
-def read_ids(path: str | object, id_col: str) -> PartyTable:
+def read_ids(path: Path, id_col: str) -> PartyTable:
     """The advertiser's ids (no features) as the table the alignment runs on."""
-    source = open_table(path, "active")  # type: ignore[arg-type]
+    source = open_table(path, "active")
     source.require_column(id_col, "id")
     chunks, missing = [], 0
     for batch in source.batches([id_col]):
@@ -134,8 +135,12 @@ class PublisherLink:
         self.log(f"publisher link: session {connection.number} open, {len(ids):,} agreed ids")
 
     def embed(self, connection: Connection, keys: torch.Tensor) -> torch.Tensor:
-        """The publisher's embeddings (B, width) for these wire keys (the batching thread only)."""
-        return connection.remote.embed(keys.to(KEY_DTYPE), train=False)
+        """The publisher's embeddings (B, width) for these wire keys (the batching thread only).
+        The channel checks the answer's size; a NaN or an infinity is refused here."""
+        embeddings = connection.remote.embed(keys.to(KEY_DTYPE), train=False)
+        if not bool(torch.isfinite(embeddings).all()):
+            raise PeerError("protocol error: the publisher sent embeddings that are not finite numbers")
+        return embeddings
 
     def heartbeat(self, connection: Connection) -> None:
         """An empty embedding request: keeps an idle publisher from timing the session out."""

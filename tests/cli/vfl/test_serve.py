@@ -339,6 +339,7 @@ def test_bad_command_lines_are_one_line_and_exit_2(models: dict[str, Path], tmp_
         ("--party", "passive", "--rendezvous", "tcp://127.0.0.1:1", "--insecure"): "--passive",
         ("--model", tmp_path / "absent.safetensors"): "absent.safetensors",
         ("--model", models["a_split"]): "--rendezvous",
+        ("--model", models["local"], "--passive", tmp_path / "b.csv"): "--party passive",
         ("--model", models["local"], "--insecure"): "--insecure",
         ("--model", models["local"], "--rendezvous", "tcp://10.1.2.3:5", "--insecure"): "loopback",
     }

@@ -99,3 +99,26 @@ def test_no_session_costs_no_cpu() -> None:
 
     assert asyncio.run(run()) < 0.15
     assert link.heartbeats == 0
+
+
+def test_the_link_refuses_embeddings_that_are_not_finite() -> None:
+    import pyarrow as pa
+    import pytest
+
+    from kedit_vfl.vfl.config import ServeConfig
+    from kedit_vfl.vfl.data.encoding import Party
+    from kedit_vfl.vfl.data.loading import PartyTable
+    from kedit_vfl.vfl.data.schema import PartySchema
+    from kedit_vfl.vfl.serving.link import Connection, PublisherLink
+
+    none = torch.zeros((1, 0))
+    table = PartyTable(Party(pa.chunked_array([["u1"]]), none, none.int()), None, PartySchema(), "t.csv")
+    config = ServeConfig(rendezvous="tcp://127.0.0.1:1", insecure=True)
+    link = PublisherLink(config, table, None, {"out_dim": 2}, ServeMetrics(), lambda line: None)
+    for bad in (float("nan"), float("inf")):
+        remote = SimpleNamespace(embed=lambda keys, train, v=bad: torch.full((len(keys), 2), v))
+        connection = Connection(1, None, remote, {"u1": 7})  # type: ignore[arg-type]
+        with pytest.raises(PeerError, match="not finite"):
+            link.embed(connection, torch.tensor([7]))
+    fine = SimpleNamespace(embed=lambda keys, train: torch.ones((len(keys), 2)))
+    assert link.embed(Connection(1, None, fine, {}), torch.tensor([7])).shape == (1, 2)  # type: ignore[arg-type]
