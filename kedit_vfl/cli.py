@@ -33,6 +33,7 @@ EXTRA_OF = {
     "transformers": "edit", "tokenizers": "edit", "datasets": "edit", "matplotlib": "edit",
     "pyarrow": "vfl", "pandas": "vfl", "private_set_intersection": "vfl",
     "onnx": "onnx", "onnxruntime": "onnx",
+    "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve",
 }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from kedit_vfl.vfl.config import (
     ModelConfig,
     MPDConfig,
     ScoreConfig,
+    ServeConfig,
     SplitConfig,
     TrainOptions,
     default,
@@ -829,6 +830,116 @@ def score_command(
     result = score(config, RichReporter(quiet or json_output))
     # With --out - the scores own stdout; the summary goes to stderr.
     _render(f"score ({mode} mode)", result, json_output, sys.stderr if config.to_stdout else None)
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model",
+            help="vfl.local (answers alone) or vfl.split (with the publisher) artifact; the publisher gives "
+            "its passive split artifact. [default: runs/vfl/local.safetensors, split.safetensors with "
+            "--rendezvous, split_passive.safetensors for --party passive]",
+        ),
+    ] = None,
+    party: Annotated[
+        str,
+        typer.Option(
+            "--party",
+            help="active: the advertiser's HTTP scoring service; passive: the publisher, answering the "
+            "advertiser's embedding requests.",
+        ),
+    ] = default(ServeConfig, "party"),
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the scoring service.")] = default(
+        ServeConfig, "port"
+    ),
+    host: Annotated[
+        str, typer.Option("--host", help="HTTP address (0.0.0.0: every interface; plain HTTP, see the docs).")
+    ] = default(ServeConfig, "host"),
+    deadline_ms: Annotated[
+        float,
+        typer.Option(
+            "--deadline-ms",
+            help="A row the publisher has not answered within this many ms of its request is scored locally.",
+        ),
+    ] = default(ServeConfig, "deadline_ms"),
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Most rows in one HTTP request (more: 413).")
+    ] = default(ServeConfig, "max_batch"),
+    drain_seconds: Annotated[
+        float,
+        typer.Option("--drain-seconds", help="On SIGTERM/SIGINT, how long requests in flight may finish."),
+    ] = default(ServeConfig, "drain_seconds"),
+    fallback: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--fallback",
+            help="vfl.local model for the rows the publisher does not answer. [default: the "
+            "local.safetensors distilled from --model beside it, else the split model's local branch]",
+        ),
+    ] = None,
+    active: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--active",
+            help="The advertiser's users that may be scored federated (only the id column is read; aligned "
+            "with the publisher's table at each connection). [default: embedded test table]",
+        ),
+    ] = None,
+    passive: Annotated[
+        Optional[Path], typer.Option("--passive", help="The publisher's table (--party passive).")
+    ] = None,
+    id_col: IdColOption = default(ServeConfig, "id_col"),
+    label_col: LabelColOption = default(ServeConfig, "label_col"),
+    device: DeviceOption = default(ServeConfig, "device"),
+    rendezvous: RendezvousOption = None,
+    timeout: TimeoutOption = default(ServeConfig, "timeout"),
+    secret_file: SecretOption = None,
+    alignment: AlignmentOption = None,
+    identity: IdentityOption = None,
+    peer_cert: PeerCertOption = None,
+    insecure: InsecureOption = default(ServeConfig, "insecure"),
+    ids_in_clear: IdsInClearOption = default(ServeConfig, "ids_in_clear"),
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    trust: TrustOption = None,
+) -> None:
+    """Serve scores over HTTP in real time (advertiser), or embeddings to it (publisher).
+
+    POST /score takes one row or a batch of rows with ids; each answer says whether the
+    federated model or the local one served the row, and why. A split model asks the
+    publisher for the embeddings of agreed ids (micro-batched, over the two-party
+    channel) and scores a row locally when the answer misses --deadline-ms. GET /readyz,
+    /healthz, /metrics (Prometheus), /docs (OpenAPI). SIGTERM/SIGINT drain and stop;
+    SIGHUP reloads --model without dropping requests. Runs until stopped; --json prints
+    the summary at the end.
+
+    Example: kvtool vfl serve --model split.safetensors --port 8080 --rendezvous tcp://0.0.0.0:29500
+    --identity me --peer-cert publisher.pem --deadline-ms 15
+    """
+    use_signing(None, trust)
+    from kedit_vfl.vfl.serving.server import serve
+
+    config = ServeConfig(
+        **_given(model=model, active=active, passive=passive, fallback=fallback),
+        party=party,
+        host=host,
+        port=port,
+        deadline_ms=deadline_ms,
+        max_batch=max_batch,
+        drain_seconds=drain_seconds,
+        id_col=id_col,
+        label_col=label_col,
+        device=device,
+        rendezvous=rendezvous,
+        timeout=timeout,
+        secret_file=secret_file,
+        alignment=alignment,
+        **_security_options(identity, peer_cert, insecure, ids_in_clear),
+    )
+    result = serve(config, RichReporter(quiet or json_output))
+    _render(f"serve ({party})", result, json_output)
 
 
 @app.command("keygen")

@@ -422,6 +422,91 @@ class ScoreConfig:
         return self.out is not None and str(self.out) == "-"
 
 
+SERVE_PARTIES = ("active", "passive")
+HEARTBEAT_SECONDS = 1.0  # the advertiser's keepalive to an idle publisher link
+MAX_SERVE_BATCH = 65_536  # rows per HTTP request at most: one embedding request's limit
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``serve``: score requests over HTTP (the advertiser), or answer the advertiser's
+    embedding requests (the publisher, ``party="passive"``)."""
+
+    model: Path | None = None
+    party: str = "active"
+    host: str = "127.0.0.1"  # the HTTP address; 0.0.0.0 exposes it beyond this machine
+    port: int = 8080
+    fallback: Path | None = None  # vfl.local model for rows the publisher does not answer
+    # The advertiser's users that may be scored federated: their ids are aligned with the
+    # publisher's (private set intersection) at every connection. The publisher's table.
+    active: Path = field(default_factory=lambda: embedded("active_test.csv"))
+    passive: Path | None = None
+    id_col: str = "id"
+    label_col: str = "y"
+    deadline_ms: float = 15.0  # a row the publisher has not answered by then is scored locally
+    max_batch: int = 1024  # rows per HTTP request
+    drain_seconds: float = 10.0  # on SIGTERM/SIGINT, how long in-flight requests may finish
+    device: str = "cpu"  # single rows: the CPU answers sooner than a GPU round trip
+    rendezvous: str | None = None
+    timeout: float = 10.0  # the publisher link: connecting, and each answer before it counts as down
+    secret_file: Path | None = None
+    alignment: Path | None = None
+    identity: Path | None = None
+    peer_cert: Path | None = None
+    insecure: bool = False
+    ids_in_clear: bool = False
+
+    def __post_init__(self) -> None:
+        if self.party not in SERVE_PARTIES:
+            raise UserError(
+                f"--party {self.party}: expected active (the advertiser) or passive (the publisher)"
+            )
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"--port {self.port}: expected a port between 1 and 65535")
+        _positive(self, "deadline_ms", "max_batch", "drain_seconds", "timeout")
+        if self.timeout < 2 * HEARTBEAT_SECONDS:
+            raise UserError(
+                f"--timeout {self.timeout}: must be at least {2 * HEARTBEAT_SECONDS:g} s "
+                f"(an idle link carries a keepalive every {HEARTBEAT_SECONDS:g} s)"
+            )
+        if self.max_batch > MAX_SERVE_BATCH:
+            raise UserError(f"--max-batch {self.max_batch}: at most {MAX_SERVE_BATCH:,} rows per request")
+        if self.party == "active" and self.passive is not None:
+            raise UserError("--passive is the publisher's table: give it to the publisher's --party passive")
+        if self.party == "passive":
+            if self.rendezvous is None:
+                raise UserError(
+                    "--party passive needs --rendezvous tcp://HOST:PORT (the advertiser's address)"
+                )
+            if self.passive is None:
+                raise UserError("--party passive needs --passive (the publisher's table)")
+            if self.fallback is not None:
+                raise UserError("--fallback is the advertiser's (--party active) local model")
+        if self.rendezvous is not None:
+            check_security(
+                Security(self.identity, self.peer_cert, self.insecure), parse_rendezvous(self.rendezvous)
+            )
+        else:
+            given = [
+                flag
+                for flag, value in (
+                    ("--identity", self.identity),
+                    ("--peer-cert", self.peer_cert),
+                    ("--insecure", self.insecure),
+                    ("--ids-in-clear", self.ids_in_clear),
+                    ("--alignment", self.alignment),
+                    ("--secret-file", self.secret_file),
+                )
+                if value
+            ]
+            if given:
+                raise UserError(f"{', '.join(given)}: for a link to the publisher (with --rendezvous)")
+        if self.ids_in_clear and self.alignment is not None:
+            raise UserError(
+                "--ids-in-clear and --alignment exclude each other: the alignment already holds the overlap"
+            )
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """``audit``: the publisher's record of received gradients, and optionally labels to

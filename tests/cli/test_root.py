@@ -80,11 +80,12 @@ def test_help_version_and_info_import_nothing_heavy(tmp_path: Path) -> None:
         provenance=make_provenance("test", {}),
     )
     save_artifact(artifact, tmp_path / "m.safetensors")
-    for args in (["--version"], ["--help"], ["vfl", "score", "--help"], ["edit", "apply", "--help"],
-                 ["info", str(tmp_path / "m.safetensors")]):  # fmt: skip
+    for args in (["--version"], ["--help"], ["vfl", "score", "--help"], ["vfl", "serve", "--help"],
+                 ["edit", "apply", "--help"], ["info", str(tmp_path / "m.safetensors")]):  # fmt: skip
         script = (
             "import sys\nfrom kedit_vfl import launch\nstatus = launch.run()\n"
-            "heavy = [m for m in ('torch', 'pyarrow', 'transformers', 'datasets', 'pandas')"
+            "heavy = [m for m in ('torch', 'pyarrow', 'transformers', 'datasets', 'pandas', 'fastapi',"
+            " 'uvicorn', 'prometheus_client')"
             " if m in sys.modules]\n"
             "print('HEAVY', heavy, file=sys.stderr)\nsys.exit(status)"
         )

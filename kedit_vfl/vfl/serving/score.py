@@ -55,10 +55,10 @@ def _model_path(config: ScoreConfig) -> Path:
     return default_output("local.safetensors" if config.mode == "local" else "split.safetensors")
 
 
-def _fallback_path(config: ScoreConfig, split_path: Path, split_sha: str | None) -> Path | None:
+def fallback_path(given: Path | None, split_path: Path, split_sha: str | None) -> Path | None:
     """The student for rows the publisher lacks: the given one, else a sibling distilled from this model."""
-    if config.fallback is not None:
-        return config.fallback
+    if given is not None:
+        return given
     sibling = split_path.parent / "local.safetensors"
     if sibling.is_file():
         provenance = read_metadata(sibling).get("provenance", "")
@@ -230,7 +230,7 @@ def score(config: ScoreConfig, reporter: Reporter = SILENT) -> dict[str, Any]:
         return _score(config, reporter)
 
 
-def _untrained_local_branch(artifact: Any, path: Path, use: str) -> None:
+def untrained_local_branch(artifact: Any, path: Path, use: str) -> None:
     """Refuse to score with a split model's local branch that no loss ever trained
     (vanilla VFL: ``train-split --aux-weight 0``): its scores would be noise."""
     if artifact.config.get("aux_weight") == 0:
@@ -250,7 +250,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     if config.mode == "local":
         artifact = load_artifact(model_path, (LOCAL, SPLIT))
         if artifact.kind == SPLIT:
-            _untrained_local_branch(artifact, model_path, "score with a vfl.local model instead")
+            untrained_local_branch(artifact, model_path, "score with a vfl.local model instead")
             local_fn, used = ServingLocal.of(split_from(artifact)).to(device), "split local branch"
         else:
             local_fn, used = ServingLocal.of(local_from(artifact)).to(device), "student"
@@ -258,14 +258,14 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     else:
         artifact = load_for_party(model_path, SPLIT, config.party, "--model")
         split = ServingSplit(split_from(artifact)).to(device)
-        fallback = _fallback_path(config, model_path, artifact.sha256)
+        fallback = fallback_path(config.fallback, model_path, artifact.sha256)
         local_fn, used = split, "split local branch"
         if fallback is None and artifact.config.get("aux_weight") == 0:
             # Rows the publisher holds need no local branch (a pooled table has none other);
             # the first row that would fall back on the untrained branch stops the run.
             def local_fn(num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
                 if len(num):
-                    _untrained_local_branch(
+                    untrained_local_branch(
                         artifact, model_path, "give --fallback for the rows the publisher lacks"
                     )
                 return split(num, cat)
