@@ -65,6 +65,8 @@ class _ErrorBoundary(TyperGroup):
                 traceback.print_exc()
             error_line(str(exc))
             raise typer.Exit(1) from exc
+        except BrokenPipeError:
+            raise  # the reader left: the executable ends quietly (launch.py)
         except KeyboardInterrupt as exc:
             error_line("interrupted; no partial output was written")
             raise typer.Exit(130) from exc

@@ -58,7 +58,10 @@ def _stdout_identity() -> tuple[int, int] | None:
 
 def _stdout_closed(before: tuple[int, int] | None) -> bool:
     """Whether the reader of stdout has gone. rich and click handle the broken pipe
-    themselves (rich points stdout at /dev/null, then exits 1); a pending flush may fail."""
+    themselves (rich points stdout at /dev/null, then exits 1; click wraps stdout so the
+    flush stays quiet, then exits 1); a pending flush may fail."""
+    if _reader_gone():
+        return True
     now = _stdout_identity()
     if before is not None and now is not None and now != before:
         null = os.stat(os.devnull)
@@ -71,6 +74,18 @@ def _stdout_closed(before: tuple[int, int] | None) -> bool:
     except (OSError, ValueError):
         return False
     return False
+
+
+def _reader_gone() -> bool:
+    """A pipe whose reading end is closed polls as an error on its writing end."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _closed_pipe_status() -> int:

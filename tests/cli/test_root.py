@@ -60,7 +60,9 @@ def test_the_executable_exits_with_the_command_status(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.strip().endswith("missing.safetensors: no such file")
 
 
-@pytest.mark.parametrize("args", [["vfl", "export", "--help"], ["--help"], ["vfl", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["vfl", "export", "--help"], ["--help"], ["vfl", "--help"], ["vfl", "score", "--help"]]
+)
 def test_a_closed_pipe_ends_quietly(args: list[str]) -> None:
     """`kvtool ... | true` under `set -o pipefail`: the reader leaves at once; exit 0, no message."""
     command = f"set -o pipefail; {sys.executable} -m kedit_vfl {' '.join(args)} | true"
@@ -69,6 +71,9 @@ def test_a_closed_pipe_ends_quietly(args: list[str]) -> None:
     head = f"set -o pipefail; {sys.executable} -m kedit_vfl {' '.join(args)} | head -c 10"
     done = subprocess.run(["bash", "-c", head], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "" and len(done.stdout) == 10
+    lines = f"set -o pipefail; {sys.executable} -m kedit_vfl {' '.join(args)} | head -n 22 > /dev/null"
+    done = subprocess.run(["bash", "-c", lines], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""
 
 
 def test_help_version_and_info_import_nothing_heavy(tmp_path: Path) -> None:
