@@ -211,6 +211,21 @@ def read_ids(table: pa.Table, id_col: str, path: Path | str) -> pa.ChunkedArray:
     return check_unique_ids(ids, id_col, path)
 
 
+def stream_ids(source: TableSource, id_col: str) -> pa.ChunkedArray:
+    """Every id (all present): federated scoring aligns them before scoring. Repeated ids
+    are fine (impression-level logs repeat users): each copy joins the publisher's row."""
+    chunks, missing = [], 0
+    for batch in source.batches([id_col]):
+        ids = as_strings(batch[id_col])
+        missing += ids.null_count
+        chunks.extend(ids.chunks)
+    if missing:
+        raise UserError(f"{source.path}: {missing} rows have no id in column '{id_col}'")
+    if not chunks:
+        raise UserError(f"{source.path}: the active table is empty (no rows)")
+    return pa.chunked_array(chunks, pa.string())
+
+
 def check_unique_ids(ids: pa.ChunkedArray, id_col: str, path: Path | str) -> pa.ChunkedArray:
     if len(pc.unique(ids)) == len(ids):  # unique is a hash set: 3x faster than count_distinct
         return ids

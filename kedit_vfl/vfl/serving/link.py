@@ -33,7 +33,7 @@ from kedit_vfl.vfl.channel.transport import Channel
 from kedit_vfl.vfl.config import ServeConfig
 from kedit_vfl.vfl.data.encoding import Party
 from kedit_vfl.vfl.data.loading import PartyTable
-from kedit_vfl.vfl.data.read import as_strings, open_table
+from kedit_vfl.vfl.data.read import open_table, stream_ids
 from kedit_vfl.vfl.data.schema import PartySchema
 from kedit_vfl.vfl.serving.metrics import ServeMetrics
 
@@ -58,16 +58,7 @@ def read_ids(path: Path, id_col: str) -> PartyTable:
     """The advertiser's ids (no features) as the table the alignment runs on."""
     source = open_table(path, "active")
     source.require_column(id_col, "id")
-    chunks, missing = [], 0
-    for batch in source.batches([id_col]):
-        ids = as_strings(batch[id_col])
-        missing += ids.null_count
-        chunks.extend(ids.chunks)
-    if missing:
-        raise UserError(f"{source.path}: {missing} rows have no id in column '{id_col}'")
-    if not chunks:
-        raise UserError(f"{source.path}: the active table is empty (no rows)")
-    ids = pa.chunked_array(chunks, pa.string())
+    ids = stream_ids(source, id_col)
     none = torch.zeros((len(ids), 0))
     return PartyTable(Party(ids, none, none.int()), None, PartySchema(), source.path)
 

@@ -30,7 +30,7 @@ from kedit_vfl.vfl.data import arrays
 from kedit_vfl.vfl.data.demo import embedded
 from kedit_vfl.vfl.data.encoding import Party, encode
 from kedit_vfl.vfl.data.loading import PartyTable
-from kedit_vfl.vfl.data.read import TableSource, as_strings, open_table, read_labels
+from kedit_vfl.vfl.data.read import TableSource, as_strings, open_table, read_labels, stream_ids
 from kedit_vfl.vfl.data.schema import PartySchema, check_schema
 from kedit_vfl.vfl.models.networks import ServingLocal, ServingSplit
 from kedit_vfl.vfl.models.store import (
@@ -177,21 +177,6 @@ def _encoded_batches(
         start += batch.num_rows
 
 
-def _read_ids(source: TableSource, id_col: str) -> pa.ChunkedArray:
-    """Every id (all present): federated scoring aligns them before scoring. Repeated ids
-    are fine (impression-level logs repeat users): each copy joins the publisher's row."""
-    chunks, missing = [], 0
-    for batch in source.batches([id_col]):
-        ids = as_strings(batch[id_col])
-        missing += ids.null_count
-        chunks.extend(ids.chunks)
-    if missing:
-        raise UserError(f"{source.path}: {missing} rows have no id in column '{id_col}'")
-    if not chunks:
-        raise UserError(f"{source.path}: the active table is empty (no rows)")
-    return pa.chunked_array(chunks, pa.string())
-
-
 class _Federated:
     """Where the publisher holds a row: its overlap position, by active row, batch by batch."""
 
@@ -291,7 +276,7 @@ def _score(config: ScoreConfig, reporter: Reporter) -> dict[str, Any]:
     side, federated_rows = None, None
     if split is not None:
         with reporter.task("reading the ids and aligning them with the publisher's", total=None):
-            ids = _read_ids(source, config.id_col)
+            ids = stream_ids(source, config.id_col)
             no_features = torch.zeros((len(ids), 0))  # the features stream in later, batch by batch
             table = PartyTable(Party(ids, no_features, no_features.int()), None, schema, source.path)
             side = open_serving(
