@@ -147,8 +147,15 @@ def model_config(spec: RandomSpec, tokenizer: Any) -> Any:
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
         values.pop(key, None)
     try:
+        defaults = AutoConfig.for_model(model_type)
+        # a misspelt override would otherwise be kept as an unused attribute, silently
+        unknown = [key for key, _ in spec.overrides if not hasattr(defaults, key)]
+        if unknown:
+            raise UserError(f"{spec.text[:80]}: {model_type} configs have no field '{unknown[0]}'")
         config = AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError, KeyError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every value here is the user's; transformers' errors vary
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{spec.text[:80]}: not a transformers config ({first})") from None
     vocab = getattr(config, "vocab_size", None)
@@ -173,18 +180,10 @@ def build_random_model(spec: RandomSpec, tokenizer: Any, dtype: torch.dtype) -> 
     torch.manual_seed(spec.seed)
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AssertionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{spec.text[:80]}: transformers cannot build a causal LM of it ({first})") from None
     finally:
         torch.random.set_rng_state(state)
     return model
 
-
-def parameter_count(config: Any) -> int:
-    """Parameters of a config's model, counted on the meta device (no memory, no time)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
