@@ -148,11 +148,12 @@ def model_config(spec: RandomSpec, tokenizer: Any) -> Any:
         values.pop(key, None)
     try:
         defaults = AutoConfig.for_model(model_type)
-        # a misspelt override would otherwise be kept as an unused attribute, silently
-        unknown = [key for key, _ in spec.overrides if not hasattr(defaults, key)]
+        config = AutoConfig.for_model(model_type, **values)
+        # A misspelt field is kept as a stray attribute that nothing reads; a legacy one
+        # (LLaMA's rope_theta) is folded into its new field and leaves none.
+        unknown = [k for k, _ in spec.overrides if not hasattr(defaults, k) and hasattr(config, k)]
         if unknown:
             raise UserError(f"{spec.text[:80]}: {model_type} configs have no field '{unknown[0]}'")
-        config = AutoConfig.for_model(model_type, **values)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every value here is the user's; transformers' errors vary
