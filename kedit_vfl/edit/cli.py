@@ -175,6 +175,14 @@ def train_editor_command(
             "of this many edits.",
         ),
     ] = TrainConfig.memory_edits,
+    instructed_queries: Annotated[
+        bool,
+        typer.Option(
+            "--instructed-queries/--plain-queries",
+            help="Train the edit to hold on the instructed prompts, or on the plain prompts a user asks "
+            "(the instruction then only conditions the editor's input).",
+        ),
+    ] = TrainConfig.instructed_queries,
     accumulate: Annotated[
         int,
         typer.Option(
@@ -260,6 +268,7 @@ def train_editor_command(
         batch_size=batch_size,
         batch_sizes=_sizes(batch_sizes),
         memory_edits=memory_edits,
+        instructed_queries=instructed_queries,
         accumulate=accumulate,
         gradient_checkpointing=gradient_checkpointing,
         lr=lr,
@@ -417,6 +426,14 @@ def evaluate_command(
     unseen_instruction: Annotated[
         bool, typer.Option("--unseen-instruction", help="Use each task's held-out description.")
     ] = False,
+    queries: Annotated[
+        str,
+        typer.Option(
+            "--queries",
+            help="What the edited model is asked: 'instructed' (the prompts it edited with) or 'plain' "
+            "(the prompts a user asks after apply).",
+        ),
+    ] = EvalConfig.queries,
     no_prefix: Annotated[
         bool, typer.Option("--no-prefix", help="Ablation: edit without the instruction prefix.")
     ] = False,
@@ -485,6 +502,7 @@ def evaluate_command(
         instruction_index=instruction_index,
         unseen_instruction=unseen_instruction,
         no_prefix=no_prefix,
+        queries=queries,
         sequential=sequential,
         batch=batch,
         limit=limit,

@@ -12,6 +12,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")  # what e
 
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
+QUERY_STYLES = ("instructed", "plain")  # evaluate --queries
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # transformers' names; auto: the checkpoint's
 
 
@@ -74,6 +75,10 @@ class TrainConfig:
     # are close enough; the threshold is chosen on the validation split for a memory
     # holding this many edits (more edits, more unrelated prompts near one: stricter).
     memory_edits: int = 100
+    # The edit loss (and validation) on the instructed prompts as well as the edit input;
+    # off: on the plain prompts and rephrases a user asks the edited model, the instruction
+    # only conditioning the gradient the editor sees (docs/edit.md: "Instructions and queries").
+    instructed_queries: bool = False
     # Meta-steps whose gradients average into one optimizer step: one process with
     # --accumulate N takes the step that N data-parallel processes (torchrun) take.
     accumulate: int = 1
@@ -149,6 +154,9 @@ class EvalConfig:
     mend_editor: str | None = None  # for MEND when the editor has instructions
     hparams: str | None = None  # JSON of FTConfig fields for ft-l / ft-m
     curve_every: int = 0  # with --sequential: score the edits so far every this many (0: N/10)
+    # What the edited model is asked, for an instructed editor: the instructed prompts it
+    # edited with, or the plain prompts (and rephrases) a user queries after ``apply``.
+    queries: str = "instructed"
     plot: str | None = None  # with --sequential: the retention curve as a PNG
 
     def __post_init__(self) -> None:
@@ -175,6 +183,8 @@ class EvalConfig:
             raise UserError("--no-prefix and --unseen-instruction exclude each other")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"--limit {self.limit}: must be positive")
+        if self.queries not in QUERY_STYLES:
+            raise UserError(f"--queries {self.queries}: expected one of {', '.join(QUERY_STYLES)}")
 
 
 FT_OBJECTIVES = ("prompt_last", "target_new")

@@ -34,7 +34,8 @@ class EditMethod(Protocol):
     """An editing method: a name, how it writes prompts, and how it adds edits."""
 
     name: str
-    prompter: Prompter  # the prompts it edits and is scored on (instructed or plain)
+    prompter: Prompter  # the prompts it edits with (instructed or plain)
+    queries: Prompter  # the prompts it is scored on: what is asked of the edited model
 
     def start(self, base: BaseModel) -> Edited: ...
 
@@ -62,6 +63,7 @@ class WeightMethod(ABC):
 
     name: str
     prompter: Prompter
+    queries: Prompter
 
     @abstractmethod
     def updates(

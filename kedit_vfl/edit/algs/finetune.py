@@ -47,7 +47,7 @@ class FineTune(WeightMethod):
 
     def __init__(self, name: str, config: FTConfig) -> None:
         self.name, self.config = name, config
-        self.prompter = Prompter(None)  # fine-tuning knows no instructions
+        self.prompter = self.queries = Prompter(None)  # fine-tuning knows no instructions
 
     def weights(self, base: BaseModel) -> list[str]:
         """Parameter names tuned: ``config.layers``, or the last edited MLP output weight."""

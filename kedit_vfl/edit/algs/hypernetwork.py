@@ -21,8 +21,11 @@ from kedit_vfl.edit.models.base import BaseModel
 class HypernetworkEdit(WeightMethod):
     """A trained :class:`Editor` applied with its prompter."""
 
-    def __init__(self, name: str, editor: Editor, prompter: Prompter) -> None:
+    def __init__(
+        self, name: str, editor: Editor, prompter: Prompter, queries: Prompter | None = None
+    ) -> None:
         self.name, self.editor, self.prompter = name, editor, prompter
+        self.queries = prompter if queries is None else queries
 
     @torch.no_grad()
     def updates(

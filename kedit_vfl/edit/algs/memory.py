@@ -57,8 +57,11 @@ class MemoryEdits:
 class MemoryEdit:
     """The editor's updates kept in a routed side memory (see the module docstring)."""
 
-    def __init__(self, name: str, editor: Editor, prompter: Prompter, threshold: float) -> None:
+    def __init__(
+        self, name: str, editor: Editor, prompter: Prompter, threshold: float, queries: Prompter | None = None
+    ) -> None:
         self.name, self.editor, self.prompter, self.threshold = name, editor, prompter, threshold
+        self.queries = prompter if queries is None else queries
 
     def start(self, base: BaseModel) -> MemoryEdits:
         return MemoryEdits(method=self)
@@ -66,7 +69,11 @@ class MemoryEdit:
     @torch.no_grad()
     def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:
         batch = edit_batch(records, self.prompter, base.tokenizer, base.max_length).to(base.device)
-        _, keys = self.keys_and_logits(base, batch)
+        if self.queries is self.prompter:
+            _, keys = self.keys_and_logits(base, batch)
+        else:  # keys where the queries will be: the edit prompts as they are asked
+            asked = edit_batch(records, self.queries, base.tokenizer, base.max_length).to(base.device)
+            _, keys = self.keys_and_logits(base, asked)
         grads = edit_gradients(base.model, base.targets, batch)  # always the unedited model
         self.editor.eval()
         factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in records]

@@ -23,10 +23,12 @@ def build_method(
     prompter: Prompter,
     plain: LoadedEditor | None = None,
     hparams: str | None = None,
+    queries: Prompter | None = None,
 ) -> EditMethod:
     """``name`` (one of :data:`METHOD_NAMES`) ready to edit the editor's base model.
 
     ``prompter``: the instructed editor's prompts (evaluate's instruction options);
+    ``queries``: the prompts an instructed method is scored on (None: ``prompter``);
     ``plain``: an editor trained with ``--no-instructions`` for MEND, when ``loaded`` has
     instructions; ``hparams``: a JSON file of :class:`FTConfig` fields for FT-L/FT-M.
     """
@@ -36,7 +38,7 @@ def build_method(
                 "--method instructedit: this editor was trained with --no-instructions (it is MEND); "
                 "use --method mend, or an editor trained with instructions"
             )
-        return HypernetworkEdit(name, loaded.editor, prompter)
+        return HypernetworkEdit(name, loaded.editor, prompter, queries)
     if name == "memory":
         threshold = (loaded.artifact.extra.get("memory") or {}).get("threshold")
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
@@ -44,7 +46,7 @@ def build_method(
                 "--method memory: this editor records no routing threshold (trained before the side "
                 "memory existed); train it again with kvtool edit train-editor"
             )
-        return MemoryEdit(name, loaded.editor, prompter, float(threshold))
+        return MemoryEdit(name, loaded.editor, prompter, float(threshold), queries)
     if name == "mend":
         editor = plain if plain is not None else loaded
         if editor.pools is not None:

@@ -1,8 +1,9 @@
 """Turn edit records into token batches keyed by role, with the task instruction applied.
 
 Roles (as in MEND): ``edit_inner`` (instructed prompt + new target: the gradient the
-editor sees), ``edit_outer`` (the same and rephrases: what the edit must achieve) and
-``loc`` (locality prompts + answers, never instructed: what must not change).
+editor sees), ``edit_outer`` (the prompt and a rephrase, as a user asks them, or
+instructed with ``instructed_queries``: what the edit must achieve) and ``loc`` (locality
+prompts + answers, never instructed: what must not change).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def training_batches(
     rng: random.Random,
     use_rephrase: bool = True,
     loc_pool: Sequence[EditRecord] = (),
+    instructed_queries: bool = True,
 ) -> dict[str, TokenBatch | None]:
     """One meta-training step's batches; one rephrase and one locality pair per record."""
     inner, outer, loc = [], [], []
@@ -81,10 +83,11 @@ def training_batches(
         # one description per record, shared by its inner and outer prompts
         seed = rng.random()
         inner.append((prompter(record, record.prompt, random.Random(seed)), record.target_new))
-        outer.append(inner[-1])
+        asked = prompter if instructed_queries else Prompter(None)
+        outer.append((asked(record, record.prompt, random.Random(seed)), record.target_new))
         if use_rephrase and record.rephrase:
             rephrase = rng.choice(record.rephrase)
-            outer.append((prompter(record, rephrase, random.Random(seed)), record.target_new))
+            outer.append((asked(record, rephrase, random.Random(seed)), record.target_new))
         source = record if record.locality else (rng.choice(loc_pool) if loc_pool else None)
         if source is not None and source.locality:
             pair = rng.choice(source.locality)

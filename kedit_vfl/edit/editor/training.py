@@ -127,7 +127,14 @@ def meta_step(
     activation checkpointing recomputes the edited forward during backward.
     """
     batches = training_batches(
-        records, prompter, base.tokenizer, base.max_length, rng, config.use_rephrase, loc_pool
+        records,
+        prompter,
+        base.tokenizer,
+        base.max_length,
+        rng,
+        config.use_rephrase,
+        loc_pool,
+        config.instructed_queries,
     )
     inner, outer, loc = (b.to(base.device) if b is not None else None for b in batches.values())
     grads = edit_gradients(base.model, base.targets, inner)
@@ -194,12 +201,18 @@ def checkpointed(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def validate(
-    editor: Editor, base: BaseModel, data: Mapping[str, Sequence[EditRecord]], prompter: Prompter, limit: int
+    editor: Editor,
+    base: BaseModel,
+    data: Mapping[str, Sequence[EditRecord]],
+    prompter: Prompter,
+    limit: int,
+    queries: Prompter | None = None,
 ) -> dict[str, Any]:
-    """The evaluation protocol on the validation split; ``score`` is what early stopping watches."""
+    """The evaluation protocol on the validation split; ``score`` is what early stopping watches.
+    ``queries``: the prompts the edits are scored on (None: ``prompter``'s)."""
     rows = {
         task: evaluate_records(
-            HypernetworkEdit("instructedit", editor, prompter), base, list(records[:limit])
+            HypernetworkEdit("instructedit", editor, prompter, queries), base, list(records[:limit])
         )
         for task, records in data.items()
     }
@@ -375,6 +388,7 @@ def _train(
     model = dist.wrap(editor, device)
     rng = random.Random(f"{config.seed}/{trainer.step}" + (f"/rank {dist.rank}" if dist.rank else ""))
     train_prompter, val_prompter = Prompter(pools), Prompter(pools, index=0)
+    val_queries = val_prompter if config.instructed_queries else Prompter(None)
     loc_pool = [r for records in data.train.values() for r in records if r.locality]
     stopped = False
     step_seconds = 0.0
@@ -403,7 +417,9 @@ def _train(
             step_seconds += time.perf_counter() - tick
             if trainer.step % config.val_every == 0 or trainer.step == config.steps:
                 with trainer.averaged_weights():
-                    summary = validate(editor, base, data.validation, val_prompter, config.val_records)
+                    summary = validate(
+                        editor, base, data.validation, val_prompter, config.val_records, val_queries
+                    )
                     stopped = trainer.record_validation(summary)
                 trainer.save()
                 logs["val/score"] = summary["score"]

@@ -109,12 +109,12 @@ def evaluate_records(
                         edited = method.add(base, edited, [record])
                         if curve is not None and sequential and curve_every and done % curve_every == 0:
                             paused = time.perf_counter()
-                            curve.append(_retention(base, group[:done], method.prompter, edited))
+                            curve.append(_retention(base, group[:done], method.queries, edited))
                             spent += time.perf_counter() - paused
             if timer is not None:
                 timer.append(time.perf_counter() - began - spent)
             for record in group:
-                rows.append(score_record(base, record, method.prompter, edited))
+                rows.append(score_record(base, record, method.queries, edited))
                 task.advance(1)
     return rows
 
@@ -230,8 +230,11 @@ def evaluate_editor(
     plain = load_editor(config.mend_editor) if config.mend_editor else None
     pools = None if config.no_prefix else loaded.pools
     prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
+    queries = Prompter(None) if config.queries == "plain" else prompter
     # every method's options are checked before the (slow) base model is opened
-    chosen = {name: build_method(name, loaded, prompter, plain, config.hparams) for name in config.methods}
+    chosen = {
+        name: build_method(name, loaded, prompter, plain, config.hparams, queries) for name in config.methods
+    }
     base = open_editor_base(loaded, config.model, config.device, config.dtype, str(editor_path), reporter)
     if plain is not None:
         check_fingerprint(plain, base, config.mend_editor)
@@ -264,6 +267,7 @@ def evaluate_editor(
             "instruction_index": config.instruction_index,
             "unseen_instruction": config.unseen_instruction,
             "no_prefix": config.no_prefix,
+            "queries": config.queries,
         },
     }
 

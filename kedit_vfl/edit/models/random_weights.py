@@ -187,4 +187,3 @@ def build_random_model(spec: RandomSpec, tokenizer: Any, dtype: torch.dtype) -> 
     finally:
         torch.random.set_rng_state(state)
     return model
-

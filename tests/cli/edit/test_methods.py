@@ -169,3 +169,37 @@ def test_the_side_memory_routes_each_edit_and_leaves_the_rest_alone(
         "edit", "evaluate", *common, "--device", "cpu", "--method", "memory", "--sequential", "3"
     )
     assert result["method"] == "memory" and result["overall"]["n_records"] == 3
+
+
+def test_queries_choose_what_the_edited_model_is_asked(
+    edit_files: dict[str, Path], gpt2_editor: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kedit_vfl.edit.evaluation.evaluate as evaluation
+
+    probed: list[bool] = []  # whether each scored record was asked with its instruction
+    original = evaluation.probe
+    monkeypatch.setattr(
+        evaluation, "probe", lambda r, p, *a: probed.append(p.pools is not None) or original(r, p, *a)
+    )
+    common = [
+        "--editor",
+        gpt2_editor,
+        "--data",
+        edit_files["edits"],
+        "--model",
+        edit_files["gpt2"],
+        "--device",
+        "cpu",
+    ]
+    asked = {}
+    for queries in ("instructed", "plain"):
+        probed.clear()
+        asked[queries] = kvtool_json(
+            "edit", "evaluate", *common, "--method", "instructedit,ft-m", "--queries", queries
+        )
+        # instructedit's three records, then ft-m's (never instructed)
+        assert probed == [queries == "instructed"] * 3 + [False] * 3
+    assert asked["plain"]["protocol"]["queries"] == "plain"
+    assert asked["plain"]["methods"]["ft-m"]["overall"] == asked["instructed"]["methods"]["ft-m"]["overall"]
+    bad = kvtool("edit", "evaluate", *common, "--queries", "polite")
+    assert bad.exit_code == 2 and "--queries polite" in bad.stderr

@@ -4,16 +4,17 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from kedit_vfl.edit.config import EditorConfig, TrainConfig
 from kedit_vfl.edit.data.instructions import default_pools
 from kedit_vfl.edit.data.sources import split_validation
-from kedit_vfl.edit.editor.batches import Prompter
+from kedit_vfl.edit.editor.batches import Prompter, training_batches
 from kedit_vfl.edit.editor.network import Editor
 from kedit_vfl.edit.editor.training import _Trainer, meta_step, sample_records
 from kedit_vfl.edit.models.base import load_base_model
-from tests.unit.edit.tiny import records, save_tiny
+from tests.unit.edit.tiny import records, save_tiny, tokenizer
 
 
 def test_task_sampling_is_uniform_over_tasks() -> None:
@@ -34,16 +35,24 @@ def test_validation_split_is_seeded_and_not_the_tail() -> None:
     assert [r.prompt for r in val["counterfact"]] != [r.prompt for r in data["counterfact"][-3:]]
 
 
-def test_meta_training_lowers_the_loss_on_repeated_edits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instructed_queries", [True, False])
+def test_meta_training_lowers_the_loss_on_repeated_edits(tmp_path: Path, instructed_queries: bool) -> None:
     torch.manual_seed(0)
     base = load_base_model(str(save_tiny("gpt2", tmp_path / "gpt2")), torch.device("cpu"), n_blocks=2)
-    config = TrainConfig(model=str(tmp_path), tasks=("counterfact",), holdout=None, batch_size=2, lr=1e-3)
+    config = TrainConfig(
+        model=str(tmp_path),
+        tasks=("counterfact",),
+        holdout=None,
+        batch_size=2,
+        lr=1e-3,
+        instructed_queries=instructed_queries,
+    )
     editor = Editor(base.targets, EditorConfig(edit_lr=0.05)).train()
     optimizer = torch.optim.Adam(editor.parameters(), lr=1e-3)
     batch = records("counterfact", 2)
     prompter = Prompter(default_pools())
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         optimizer.zero_grad()
         logs = meta_step(editor, base, batch, prompter, config, random.Random(0), [])
         optimizer.step()
@@ -80,3 +89,18 @@ def test_weight_average_is_the_decayed_mean_of_the_trajectory(tmp_path: Path) ->
     with plain.averaged_weights():  # off: the trained weights themselves
         for name, p in editor.named_parameters():
             torch.testing.assert_close(p, start[name] + 3)
+
+
+@pytest.mark.parametrize("instructed_queries", [True, False])
+def test_the_edit_loss_is_on_the_prompts_a_user_asks_unless_told(instructed_queries: bool) -> None:
+    tok = tokenizer()
+    record = records("counterfact", 1)[0]
+    batches = training_batches(
+        [record], Prompter(default_pools()), tok, 256, random.Random(0), True, (), instructed_queries
+    )
+    inner = tok.decode(batches["edit_inner"].input_ids[0])
+    outer = [tok.decode(row) for row in batches["edit_outer"].input_ids]
+    assert inner.startswith("Task: counterfact")  # the editor always sees the instruction
+    assert len(outer) == 2  # the prompt and one rephrase
+    assert all(text.startswith("Task: counterfact") == instructed_queries for text in outer)
+    assert any(record.prompt in text for text in outer)
