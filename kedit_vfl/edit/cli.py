@@ -430,8 +430,8 @@ def evaluate_command(
         str,
         typer.Option(
             "--queries",
-            help="What the edited model is asked: 'instructed' (the prompts it edited with) or 'plain' "
-            "(the prompts a user asks after apply).",
+            help="What the edited model is asked: 'plain' (the prompts a user asks after apply), "
+            "'instructed' (the prompts it edited with) or 'auto' (as the editor was trained).",
         ),
     ] = EvalConfig.queries,
     no_prefix: Annotated[

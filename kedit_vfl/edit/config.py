@@ -12,7 +12,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")  # what e
 
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
-QUERY_STYLES = ("instructed", "plain")  # evaluate --queries
+QUERY_STYLES = ("auto", "instructed", "plain")  # evaluate --queries; auto: as the editor was trained
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # transformers' names; auto: the checkpoint's
 
 
@@ -155,8 +155,9 @@ class EvalConfig:
     hparams: str | None = None  # JSON of FTConfig fields for ft-l / ft-m
     curve_every: int = 0  # with --sequential: score the edits so far every this many (0: N/10)
     # What the edited model is asked, for an instructed editor: the instructed prompts it
-    # edited with, or the plain prompts (and rephrases) a user queries after ``apply``.
-    queries: str = "instructed"
+    # edited with, or the plain prompts (and rephrases) a user queries after ``apply``;
+    # auto: the ones its edit loss was trained on (plain since 0.2, instructed before).
+    queries: str = "auto"
     plot: str | None = None  # with --sequential: the retention curve as a PNG
 
     def __post_init__(self) -> None:

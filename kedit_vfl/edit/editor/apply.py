@@ -29,7 +29,7 @@ from kedit_vfl.edit.data.sources import (
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
 from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params, forward_with, merge_updates
 from kedit_vfl.edit.editor.store import load_editor, open_editor_base
-from kedit_vfl.edit.evaluation.evaluate import compute_update
+from kedit_vfl.edit.evaluation.evaluate import compute_update, trained_queries
 from kedit_vfl.edit.evaluation.metrics import target_probability, token_accuracy
 from kedit_vfl.edit.models.base import BaseModel, save_model_folder
 from kedit_vfl.errors import UserError
@@ -108,14 +108,16 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
             "--edits: name a file of edit requests (the embedded ones fit only the embedded model)"
         )
     prompter = Prompter(loaded.pools, index=config.instruction_index)
-    pre_probs, pre_accs = target_scores(base, records, prompter, None)
+    # an edit holds when the prompt is asked as the editor was trained to serve it
+    asked = Prompter(None) if trained_queries(loaded) == "plain" else prompter
+    pre_probs, pre_accs = target_scores(base, records, asked, None)
     reporter.log(f"applying {len(records)} edits in batches of {config.batch_size}")
     started = time.perf_counter()
     updates = edit_updates(loaded.editor, base, records, prompter, config.batch_size)
     if base.device.type == "cuda":
         torch.cuda.synchronize()
     edit_seconds = time.perf_counter() - started
-    post_probs, post_accs = target_scores(base, records, prompter, edited_params(base.model, updates))
+    post_probs, post_accs = target_scores(base, records, asked, edited_params(base.model, updates))
     edits = [
         {
             "task": r.task,

@@ -218,6 +218,12 @@ def evaluation_records(
     return {t: r[: config.limit] if config.limit else r for t, r in grouped.items() if r}
 
 
+def trained_queries(loaded: LoadedEditor) -> str:
+    """The prompts an editor's edit loss was trained on: plain, or (before 0.2, or with
+    ``--instructed-queries``) the instructed ones."""
+    return "instructed" if loaded.artifact.config.get("instructed_queries", True) else "plain"
+
+
 def evaluate_editor(
     editor_path: str | Path, config: EvalConfig, reporter: Reporter = SILENT
 ) -> dict[str, Any]:
@@ -230,7 +236,8 @@ def evaluate_editor(
     plain = load_editor(config.mend_editor) if config.mend_editor else None
     pools = None if config.no_prefix else loaded.pools
     prompter = Prompter(pools, index=config.instruction_index, unseen=config.unseen_instruction)
-    queries = Prompter(None) if config.queries == "plain" else prompter
+    asked = trained_queries(loaded) if config.queries == "auto" else config.queries
+    queries = Prompter(None) if asked == "plain" else prompter
     # every method's options are checked before the (slow) base model is opened
     chosen = {
         name: build_method(name, loaded, prompter, plain, config.hparams, queries) for name in config.methods
@@ -267,7 +274,7 @@ def evaluate_editor(
             "instruction_index": config.instruction_index,
             "unseen_instruction": config.unseen_instruction,
             "no_prefix": config.no_prefix,
-            "queries": config.queries,
+            "queries": asked,
         },
     }
 

@@ -200,6 +200,9 @@ def test_queries_choose_what_the_edited_model_is_asked(
         # instructedit's three records, then ft-m's (never instructed)
         assert probed == [queries == "instructed"] * 3 + [False] * 3
     assert asked["plain"]["protocol"]["queries"] == "plain"
+    # by default, the queries the editor was trained for: plain, for an editor of 0.2
+    default = kvtool_json("edit", "evaluate", *common)
+    assert default["protocol"]["queries"] == "plain" and default["overall"] == asked["plain"]["overall"]
     assert asked["plain"]["methods"]["ft-m"]["overall"] == asked["instructed"]["methods"]["ft-m"]["overall"]
     bad = kvtool("edit", "evaluate", *common, "--queries", "polite")
     assert bad.exit_code == 2 and "--queries polite" in bad.stderr
