@@ -1,9 +1,10 @@
 """Meta-training the editor: ``L = c_edit * L_edit + c_loc * L_loc`` over sampled edits.
 
 Each step samples edit records uniformly over the training tasks (then uniformly within
-the task), lets the editor turn their gradient into one summed weight update, and scores
-the functionally edited model: ``L_edit`` is the NLL of the new target on the edit
-prompt and a rephrase, ``L_loc`` the KL(pre || post) on locality answers. Validation runs
+the task), lets the editor turn their gradient (on the instructed prompt) into one
+summed update, kept factored, and scores the edited model: ``L_edit`` is the NLL of the
+new target on the edit prompt and a rephrase as a user asks them (instructed too with
+``instructed_queries``), ``L_loc`` the KL(pre || post) on locality answers. Validation runs
 on a real validation split every ``val_every`` steps with the evaluation protocol itself
 (single edits, rolled back); the best editor is kept and training stops after
 ``patience`` validations without improvement. A checkpoint after every validation lets
@@ -175,9 +176,8 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
-    if hasattr(
-        model, "activation_checkpointing_enable"
-    ):  # newer transformers; older ones only have the old name
+    # newer transformers' name; older ones only have gradient_checkpointing_enable
+    if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
