@@ -79,7 +79,10 @@ def main() -> None:
             for queries in ("plain", "instructed"):
                 if variant == "plain (MEND)" and queries == "instructed":
                     continue  # no instruction to ask with
-                result = kvtool("edit", "evaluate", "--editor", str(path), "--queries", queries)
+                method = "mend" if variant == "plain (MEND)" else "instructedit"
+                result = kvtool(
+                    "edit", "evaluate", "--editor", str(path), "--queries", queries, "--method", method
+                )
                 runs.append({"variant": variant, "queries": queries, "seed": seed, **figures(result)})
                 print(json.dumps(runs[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
