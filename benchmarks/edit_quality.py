@@ -15,7 +15,8 @@ model), an editor trained on KnowEdit WikiData-CounterFact + WikiData-Recent +
 ConvSent, and the ZsRE records held out.
 
 Usage: .venv/bin/python benchmarks/edit_quality.py [--part embedded|real|all] [--seeds 0 1 2]
-       [--steps N] [--jobs J]   (runs are independent; --jobs runs them in parallel processes)
+       [--steps N] [--jobs J] [--queries plain|instructed]   (runs are independent; --jobs runs
+       them in parallel processes)
 Writes benchmarks/results/edit_quality_{embedded,real}.{json,md}.
 """
 
@@ -87,7 +88,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         _save_editor(result, config, Path(job["save"]))
     test = {t: [EditRecord.from_dict(r) for r in rs] for t, rs in job["test"].items()}
     scored = {t: test[t] for t in (*job["tasks"], HOLDOUT) if test.get(t)}
-    method = HypernetworkEdit("instructedit", result.editor, Prompter(result.pools, index=0))
+    queries = Prompter(None) if job.get("queries", "plain") == "plain" else None  # None: instructed
+    method = HypernetworkEdit("instructedit", result.editor, Prompter(result.pools, index=0), queries)
     summary = evaluate(method, result.base, scored)
     return {
         "variant": job["variant"],
@@ -232,7 +234,9 @@ def _real_records(per_task: int) -> dict[str, list[Any]]:
     }
 
 
-def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, per_task: int) -> None:
+def real_part(
+    seeds: list[int], steps: int, workers: int, pretrain_epochs: int, per_task: int, queries: str = "plain"
+) -> None:
     import torch
 
     from kedit_vfl.edit.data.embedded import pretraining_texts
@@ -261,7 +265,7 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
             train += [items[i] for i in order[n_test:]]
     train_file = root / "train.jsonl"
     train_file.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in train))
-    base_job = {"model": str(root / "base"), "data": [str(train_file)], "test": test}
+    base_job = {"model": str(root / "base"), "data": [str(train_file)], "test": test, "queries": queries}
     variants = {k: v for k, v in _variants(steps).items() if not k.startswith("single_")}
     jobs = [
         {**v, **base_job, "variant": name, "seed": seed} for seed in seeds for name, v in variants.items()
@@ -277,7 +281,12 @@ def real_part(seeds: list[int], steps: int, workers: int, pretrain_epochs: int, 
         f"({pretrain_s:.0f} s).",
         f"Editor trained on {', '.join(TRAIN_TASKS)} ({len(train)} records, 80%; 10% of them for "
         f"validation), tested on the other 20% and on all {len(test[HOLDOUT])} ZsRE records (held out). "
-        f"Seeds {seeds}.",
+        f"Seeds {seeds}. Edits scored on {queries} queries (the instructed editor's edit prompts "
+        + (
+            "as a user asks them, without the instruction)."
+            if queries == "plain"
+            else "with the instruction)."
+        ),
     ]
     _write(
         "edit_quality_real",
@@ -306,6 +315,12 @@ def main() -> None:
     )
     parser.add_argument("--pretrain-epochs", type=int, default=400)
     parser.add_argument(
+        "--queries",
+        choices=("plain", "instructed"),
+        default="plain",
+        help="real part: score the edits on the plain prompts a user asks, or on the instructed ones",
+    )
+    parser.add_argument(
         "--real-records", type=int, default=200, help="first N records per task of each sample"
     )
     args = parser.parse_args()
@@ -315,7 +330,7 @@ def main() -> None:
     if args.part in ("embedded", "all"):
         embedded_part(args.seeds, steps, args.jobs, args.single_seeds or args.seeds)
     if args.part in ("real", "all"):
-        real_part(args.seeds, steps, args.jobs, args.pretrain_epochs, args.real_records)
+        real_part(args.seeds, steps, args.jobs, args.pretrain_epochs, args.real_records, args.queries)
 
 
 if __name__ == "__main__":
