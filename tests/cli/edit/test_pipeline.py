@@ -48,10 +48,9 @@ def test_train_apply_reload_evaluate(arch: str, edit_files: dict[str, Path], tmp
     tokenizer = AutoTokenizer.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(edit_files[arch]).eval()
     report = json.loads((out / "kvtool_edits.json").read_text())
-    description = artifact.extra["instructions"]["counterfact"]["train"][0]
     for edit in report["edits"]:
-        prompt = f"Task: counterfact\nDescription: {description}\nInput: {edit['prompt']}"
-        batch = encode_pairs(tokenizer, [prompt], [edit["target_new"]], 256)
+        # the editor was trained to serve plain queries: the report is on the prompt a user asks
+        batch = encode_pairs(tokenizer, [edit["prompt"]], [edit["target_new"]], 256)
         with torch.no_grad():
             p_edited = float(target_probability(model(**batch.model_inputs()).logits, batch))
             p_original = float(target_probability(original(**batch.model_inputs()).logits, batch))
