@@ -4,7 +4,7 @@ on plain and on instructed queries, on the base model and split of ``edit_qualit
 ``edit_quality.py --part real`` leaves its base model and training file in a
 ``kvtool-real-*`` folder under the temporary directory; pass that folder.
 
-Usage: .venv/bin/python benchmarks/edit_instructions_real.py /tmp/kvtool-real-XXXX > runs.jsonl
+Usage: .venv/bin/python benchmarks/edit_instructions_real.py /tmp/kvtool-real-<suffix> > runs.jsonl
 (one JSON line per seed; benchmarks/results/edit_instructions_real.md sets them beside the
 plain-query editors of edit_quality_real.md).
 """

@@ -363,17 +363,25 @@ def train_editor(
     Under torchrun this process is one rank of a data-parallel run (editor.distributed).
     """
     started = time.perf_counter()
-    dist = from_environment(resolve_device(config.device))
+    device = resolve_device(config.device)
+    dist = from_environment(device)
     try:
-        return _train(config, out, resume, reporter if dist.is_main else SILENT, dist, started)
+        return _train(
+            config, out, resume, reporter if dist.is_main else SILENT, dist, dist.device(device), started
+        )
     finally:
         dist.finish()
 
 
 def _train(
-    config: TrainConfig, out: Path | None, resume: bool, reporter: Reporter, dist: Distributed, started: float
+    config: TrainConfig,
+    out: Path | None,
+    resume: bool,
+    reporter: Reporter,
+    dist: Distributed,
+    device: torch.device,
+    started: float,
 ) -> TrainResult:
-    device = dist.device(resolve_device(config.device))
     seed_everything(config.seed)
     data = load_train_data(config, reporter)
     pools = load_instruction_pools(config)
