@@ -50,14 +50,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit
+    from kedit_vfl.edit.algs.hypernetwork import HypernetworkEdit, compute_update
     from kedit_vfl.edit.config import TrainConfig, WorldOptions
     from kedit_vfl.edit.data.sources import embedded_world, interleaved
     from kedit_vfl.edit.editor.apply import edit_updates, holds, target_scores
     from kedit_vfl.edit.editor.batches import Prompter
     from kedit_vfl.edit.editor.network import edited_params
     from kedit_vfl.edit.editor.training import train_editor
-    from kedit_vfl.edit.evaluation.evaluate import compute_update, evaluate
+    from kedit_vfl.edit.evaluation.evaluate import evaluate
 
     config = TrainConfig(seed=job["seed"], batch_size=job["batch_size"], device="cpu", steps=job["steps"])
     started = time.perf_counter()

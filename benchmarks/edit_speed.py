@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kedit_vfl.edit.algs.hypernetwork import compute_update
 from kedit_vfl.edit.config import TrainConfig
 from kedit_vfl.edit.data.instructions import default_pools
 from kedit_vfl.edit.data.sources import embedded_world, open_base
@@ -32,7 +33,6 @@ from kedit_vfl.edit.editor.batches import Prompter, edit_batch
 from kedit_vfl.edit.editor.network import Editor, apply_updates_
 from kedit_vfl.edit.editor.store import load_editor, open_editor_base
 from kedit_vfl.edit.editor.training import meta_step, sample_records
-from kedit_vfl.edit.evaluation.evaluate import compute_update
 from kedit_vfl.edit.evaluation.metrics import nll_sum
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -224,6 +224,18 @@ def train_editor_command(
     depth: Annotated[
         int, typer.Option("--depth", help="Low-rank residual blocks per gradient transform.")
     ] = EditorConfig.depth,
+    aggregate: Annotated[
+        str,
+        typer.Option(
+            "--aggregate",
+            help="How a batch's edits combine: joint (each edit's effect as if alone, solved "
+            "together) or sum (MEND's summed updates).",
+        ),
+    ] = EditorConfig.aggregate,
+    ridge: Annotated[
+        float,
+        typer.Option("--ridge", help="With --aggregate joint: ridge, times the mean squared key length."),
+    ] = EditorConfig.ridge,
     val_records: Annotated[
         int, typer.Option("--val-records", help="Validation records per task at each validation.")
     ] = TrainConfig.val_records,
@@ -282,7 +294,13 @@ def train_editor_command(
         seed=seed,
         world=_world(world_seed, world_countries, world_people, world_recent),
         editor=EditorConfig(
-            rank=rank, depth=depth, edit_lr=edit_lr, layers=_split(layers), n_blocks=n_blocks
+            rank=rank,
+            depth=depth,
+            edit_lr=edit_lr,
+            layers=_split(layers),
+            n_blocks=n_blocks,
+            aggregate=aggregate,
+            ridge=ridge,
         ),
     )
     reporter = RichReporter(quiet)
@@ -350,8 +368,8 @@ def apply_command(
         int,
         typer.Option(
             "--batch-size",
-            help="Edits per forward pass (memory and speed only: every update is computed on the "
-            "unedited model and they all sum).",
+            help="Edits per forward pass (memory and speed only: every gradient is taken on the "
+            "unedited model and the editor combines all edits at once).",
         ),
     ] = ApplyConfig.batch_size,
     instruction_index: Annotated[
@@ -443,7 +461,8 @@ def evaluate_command(
     batch: Annotated[
         int,
         typer.Option(
-            "--batch", help="Apply N edits together, as apply does (updates summed; 0: one at a time)."
+            "--batch",
+            help="Apply N edits together, as apply does (combined by the editor; 0: one at a time).",
         ),
     ] = 0,
     limit: Annotated[

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from kedit_vfl.errors import UserError
 
@@ -13,6 +12,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")  # what e
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
 QUERY_STYLES = ("auto", "instructed", "plain")  # evaluate --queries; auto: as the editor was trained
+AGGREGATES = ("sum", "joint")  # how a batch's edits combine (EditorConfig.aggregate)
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # transformers' names; auto: the checkpoint's
 
 
@@ -30,16 +30,20 @@ class EditorConfig:
     edit_lr: float = 1e-3  # initial per-layer step size alpha_l
     layers: tuple[str, ...] = ()  # empty: the architecture's default MLP layers
     n_blocks: int = 3  # default layers: the MLPs of the last n_blocks blocks
+    # How a batch's edits combine: "sum" (MEND: the rank-one updates add up) or "joint"
+    # (each edit's effect on the batch's keys as if alone; network.joint_values), with a
+    # ridge of ``ridge`` times the mean squared key length.
+    aggregate: str = "joint"
+    ridge: float = 0.1
 
     def __post_init__(self) -> None:
         _positive("--rank", self.rank)
         _positive("--depth", self.depth)
         _positive("--edit-lr", self.edit_lr)
         _positive("--n-blocks", self.n_blocks)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EditorConfig:
-        return cls(**{**data, "layers": tuple(data.get("layers", ()))})
+        if self.aggregate not in AGGREGATES:
+            raise UserError(f"--aggregate {self.aggregate}: expected one of {', '.join(AGGREGATES)}")
+        _positive("--ridge", self.ridge)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class TrainConfig:
     instructions: bool = True
     instructions_file: str | None = None
     steps: int = 3000
-    batch_size: int = 1  # edit records per meta-training step (their updates sum)
+    batch_size: int = 1  # edit records per meta-training step (combined as editor.aggregate says)
     # Mixed batch sizes: each step draws its number of edits from these (MEND's batched
     # objective at several sizes, so one editor serves single edits and batches); empty:
     # always ``batch_size``.
@@ -147,7 +151,7 @@ class EvalConfig:
     unseen_instruction: bool = False
     no_prefix: bool = False  # ablation: edit inputs without the instruction prefix
     sequential: int = 0  # 0: one edit at a time with rollback
-    batch: int = 0  # N: N edits applied together as ``apply`` does (updates summed)
+    batch: int = 0  # N: N edits applied together as ``apply`` does (combined as the editor's aggregate says)
     limit: int | None = None  # records per task
     seed: int = 0
     methods: tuple[str, ...] = ("instructedit",)  # compared on the same records and protocol

@@ -16,6 +16,33 @@ from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
 from kedit_vfl.edit.editor.network import Editor, edit_gradients
 from kedit_vfl.edit.models.base import BaseModel
+from kedit_vfl.edit.models.hooks import concat_grads
+
+EDITS_PER_PASS = 32  # edits sharing one forward/backward pass (memory and speed only)
+
+
+@torch.no_grad()
+def compute_update(
+    editor: Editor,
+    base: BaseModel,
+    records: Sequence[EditRecord],
+    prompter: Prompter,
+    params: Mapping[str, torch.Tensor] | None = None,
+    chunk: int = EDITS_PER_PASS,
+) -> dict[str, torch.Tensor]:
+    """The editor's weight update for all ``records`` together, on the model with ``params``.
+
+    Gradients are captured ``chunk`` edits per pass, then the editor combines every edit
+    at once (``EditorConfig.aggregate``), so ``chunk`` never changes the result.
+    """
+    parts, sizes = [], []
+    for start in range(0, len(records), chunk):
+        group = records[start : start + chunk]
+        batch = edit_batch(group, prompter, base.tokenizer, base.max_length).to(base.device)
+        parts.append(edit_gradients(base.model, base.targets, batch, params))
+        sizes.append(len(group))
+    editor.eval()
+    return editor(parts[0] if len(parts) == 1 else concat_grads(parts, sizes))
 
 
 class HypernetworkEdit(WeightMethod):
@@ -27,13 +54,10 @@ class HypernetworkEdit(WeightMethod):
         self.name, self.editor, self.prompter = name, editor, prompter
         self.queries = prompter if queries is None else queries
 
-    @torch.no_grad()
     def updates(
         self,
         base: BaseModel,
         records: Sequence[EditRecord],
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        batch = edit_batch(records, self.prompter, base.tokenizer, base.max_length).to(base.device)
-        self.editor.eval()
-        return self.editor(edit_gradients(base.model, base.targets, batch, params))
+        return compute_update(self.editor, base, records, self.prompter, params)

@@ -1,7 +1,8 @@
 """``kvtool edit apply``: edit a base model with a trained editor and save it.
 
-All edits of one call are one batched edit: each edit's update is computed on the
-unedited model and the updates sum (batches of ``--batch-size`` only bound memory). The
+All edits of one call are one batched edit: each edit's gradient is taken on the
+unedited model and the editor combines them all at once (jointly since 0.3, summed for
+older editors; batches of ``--batch-size`` only bound memory). The
 edited model is written as a Hugging Face folder (safetensors) that ``transformers``
 loads directly, with a report of each edit's target probability and accuracy before and
 after.
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kedit_vfl.edit.algs.hypernetwork import compute_update
 from kedit_vfl.edit.config import ApplyConfig
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import (
@@ -27,9 +29,9 @@ from kedit_vfl.edit.data.sources import (
     world_options_of,
 )
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
-from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params, forward_with, merge_updates
+from kedit_vfl.edit.editor.network import Editor, apply_updates_, edited_params, forward_with
 from kedit_vfl.edit.editor.store import load_editor, open_editor_base
-from kedit_vfl.edit.evaluation.evaluate import compute_update, trained_queries
+from kedit_vfl.edit.evaluation.evaluate import trained_queries
 from kedit_vfl.edit.evaluation.metrics import target_probability, token_accuracy
 from kedit_vfl.edit.models.base import BaseModel, save_model_folder
 from kedit_vfl.errors import UserError
@@ -64,7 +66,8 @@ def target_scores(
 def edit_updates(
     editor: Editor, base: BaseModel, records: Sequence[EditRecord], prompter: Prompter, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """The summed weight updates of all edits, each computed on the unedited model.
+    """One update for all edits, each edit's gradient taken on the unedited model and the
+    editor combining them together (``EditorConfig.aggregate``).
 
     ``batch_size`` bounds how many edits share a forward pass (memory, speed), never the
     result. Computing each batch on the model the previous batches left made nearly every
@@ -72,12 +75,7 @@ def edit_updates(
     MLP output weight by most of its own norm, and the next edit's gradients on that
     model fall outside the statistics the editor normalises with.
     """
-    updates: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            updates = merge_updates(updates, compute_update(editor, base, batch, prompter))
-    return updates
+    return compute_update(editor, base, records, prompter, chunk=batch_size)
 
 
 def holds(acc_post: float) -> bool:
@@ -136,9 +134,9 @@ def apply_edits(editor_path: str | Path, config: ApplyConfig, reporter: Reporter
         sizes = loaded.artifact.config.get("batch_sizes") or [loaded.artifact.config.get("batch_size", 1)]
         reporter.warn(
             f"{failed} of {len(edits)} edits do not hold (new target not top-1 on every token); "
-            f"the editor was meta-trained on {'/'.join(map(str, sizes))} edit(s) per step and summed "
-            "updates interfere as edits are added (train-editor --batch-sizes helps; 'kvtool edit "
-            "evaluate --method memory' keeps many edits apart; docs/benchmarks.md has the figures)"
+            f"the editor was meta-trained on {'/'.join(map(str, sizes))} edit(s) per step and edits "
+            "in one update interfere as they are added (train-editor --batch-sizes helps; 'kvtool "
+            "edit evaluate --method memory' keeps many edits apart; docs/benchmarks.md has the figures)"
         )
     apply_updates_(base.model, updates)
     report = {

@@ -10,8 +10,10 @@ scale and shift), splits the result back into ``x~`` and ``delta~`` and returns
 
 ``delta`` is the gradient of the editing loss, so the minus makes the identity-initialised
 editor a plain gradient-descent step of size alpha_l (the spec's ``W + alpha_l * ...``
-with ``delta`` read as the descent direction). Edits batched together simply contribute
-more tokens to the same sum.
+with ``delta`` read as the descent direction). Edits batched together contribute more
+tokens: summed as they are (``aggregate="sum"``, MEND), or with their ``delta~`` solved
+jointly so each edit acts on the batch's keys as it would alone (``"joint"``, the default
+since 0.3; :func:`joint_values`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,53 @@ class GradientTransform(nn.Module):
         return h
 
 
+JOINT_MAX_TOKENS = 4096  # one solve's size; larger batches are solved in groups of whole edits
+
+
+def joint_values(
+    keys: torch.Tensor, values: torch.Tensor, edit_index: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """The values ``U`` that make ``U^T K`` act on the batch's keys as each edit alone would.
+
+    Summed, an edit's update also moves every other edit's tokens by ``v_t (k_t . k_s)``,
+    and edits with similar keys pile up. Solved jointly, ``U = (G + lam I)^-1 (G_e + lam I) V``
+    with ``G = K K^T`` and ``G_e`` its blocks within one edit: ``G U`` is each token's own
+    edit's effect, about as if that edit were applied alone (after MALMEN's least squares,
+    here in the editor's key space). One edit gives ``U = V`` exactly, so a single edit is
+    the same as summing. ``lam`` is ``ridge`` times the mean squared key length (scale-free).
+    Batches over :data:`JOINT_MAX_TOKENS` tokens are solved in groups of whole edits (an
+    ``N x N`` solve per group), the groups' updates summed.
+    """
+    if keys.shape[0] < 2 or bool((edit_index == edit_index[0]).all()):
+        return values
+    if keys.shape[0] > JOINT_MAX_TOKENS:
+        out = torch.empty_like(values)
+        for rows in _edit_groups(edit_index, JOINT_MAX_TOKENS):
+            out[rows] = joint_values(keys[rows], values[rows], edit_index[rows], ridge)
+        return out
+    k, v = keys.double(), values.double()
+    gram = k @ k.T  # (N, N)
+    lam = ridge * gram.diagonal().mean()
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    own = gram * (edit_index[:, None] == edit_index[None, :])
+    return torch.linalg.solve(gram + lam * eye, (own + lam * eye) @ v).to(values.dtype)
+
+
+def _edit_groups(edit_index: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in groups of whole edits, each at most ``size`` rows (or one edit)."""
+    groups, current, count = [], [], 0
+    for edit in edit_index.unique().tolist():
+        rows = torch.nonzero(edit_index == edit).squeeze(1)
+        if current and count + len(rows) > size:
+            groups.append(torch.cat(current))
+            current, count = [], 0
+        current.append(rows)
+        count += len(rows)
+    if current:
+        groups.append(torch.cat(current))
+    return groups
+
+
 def rank_one_sum(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``sum_t delta_t x_t^T`` as one matmul: (N, d_out), (N, d_in) -> (d_out, d_in)."""
     return delta.transpose(0, 1) @ x
@@ -147,10 +196,12 @@ class Editor(nn.Module):
         """Weight updates keyed by parameter name, in each weight's own layout; or, with
         ``factored``, keyed by module name as :class:`LowRankUpdate` factors (meta-training:
         no ``d_out x d_in`` matrix is ever built, see :func:`low_rank_edits`)."""
-        factors = {
-            target.module: LowRankUpdate(-self.alpha[i], *self.transformed(i, grads[target.module]))
-            for i, target in enumerate(self.targets)
-        }
+        factors = {}
+        for i, target in enumerate(self.targets):
+            x_t, delta_t = self.transformed(i, grads[target.module])
+            if self.config.aggregate == "joint":
+                delta_t = joint_values(x_t, delta_t, grads[target.module].edit_index, self.config.ridge)
+            factors[target.module] = LowRankUpdate(-self.alpha[i], x_t, delta_t)
         if factored:
             return factors
         updates = {}

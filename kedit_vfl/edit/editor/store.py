@@ -57,7 +57,10 @@ def editor_from_artifact(artifact: Artifact, where: str) -> Editor:
     if not isinstance(raw_targets, list) or not raw_targets:
         raise UserError(f"{where}: the editor artifact is incomplete (no edited layers listed)")
     targets = [typed(EditTarget, t, where, f"targets[{i}]") for i, t in enumerate(raw_targets)]
-    editor = Editor(targets, typed(EditorConfig, artifact.extra.get("editor"), where, "editor"))
+    raw = artifact.extra.get("editor")
+    if isinstance(raw, dict) and "aggregate" not in raw:
+        raw = {**raw, "aggregate": "sum"}  # saved before 0.3, when a batch's updates summed
+    editor = Editor(targets, typed(EditorConfig, raw, where, "editor"))
     try:
         editor.load_state_dict(artifact.tensors)
     except RuntimeError as exc:

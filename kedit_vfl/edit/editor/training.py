@@ -441,7 +441,8 @@ def _train(
         validation = [r for task in sorted(data.validation) for r in data.validation[task]]
         background = [r for task in sorted(data.train) for r in data.train[task]]
         random.Random(f"{config.seed}/memory").shuffle(background)
-        memory = calibrate_threshold(editor, base, val_prompter, validation, background, config.memory_edits)
+        # keyed as the memory keys them: on the prompts the edited model is asked
+        memory = calibrate_threshold(editor, base, val_queries, validation, background, config.memory_edits)
     return TrainResult(
         editor,
         pools,

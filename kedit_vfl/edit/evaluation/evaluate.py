@@ -4,7 +4,7 @@ Default protocol: each edit applied alone and rolled back (the edited weights on
 exist inside a functional call, so rollback is free). ``sequential=N`` applies N edits
 one after another, each computed on the already edited model, then scores all N;
 ``batch=N`` applies N edits together as ``apply`` does (each update computed on the
-unedited model, the updates summed), then scores all N.
+unedited model, combined as the editor's ``aggregate`` says), then scores all N.
 """
 
 from __future__ import annotations
@@ -27,27 +27,14 @@ from kedit_vfl.edit.data.sources import (
     uses_embedded_world,
     world_options_of,
 )
-from kedit_vfl.edit.editor.batches import Prompter, edit_batch, probe
-from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with
+from kedit_vfl.edit.editor.batches import Prompter, probe
+from kedit_vfl.edit.editor.network import forward_with
 from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.metrics import METRICS, average, token_accuracy, unchanged_top1
 from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError
 from kedit_vfl.progress import SILENT, Reporter
 from kedit_vfl.seeding import seed_everything
-
-
-def compute_update(
-    editor: Editor,
-    base: BaseModel,
-    records: Sequence[EditRecord],
-    prompter: Prompter,
-    params: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The editor's weight update for a batch of edits (summed), on the model with ``params``."""
-    batch = edit_batch(records, prompter, base.tokenizer, base.max_length).to(base.device)
-    grads = edit_gradients(base.model, base.targets, batch, params)
-    return editor(grads)
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -102,7 +89,7 @@ def evaluate_records(
             began = time.perf_counter()
             spent = 0.0
             with torch.no_grad():
-                if batch:  # together, as apply does: every update on the unedited model, summed
+                if batch:  # together, as apply does: every gradient on the unedited model
                     edited = method.add(base, edited, group)
                 else:  # one after another, each on the model the previous ones left
                     for done, record in enumerate(group, 1):

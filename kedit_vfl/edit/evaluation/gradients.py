@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kedit_vfl.artifacts import atomic_write, config_to_dict
+from kedit_vfl.edit.algs.hypernetwork import compute_update
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import (
     by_task,
@@ -34,7 +35,6 @@ from kedit_vfl.edit.data.sources import (
 from kedit_vfl.edit.editor.batches import Prompter
 from kedit_vfl.edit.editor.store import LoadedEditor, check_fingerprint, load_editor, open_editor_base
 from kedit_vfl.edit.evaluation.analysis import UpdateSketch, separation_report
-from kedit_vfl.edit.evaluation.evaluate import compute_update
 from kedit_vfl.edit.evaluation.plots import scatter_panels
 from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.errors import UserError

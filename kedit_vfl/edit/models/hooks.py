@@ -9,7 +9,7 @@ detached: the editor gets no second-order terms through the base model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,19 @@ class LayerGrads:
     x: torch.Tensor  # (N, d_in)
     delta: torch.Tensor  # (N, d_out)
     edit_index: torch.Tensor  # (N,) which edit of the batch each token belongs to
+
+
+def concat_grads(parts: Sequence[Mapping[str, LayerGrads]], sizes: Sequence[int]) -> dict[str, LayerGrads]:
+    """The factors of one batch of edits captured in chunks of ``sizes`` edits each."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return {
+        name: LayerGrads(
+            x=torch.cat([p[name].x for p in parts]),
+            delta=torch.cat([p[name].delta for p in parts]),
+            edit_index=torch.cat([p[name].edit_index + o for p, o in zip(parts, offsets, strict=True)]),
+        )
+        for name in parts[0]
+    }
 
 
 @dataclass

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,12 +12,14 @@ from kedit_vfl.edit.editor.network import (
     edit_gradients,
     edited_params,
     forward_with,
+    joint_values,
     rank_one_sum,
 )
 from kedit_vfl.edit.evaluation.metrics import nll_sum
 from kedit_vfl.edit.models.base import EditTarget, fingerprint, resolve_targets
 from kedit_vfl.edit.models.hooks import LayerGrads
 from kedit_vfl.edit.models.tokens import encode_pairs
+from kedit_vfl.errors import UserError
 from tests.unit.edit.tiny import build, tokenizer
 
 
@@ -58,7 +62,7 @@ def test_layers_of_one_shape_share_a_transform_with_their_own_film() -> None:
 
 
 def test_batched_edits_sum_their_updates() -> None:
-    editor = Editor(TARGETS, EditorConfig(rank=3)).eval()
+    editor = Editor(TARGETS, EditorConfig(rank=3, aggregate="sum")).eval()
     for p in editor.transforms.parameters():  # a non-identity transform
         torch.nn.init.normal_(p, std=0.3)
     a, b = _grads(TARGETS, 3, seed=1), _grads(TARGETS, 4, seed=2)
@@ -71,6 +75,52 @@ def test_batched_edits_sum_their_updates() -> None:
     ua, ub, uab = editor(a), editor(b), editor(both)
     for name in uab:
         torch.testing.assert_close(uab[name], ua[name] + ub[name], rtol=1e-4, atol=1e-5)
+
+
+def _two_edits(targets: list[EditTarget]) -> dict[str, LayerGrads]:
+    a, b = _grads(targets, 3, seed=1), _grads(targets, 4, seed=2)
+    return {
+        k: LayerGrads(
+            torch.cat([a[k].x, b[k].x]),
+            torch.cat([a[k].delta, b[k].delta]),
+            torch.tensor([0, 0, 0, 1, 1, 1, 1]),
+        )
+        for k in a
+    }
+
+
+def test_joint_values_leave_a_single_edit_as_it_is() -> None:
+    keys, values = torch.randn(5, 8), torch.randn(5, 3)
+    assert torch.equal(joint_values(keys, values, torch.zeros(5, dtype=torch.long), 0.1), values)
+    one = _grads(TARGETS, 5)
+    summed = Editor(TARGETS, EditorConfig(aggregate="sum")).eval()(one)
+    joint = Editor(TARGETS, EditorConfig(aggregate="joint")).eval()(one)
+    for name in summed:
+        torch.testing.assert_close(joint[name], summed[name])
+
+
+def test_joint_values_give_each_edit_its_own_effect_on_the_batch_keys() -> None:
+    """``G U = G_e V`` as the ridge goes to zero: on every key of the batch, the joint update
+    does what that key's own edit alone does, where the sum adds the other edit's effect."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(6, 32, generator=gen, dtype=torch.float64)
+    keys[3:] += 2.0 * keys[:3]  # the second edit's keys lean on the first's: sums interfere
+    values = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    gram = keys @ keys.T
+    alone = (gram * (owner[:, None] == owner[None, :])) @ values  # each edit applied alone
+    joint = gram @ joint_values(keys, values, owner, 1e-6)
+    torch.testing.assert_close(joint, alone, rtol=1e-3, atol=1e-3)
+    assert (gram @ values - alone).abs().max() > 1.0  # the summed update is far from it
+
+
+def test_joint_editor_differs_from_the_sum_only_across_edits() -> None:
+    both = _two_edits(TARGETS)
+    summed = Editor(TARGETS, EditorConfig(aggregate="sum")).eval()(both)
+    joint = Editor(TARGETS, EditorConfig(aggregate="joint")).eval()(both)
+    assert all(not torch.allclose(joint[k], summed[k]) for k in summed)
+    with pytest.raises(UserError, match="--aggregate"):
+        EditorConfig(aggregate="mean")
 
 
 def test_running_norm_matches_batch_statistics_and_is_saved() -> None:
@@ -126,3 +176,55 @@ def test_bfloat16_on_cuda_edits_like_float32_on_cpu() -> None:
         assert params[targets[0].param].dtype == next(model.parameters()).dtype
     for name, update in updates["cpu"].items():
         torch.testing.assert_close(updates["cuda"][name].float().cpu(), update, rtol=0.1, atol=1e-3)
+
+
+def test_joint_values_over_the_token_cap_solve_whole_edits_in_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kedit_vfl.edit.editor.network as network
+
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(9, 16, generator=gen), torch.randn(9, 2, generator=gen)
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
+    monkeypatch.setattr(network, "JOINT_MAX_TOKENS", 5)
+    grouped = joint_values(keys, values, owner, 0.1)
+    first, second = torch.arange(5), torch.arange(5, 9)  # edits 0-1 (5 rows), then 2-3 (4 rows)
+    torch.testing.assert_close(grouped[first], joint_values(keys[first], values[first], owner[first], 0.1))
+    torch.testing.assert_close(
+        grouped[second], joint_values(keys[second], values[second], owner[second], 0.1)
+    )
+
+
+def test_an_editor_saved_before_joint_aggregation_keeps_summing() -> None:
+    from kedit_vfl.artifacts import Artifact
+    from kedit_vfl.edit.editor.store import EDITOR_KIND, editor_from_artifact
+
+    editor = Editor(TARGETS, EditorConfig())
+    config = {k: v for k, v in vars(editor.config).items() if k not in ("aggregate", "ridge")}
+    extra = {"targets": [t.to_dict() for t in TARGETS], "editor": {**config, "layers": []}}
+    old = editor_from_artifact(Artifact(EDITOR_KIND, editor.state_dict(), {}, extra=extra), "old.safetensors")
+    assert old.config.aggregate == "sum"
+    extra["editor"]["aggregate"] = "joint"
+    new = editor_from_artifact(Artifact(EDITOR_KIND, editor.state_dict(), {}, extra=extra), "new.safetensors")
+    assert new.config.aggregate == "joint"
+
+
+def test_a_batch_captured_in_chunks_gets_the_update_of_one_pass(tmp_path: Path) -> None:
+    """apply's --batch-size bounds the forward pass; the joint update sees every edit."""
+    from kedit_vfl.edit.algs.hypernetwork import compute_update
+    from kedit_vfl.edit.editor.batches import Prompter
+    from kedit_vfl.edit.models.base import load_base_model
+    from tests.unit.edit.tiny import records, save_tiny
+
+    base = load_base_model(str(save_tiny("gpt2", tmp_path / "gpt2")), torch.device("cpu"), n_blocks=2)
+    torch.manual_seed(0)
+    editor = Editor(base.targets, EditorConfig(rank=4, edit_lr=0.05)).eval()
+    for p in editor.transforms.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    edits = records("counterfact", 5)
+    whole = compute_update(editor, base, edits, Prompter(None), chunk=32)
+    chunked = compute_update(editor, base, edits, Prompter(None), chunk=2)
+    summed = Editor(base.targets, editor.config.__class__(rank=4, edit_lr=0.05, aggregate="sum"))
+    summed.load_state_dict(editor.state_dict())
+    plain = compute_update(summed.eval(), base, edits, Prompter(None))
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(plain[name], whole[name], rtol=1e-3, atol=1e-6)
