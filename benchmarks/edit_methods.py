@@ -3,13 +3,15 @@
 Trains, per seed, the default instructed editor (one edit per step), an instructed editor
 on mixed batch sizes (``--batch-sizes 1,2,4,8,16,32``) and a plain one
 (``--no-instructions``: MEND), then scores on the embedded world's test split, through
-the library's ``evaluate`` (the protocol of ``kvtool edit evaluate``):
+the library's ``evaluate`` (the protocol of ``kvtool edit evaluate``, on the prompts each
+editor was trained to serve: ``--queries auto``):
 
 1. every method, one edit at a time (rolled back), per task, with seconds per edit;
 2. the test edits of all tasks interleaved, applied together in groups of 8 and 32
    (and 128, on the test and validation records together: the test split holds 97),
    for the weight methods and the side memory, with the update time against single
-   edits;
+   edits; the default editor also with its batch's updates summed (``aggregate="sum"``,
+   every editor before 0.3) beside the joint combination;
 3. sequences of every test edit one after another (tasks interleaved) with the
    retention curve, and a curve to ``--curve-edits`` edits on training-split records
    (the editors were meta-trained on them: the curve measures interference, not
@@ -25,6 +27,8 @@ Writes benchmarks/results/edit_methods.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -76,7 +80,7 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
     from kedit_vfl.edit.data.sources import embedded_world, interleaved, world_options_of
     from kedit_vfl.edit.editor.batches import Prompter
     from kedit_vfl.edit.editor.store import load_editor, open_editor_base
-    from kedit_vfl.edit.evaluation.evaluate import evaluate
+    from kedit_vfl.edit.evaluation.evaluate import evaluate, trained_queries
 
     paths = job["editors"]
     loaded = {v: load_editor(p) for v, p in paths.items()}
@@ -90,7 +94,9 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
     def method(name: str, variant: str = "instructed") -> Any:
         chosen = loaded[variant]
         prompter = Prompter(chosen.pools, index=0) if chosen.pools else plain_prompter
-        return build_method(name, chosen, prompter, plain=loaded["plain (MEND)"])
+        # scored on the prompts the editor serves, as `kvtool edit evaluate --queries auto`
+        queries = plain_prompter if trained_queries(chosen) == "plain" else None
+        return build_method(name, chosen, prompter, plain=loaded["plain (MEND)"], queries=queries)
 
     methods = {
         "instructedit": method("instructedit"),
@@ -98,6 +104,9 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
         "memory": method("memory"),
         "mend": method("mend"),
     }
+    # the default editor with its edits summed (as every editor before 0.3): batches only
+    summed = copy.deepcopy(methods["instructedit"])
+    summed.editor.config = dataclasses.replace(summed.editor.config, aggregate="sum")
     if job["seed"] == job["first_seed"]:
         methods.update({"ft-m": method("ft-m"), "ft-l": method("ft-l")})
     out: dict[str, Any] = {"seed": job["seed"], "single": {}, "batch": {}, "sequential": {}}
@@ -105,13 +114,20 @@ def score_seed(job: dict[str, Any]) -> dict[str, Any]:
         summary = evaluate(m, base, test)
         out["single"][name] = {**overall(summary), "tasks": summary["tasks"]}
     pool = mixed["mixed"] + interleaved([world.records["validation"][t] for t in sorted(TASKS)])
-    for name in ("instructedit", "instructedit, mixed-batch editor", "memory", "ft-m"):
-        if name not in methods:
+    batched = {**methods, "instructedit, summed updates": summed}
+    for name in (
+        "instructedit",
+        "instructedit, summed updates",
+        "instructedit, mixed-batch editor",
+        "memory",
+        "ft-m",
+    ):
+        if name not in batched:
             continue
         for size in (8, 32, 128):
             records = mixed["mixed"] if size < 128 else pool
             usable = records[: len(records) // size * size]  # whole groups only
-            summary = evaluate(methods[name], base, {"mixed": usable}, batch=size)
+            summary = evaluate(batched[name], base, {"mixed": usable}, batch=size)
             out["batch"].setdefault(name, {})[str(size)] = overall(summary)
     for name in ("instructedit", "instructedit, mixed-batch editor", "memory", "ft-m"):
         if name not in methods:
@@ -218,7 +234,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--curve-edits", type=int, default=1000)
-    parser.add_argument("--editors", type=Path, default=ROOT / "runs" / "bench" / "edit_methods")
+    parser.add_argument("--editors", type=Path, default=ROOT / "runs" / "bench" / "edit_methods-0.3")
     parser.add_argument("--out", type=Path, default=RESULTS / "edit_methods.md")
     parser.add_argument(
         "--summarise-only", action="store_true", help="tabulate the JSON on file, run nothing"

@@ -175,6 +175,14 @@ def train_editor_command(
             "of this many edits.",
         ),
     ] = TrainConfig.memory_edits,
+    memory_unrelated: Annotated[
+        float,
+        typer.Option(
+            "--memory-unrelated",
+            help="The side memory's threshold routes at most this share of unrelated validation "
+            "prompts to an edit.",
+        ),
+    ] = TrainConfig.memory_unrelated,
     instructed_queries: Annotated[
         bool,
         typer.Option(
@@ -280,6 +288,7 @@ def train_editor_command(
         batch_size=batch_size,
         batch_sizes=_sizes(batch_sizes),
         memory_edits=memory_edits,
+        memory_unrelated=memory_unrelated,
         instructed_queries=instructed_queries,
         accumulate=accumulate,
         gradient_checkpointing=gradient_checkpointing,

@@ -34,7 +34,7 @@ class EditorConfig:
     # (each edit's effect on the batch's keys as if alone; network.joint_values), with a
     # ridge of ``ridge`` times the mean squared key length.
     aggregate: str = "joint"
-    ridge: float = 0.1
+    ridge: float = 1.0  # chosen on the validation split (docs/edit.md, "Batches")
 
     def __post_init__(self) -> None:
         _positive("--rank", self.rank)
@@ -79,6 +79,10 @@ class TrainConfig:
     # are close enough; the threshold is chosen on the validation split for a memory
     # holding this many edits (more edits, more unrelated prompts near one: stricter).
     memory_edits: int = 100
+    # ... as the loosest threshold that routes at most this share of the validation
+    # records' unrelated (locality) prompts to an edit: a misrouted prompt gets an edit
+    # it never asked for, so Locality is the constraint and Generalization what is left.
+    memory_unrelated: float = 0.05
     # The edit loss (and validation) on the instructed prompts as well as the edit input;
     # off: on the plain prompts and rephrases a user asks the edited model, the instruction
     # only conditioning the gradient the editor sees (docs/edit.md: "Instructions and queries").
@@ -132,6 +136,8 @@ class TrainConfig:
             "accumulate",
         ):
             _positive("--" + name.replace("_", "-"), getattr(self, name))
+        if not 0 <= self.memory_unrelated < 1:
+            raise UserError(f"--memory-unrelated {self.memory_unrelated}: must be in [0, 1)")
         if self.c_edit < 0 or self.c_loc < 0:
             raise UserError("--c-edit/--c-loc: must be non-negative")
         if not 0 <= self.ema < 1:

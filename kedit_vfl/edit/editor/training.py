@@ -442,7 +442,15 @@ def _train(
         background = [r for task in sorted(data.train) for r in data.train[task]]
         random.Random(f"{config.seed}/memory").shuffle(background)
         # keyed as the memory keys them: on the prompts the edited model is asked
-        memory = calibrate_threshold(editor, base, val_queries, validation, background, config.memory_edits)
+        memory = calibrate_threshold(
+            editor,
+            base,
+            val_queries,
+            validation,
+            background,
+            config.memory_edits,
+            config.memory_unrelated,
+        )
     return TrainResult(
         editor,
         pools,

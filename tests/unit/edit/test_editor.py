@@ -228,3 +228,16 @@ def test_a_batch_captured_in_chunks_gets_the_update_of_one_pass(tmp_path: Path) 
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6)
         assert not torch.allclose(plain[name], whole[name], rtol=1e-3, atol=1e-6)
+
+
+def test_the_memory_threshold_routes_at_most_the_allowed_share_of_unrelated_prompts() -> None:
+    from kedit_vfl.edit.algs.memory import loosest_threshold
+
+    similarity = torch.linspace(0.0, 0.99, 100)[
+        torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    ]
+    for share in (0.0, 0.05, 0.2):
+        threshold = loosest_threshold(similarity, share)
+        routed = float((similarity >= threshold).float().mean())
+        assert routed == pytest.approx(share)  # no ties: exactly the share
+        assert float((similarity >= threshold - 0.011).float().mean()) > share  # and the loosest such
