@@ -244,6 +244,15 @@ def train_editor_command(
         float,
         typer.Option("--ridge", help="With --aggregate joint: ridge, times the mean squared key length."),
     ] = EditorConfig.ridge,
+    instruction_input: Annotated[
+        str,
+        typer.Option(
+            "--instruction-input",
+            help="Where the instruction enters: prefix (it prefixes the prompt the editor "
+            "differentiates) or condition (the plain prompt's gradient, the instruction's "
+            "embedding conditioning the editor).",
+        ),
+    ] = EditorConfig.instruction_input,
     val_records: Annotated[
         int, typer.Option("--val-records", help="Validation records per task at each validation.")
     ] = TrainConfig.val_records,
@@ -310,6 +319,7 @@ def train_editor_command(
             n_blocks=n_blocks,
             aggregate=aggregate,
             ridge=ridge,
+            instruction_input=instruction_input,
         ),
     )
     reporter = RichReporter(quiet)

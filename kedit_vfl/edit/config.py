@@ -12,6 +12,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")  # what e
 KNOWN_TASKS = ("counterfact", "recent", "convsent", "zsre")
 DEFAULT_TRAIN_TASKS = ("counterfact", "recent", "convsent")
 QUERY_STYLES = ("auto", "instructed", "plain")  # evaluate --queries; auto: as the editor was trained
+INSTRUCTION_INPUTS = ("prefix", "condition")  # where an instruction enters the editor
 AGGREGATES = ("sum", "joint")  # how a batch's edits combine (EditorConfig.aggregate)
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # transformers' names; auto: the checkpoint's
 
@@ -35,6 +36,11 @@ class EditorConfig:
     # ridge of ``ridge`` times the mean squared key length.
     aggregate: str = "joint"
     ridge: float = 1.0  # chosen on the validation split (docs/edit.md, "Batches")
+    # Where a task instruction enters: "prefix" (it prefixes the prompt whose gradient the
+    # editor reads) or "condition" (the editor reads the plain prompt's gradient, and the
+    # base model's embedding of the instruction scales and shifts its features).
+    instruction_input: str = "prefix"
+    condition_dim: int = 0  # the instruction embedding's width (set by training; 0: none)
 
     def __post_init__(self) -> None:
         _positive("--rank", self.rank)
@@ -44,6 +50,11 @@ class EditorConfig:
         if self.aggregate not in AGGREGATES:
             raise UserError(f"--aggregate {self.aggregate}: expected one of {', '.join(AGGREGATES)}")
         _positive("--ridge", self.ridge)
+        if self.instruction_input not in INSTRUCTION_INPUTS:
+            expected = ", ".join(INSTRUCTION_INPUTS)
+            raise UserError(f"--instruction-input {self.instruction_input}: expected one of {expected}")
+        if self.condition_dim < 0:
+            raise UserError(f"condition_dim {self.condition_dim}: must be >= 0")
 
 
 @dataclass(frozen=True)

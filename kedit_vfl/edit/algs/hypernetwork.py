@@ -13,7 +13,8 @@ import torch
 
 from kedit_vfl.edit.algs.base import WeightMethod
 from kedit_vfl.edit.data.records import EditRecord
-from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+from kedit_vfl.edit.editor.batches import Prompter
+from kedit_vfl.edit.editor.conditioning import editor_batch
 from kedit_vfl.edit.editor.network import Editor, edit_gradients
 from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.edit.models.hooks import concat_grads
@@ -35,14 +36,16 @@ def compute_update(
     Gradients are captured ``chunk`` edits per pass, then the editor combines every edit
     at once (``EditorConfig.aggregate``), so ``chunk`` never changes the result.
     """
-    parts, sizes = [], []
+    parts, sizes, conditions = [], [], []
     for start in range(0, len(records), chunk):
         group = records[start : start + chunk]
-        batch = edit_batch(group, prompter, base.tokenizer, base.max_length).to(base.device)
+        batch, condition = editor_batch(editor, base, group, prompter)
         parts.append(edit_gradients(base.model, base.targets, batch, params))
         sizes.append(len(group))
+        conditions.append(condition)
     editor.eval()
-    return editor(parts[0] if len(parts) == 1 else concat_grads(parts, sizes))
+    grads = parts[0] if len(parts) == 1 else concat_grads(parts, sizes)
+    return editor(grads, conditions=torch.cat(conditions) if conditions[0] is not None else None)
 
 
 class HypernetworkEdit(WeightMethod):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.editor.batches import Prompter, edit_batch
+from kedit_vfl.edit.editor.conditioning import editor_batch
 from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with
 from kedit_vfl.edit.models.base import BaseModel
 from kedit_vfl.edit.models.tokens import TokenBatch, encode_pairs
@@ -68,8 +69,8 @@ class MemoryEdit:
 
     @torch.no_grad()
     def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:
-        batch = edit_batch(records, self.prompter, base.tokenizer, base.max_length).to(base.device)
-        if self.queries is self.prompter:
+        batch, conditions = editor_batch(self.editor, base, records, self.prompter)
+        if self.queries is self.prompter and conditions is None:
             _, keys = self.keys_and_logits(base, batch)
         else:  # keys where the queries will be: the edit prompts as they are asked
             asked = edit_batch(records, self.queries, base.tokenizer, base.max_length).to(base.device)
@@ -78,7 +79,7 @@ class MemoryEdit:
         self.editor.eval()
         factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in records]
         for i, target in enumerate(self.editor.targets):
-            x_t, delta_t = self.editor.transformed(i, grads[target.module])
+            x_t, delta_t = self.editor.transformed(i, grads[target.module], conditions)
             owner = grads[target.module].edit_index
             for r in range(len(records)):
                 mine = owner == r

@@ -67,6 +67,16 @@ def where_of(record: EditRecord) -> str:
     return str(record.extra.get("where") or f"{record.task} record {record.prompt[:40]!r}")
 
 
+@dataclass
+class MetaBatches:
+    """One meta-training step's batches by role, and each edit's instruction (None: none)."""
+
+    inner: TokenBatch
+    outer: TokenBatch
+    loc: TokenBatch | None
+    descriptions: list[str | None]
+
+
 def training_batches(
     records: Sequence[EditRecord],
     prompter: Prompter,
@@ -76,13 +86,18 @@ def training_batches(
     use_rephrase: bool = True,
     loc_pool: Sequence[EditRecord] = (),
     instructed_queries: bool = True,
-) -> dict[str, TokenBatch | None]:
-    """One meta-training step's batches; one rephrase and one locality pair per record."""
-    inner, outer, loc = [], [], []
+    prefix_inner: bool = True,
+) -> MetaBatches:
+    """One meta-training step's batches; one rephrase and one locality pair per record.
+    ``prefix_inner``: the instruction prefixes the edit input (off for an editor that is
+    conditioned on the instruction instead)."""
+    inner, outer, loc, descriptions = [], [], [], []
     for record in records:
         # one description per record, shared by its inner and outer prompts
         seed = rng.random()
-        inner.append((prompter(record, record.prompt, random.Random(seed)), record.target_new))
+        descriptions.append(prompter.description(record.task, random.Random(seed)))
+        edits_with = prompter if prefix_inner else Prompter(None)
+        inner.append((edits_with(record, record.prompt, random.Random(seed)), record.target_new))
         asked = prompter if instructed_queries else Prompter(None)
         outer.append((asked(record, record.prompt, random.Random(seed)), record.target_new))
         if use_rephrase and record.rephrase:
@@ -93,11 +108,10 @@ def training_batches(
             pair = rng.choice(source.locality)
             loc.append((pair.prompt, pair.answer))
     where = where_of(records[0])
-    return {
-        "edit_inner": _encode(tokenizer, inner, max_length, where),
-        "edit_outer": _encode(tokenizer, outer, max_length, where),
-        "loc": _encode(tokenizer, loc, max_length, where),
-    }
+    inner_batch = _encode(tokenizer, inner, max_length, where)
+    outer_batch = _encode(tokenizer, outer, max_length, where)
+    assert inner_batch is not None and outer_batch is not None  # records is never empty
+    return MetaBatches(inner_batch, outer_batch, _encode(tokenizer, loc, max_length, where), descriptions)
 
 
 @dataclass

@@ -98,15 +98,26 @@ class LowRankResidual(nn.Module):
 
 
 class GradientTransform(nn.Module):
-    """The network shared by all edited layers of one shape: FiLM, then residual blocks."""
+    """The network shared by all edited layers of one shape: FiLM, then residual blocks.
 
-    def __init__(self, dim: int, n_layers: int, rank: int, depth: int) -> None:
+    With ``condition_dim``, each token's features are also scaled and shifted by a linear
+    map of its edit's instruction embedding (zero-initialised: no effect at first).
+    """
+
+    def __init__(self, dim: int, n_layers: int, rank: int, depth: int, condition_dim: int = 0) -> None:
         super().__init__()
         self.film = FiLM(n_layers, dim)
         self.blocks = nn.ModuleList(LowRankResidual(dim, rank) for _ in range(depth))
+        self.condition = nn.Linear(condition_dim, 2 * dim) if condition_dim else None
+        if self.condition is not None:
+            nn.init.zeros_(self.condition.weight)
+            nn.init.zeros_(self.condition.bias)
 
-    def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, layer: int, condition: torch.Tensor | None = None) -> torch.Tensor:
         h = self.film(h, layer)
+        if self.condition is not None and condition is not None:
+            scale, shift = self.condition(condition).chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
         for block in self.blocks:
             h = block(h)
         return h
@@ -182,6 +193,7 @@ class Editor(nn.Module):
                     n_layers=len(m),
                     rank=min(config.rank, dim),
                     depth=config.depth,
+                    condition_dim=config.condition_dim,
                 )
                 for key, m in groups.items()
             }
@@ -191,14 +203,18 @@ class Editor(nn.Module):
         self.alpha = nn.Parameter(torch.full((len(self.targets),), float(config.edit_lr)))
 
     def forward(
-        self, grads: Mapping[str, LayerGrads], factored: bool = False
+        self,
+        grads: Mapping[str, LayerGrads],
+        factored: bool = False,
+        conditions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor] | dict[str, LowRankUpdate]:
         """Weight updates keyed by parameter name, in each weight's own layout; or, with
         ``factored``, keyed by module name as :class:`LowRankUpdate` factors (meta-training:
-        no ``d_out x d_in`` matrix is ever built, see :func:`low_rank_edits`)."""
+        no ``d_out x d_in`` matrix is ever built, see :func:`low_rank_edits`).
+        ``conditions``: one instruction embedding per edit (``instruction_input="condition"``)."""
         factors = {}
         for i, target in enumerate(self.targets):
-            x_t, delta_t = self.transformed(i, grads[target.module])
+            x_t, delta_t = self.transformed(i, grads[target.module], conditions)
             if self.config.aggregate == "joint":
                 delta_t = joint_values(x_t, delta_t, grads[target.module].edit_index, self.config.ridge)
             factors[target.module] = LowRankUpdate(-self.alpha[i], x_t, delta_t)
@@ -210,7 +226,9 @@ class Editor(nn.Module):
             updates[target.param] = update.transpose(0, 1) if target.transposed else update
         return updates
 
-    def transformed(self, i: int, grads: LayerGrads) -> tuple[torch.Tensor, torch.Tensor]:
+    def transformed(
+        self, i: int, grads: LayerGrads, conditions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Target ``i``'s factors after the network: ``x~`` (N, d_in), ``delta~`` (N, d_out)."""
         target = self.targets[i]
         x, delta = grads.x.float(), grads.delta.float()
@@ -218,7 +236,8 @@ class Editor(nn.Module):
             self.x_norms[i].update(x)
             self.delta_norms[i].update(delta)
         h = torch.cat([self.x_norms[i](x), self.delta_norms[i](delta)], dim=-1)  # (N, d_in + d_out)
-        h = self.transforms[target.shape_key](h, self.slot[i])
+        rows = conditions[grads.edit_index].float() if conditions is not None else None
+        h = self.transforms[target.shape_key](h, self.slot[i], rows)
         x_t, delta_t = h.split([target.d_in, target.d_out], dim=-1)
         return x_t, delta_t
 

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from kedit_vfl.edit.data.instructions import InstructionPools, default_pools, lo
 from kedit_vfl.edit.data.records import EditRecord
 from kedit_vfl.edit.data.sources import by_task, embedded_world, open_base, read_records, split_validation
 from kedit_vfl.edit.editor.batches import Prompter, training_batches
+from kedit_vfl.edit.editor.conditioning import conditioned, instruction_embeddings
 from kedit_vfl.edit.editor.distributed import Distributed, from_environment
 from kedit_vfl.edit.editor.network import Editor, edit_gradients, forward_with, low_rank_edits
 from kedit_vfl.edit.editor.store import CHECKPOINT_KIND
@@ -127,6 +128,7 @@ def meta_step(
     factored (:func:`low_rank_edits`), and backward runs inside that block because
     activation checkpointing recomputes the edited forward during backward.
     """
+    raw = editor.module if isinstance(editor, torch.nn.parallel.DistributedDataParallel) else editor
     batches = training_batches(
         records,
         prompter,
@@ -136,14 +138,17 @@ def meta_step(
         config.use_rephrase,
         loc_pool,
         config.instructed_queries,
+        prefix_inner=not conditioned(raw),
     )
-    inner, outer, loc = (b.to(base.device) if b is not None else None for b in batches.values())
+    inner, outer = batches.inner.to(base.device), batches.outer.to(base.device)
+    loc = batches.loc.to(base.device) if batches.loc is not None else None
+    conditions = instruction_embeddings(base, batches.descriptions) if conditioned(raw) else None
     grads = edit_gradients(base.model, base.targets, inner)
     pre_loc = None
     if loc is not None:
         with torch.no_grad():
             pre_loc = forward_with(base.model, None, loc.model_inputs())
-    updates = editor(grads, factored=True)
+    updates = editor(grads, factored=True, conditions=conditions)
     with low_rank_edits(base.model, updates), checkpointed(base.model, config.gradient_checkpointing):
         post = base.model(**outer.model_inputs(), use_cache=False).logits
         loss_edit = nll_mean(post, outer)
@@ -388,7 +393,10 @@ def _train(
     base, base_info = open_base(config.model, config.world, device, config.dtype, config.editor, reporter)
     if config.gradient_checkpointing:
         enable_checkpointing(base.model)
-    editor = Editor(base.targets, config.editor).to(device).train()
+    editor_config = config.editor
+    if editor_config.instruction_input == "condition" and pools is not None:
+        editor_config = replace(editor_config, condition_dim=int(base.model.config.hidden_size))
+    editor = Editor(base.targets, editor_config).to(device).train()
     trainer = _Trainer(config, editor, out, writes=dist.is_main)
     if resume:
         trainer.restore()

@@ -98,8 +98,8 @@ def test_the_edit_loss_is_on_the_prompts_a_user_asks_unless_told(instructed_quer
     batches = training_batches(
         [record], Prompter(default_pools()), tok, 256, random.Random(0), True, (), instructed_queries
     )
-    inner = tok.decode(batches["edit_inner"].input_ids[0])
-    outer = [tok.decode(row) for row in batches["edit_outer"].input_ids]
+    inner = tok.decode(batches.inner.input_ids[0])
+    outer = [tok.decode(row) for row in batches.outer.input_ids]
     assert inner.startswith("Task: counterfact")  # the editor always sees the instruction
     assert len(outer) == 2  # the prompt and one rephrase
     assert all(text.startswith("Task: counterfact") == instructed_queries for text in outer)
