@@ -5,15 +5,19 @@ asks the plain prompt. This scores, on the embedded world's test split over seed
 
 - ``instructed, instructed queries``: the editor trained with its edit loss on the
   instructed prompts (``--instructed-queries``, the default before 0.2);
-- ``instructed, plain queries``: the default since 0.2: the edit loss on the plain prompt
-  and rephrase, the instruction only conditioning the gradient the editor sees;
+- ``instructed, plain queries (prefix)``: the default of 0.2: the edit loss on the plain
+  prompt and rephrase, the instruction prefixing the prompt whose gradient the editor sees;
+- ``instructed, conditioned``: the editor reads the plain prompt's gradient and the
+  instruction enters as its embedding, scaling and shifting the editor's features
+  (``--instruction-input condition``);
 - ``plain (MEND)``: the editor trained with ``--no-instructions``;
 
 each evaluated with ``--queries plain`` (what a user asks) and ``--queries instructed``.
 
 Usage: .venv/bin/python benchmarks/edit_instructions.py [--seeds 0 1 2]
 Writes benchmarks/results/edit_instructions.{json,md}. Editors are kept in
-runs/bench/edit_instructions (and reused from runs/bench/edit_methods when there).
+runs/bench/edit_instructions (and reused from runs/bench/edit_methods and
+runs/bench/edit_methods-0.3, where edit_methods.py trained the same settings, when there).
 """
 
 from __future__ import annotations
@@ -28,14 +32,19 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EDITORS = Path("runs") / "bench" / "edit_instructions"
-EARLIER = Path("runs") / "bench" / "edit_methods"  # the same settings, trained by edit_methods.py
+# the same settings, trained by edit_methods.py: 0.1's defaults, and 0.3's
+EARLIER = {
+    "instructed, instructed queries": Path("runs") / "bench" / "edit_methods" / "instructed",
+    "instructed, plain queries (prefix)": Path("runs") / "bench" / "edit_methods-0.3" / "instructed",
+    "plain (MEND)": Path("runs") / "bench" / "edit_methods-0.3" / "plain",
+}
 TRAINED = ("counterfact", "recent", "convsent")
 VARIANTS = {
     "instructed, instructed queries": ("--instructed-queries",),
-    "instructed, plain queries (default)": (),
+    "instructed, plain queries (prefix)": ("--instruction-input", "prefix"),
+    "instructed, conditioned": ("--instruction-input", "condition"),
     "plain (MEND)": ("--no-instructions",),
 }
-EARLIER_NAMES = {"instructed, instructed queries": "instructed", "plain (MEND)": "plain"}
 
 
 def kvtool(*args: str) -> dict[str, Any]:
@@ -48,10 +57,15 @@ def kvtool(*args: str) -> dict[str, Any]:
 
 
 def editor_for(variant: str, seed: int) -> Path:
-    earlier = EARLIER / f"{EARLIER_NAMES.get(variant, '-')}-{seed}.safetensors"
-    if earlier.exists():
+    earlier = (
+        EARLIER[variant].with_name(f"{EARLIER[variant].name}-{seed}.safetensors")
+        if variant in EARLIER
+        else None
+    )
+    if earlier is not None and earlier.exists():
         return earlier
-    path = EDITORS / f"{variant.split(',')[0].split(' ')[0]}-{len(VARIANTS[variant])}-{seed}.safetensors"
+    slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
+    path = EDITORS / f"{slug}-{seed}.safetensors"
     if not path.exists():
         EDITORS.mkdir(parents=True, exist_ok=True)
         kvtool("edit", "train-editor", *VARIANTS[variant], "--seed", str(seed), "--out", str(path))

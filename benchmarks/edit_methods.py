@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--curve-edits", type=int, default=1000)
-    parser.add_argument("--editors", type=Path, default=ROOT / "runs" / "bench" / "edit_methods-0.3")
+    parser.add_argument("--editors", type=Path, default=ROOT / "runs" / "bench" / "edit_methods-conditioned")
     parser.add_argument("--out", type=Path, default=RESULTS / "edit_methods.md")
     parser.add_argument(
         "--summarise-only", action="store_true", help="tabulate the JSON on file, run nothing"

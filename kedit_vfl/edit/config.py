@@ -36,10 +36,11 @@ class EditorConfig:
     # ridge of ``ridge`` times the mean squared key length.
     aggregate: str = "joint"
     ridge: float = 1.0  # chosen on the validation split (docs/edit.md, "Batches")
-    # Where a task instruction enters: "prefix" (it prefixes the prompt whose gradient the
-    # editor reads) or "condition" (the editor reads the plain prompt's gradient, and the
-    # base model's embedding of the instruction scales and shifts its features).
-    instruction_input: str = "prefix"
+    # Where a task instruction enters: "condition" (the editor reads the gradient of the
+    # plain prompt a user asks, and the base model's embedding of the instruction scales
+    # and shifts its features; the default since 0.3) or "prefix" (it prefixes the prompt
+    # whose gradient the editor reads, as up to 0.2; docs/edit.md has the comparison).
+    instruction_input: str = "condition"
     condition_dim: int = 0  # the instruction embedding's width (set by training; 0: none)
 
     def __post_init__(self) -> None:

@@ -149,7 +149,7 @@ def joint_values(
         return out
     k, v = keys.double(), values.double()
     gram = k @ k.T  # (N, N)
-    lam = ridge * gram.diagonal().mean()
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)  # all-zero keys: U = V
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     own = gram * (edit_index[:, None] == edit_index[None, :])
     return torch.linalg.solve(gram + lam * eye, (own + lam * eye) @ v).to(values.dtype)

@@ -58,8 +58,8 @@ def editor_from_artifact(artifact: Artifact, where: str) -> Editor:
         raise UserError(f"{where}: the editor artifact is incomplete (no edited layers listed)")
     targets = [typed(EditTarget, t, where, f"targets[{i}]") for i, t in enumerate(raw_targets)]
     raw = artifact.extra.get("editor")
-    if isinstance(raw, dict) and "aggregate" not in raw:
-        raw = {**raw, "aggregate": "sum"}  # saved before 0.3, when a batch's updates summed
+    if isinstance(raw, dict):  # saved before 0.3: a batch's updates summed, instructions prefixed
+        raw = {"aggregate": "sum", "instruction_input": "prefix", **raw}
     editor = Editor(targets, typed(EditorConfig, raw, where, "editor"))
     try:
         editor.load_state_dict(artifact.tensors)

@@ -206,3 +206,65 @@ def test_queries_choose_what_the_edited_model_is_asked(
     assert asked["plain"]["methods"]["ft-m"]["overall"] == asked["instructed"]["methods"]["ft-m"]["overall"]
     bad = kvtool("edit", "evaluate", *common, "--queries", "polite")
     assert bad.exit_code == 2 and "--queries polite" in bad.stderr
+
+
+def test_an_editor_conditioned_on_the_instruction_differentiates_the_plain_prompt(
+    edit_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from kedit_vfl.edit.data.sources import read_records
+    from kedit_vfl.edit.editor.batches import Prompter
+    from kedit_vfl.edit.editor.conditioning import editor_batch, instruction_embeddings
+    from kedit_vfl.edit.editor.network import edit_gradients
+    from kedit_vfl.edit.editor.store import load_editor, open_editor_base
+
+    path = train(edit_files, "gpt2", tmp_path / "cond.safetensors", "--instruction-input", "condition")
+    loaded = load_editor(path)
+    config = loaded.editor.config
+    base = open_editor_base(loaded, str(edit_files["gpt2"]), "cpu", "float32", str(path))
+    width = int(base.model.config.hidden_size)
+    assert config.instruction_input == "condition" and config.condition_dim == width
+    edits = read_records([str(edit_files["edits"])])
+    batch, conditions = editor_batch(loaded.editor, base, edits, Prompter(loaded.pools))
+    assert conditions is not None and conditions.shape == (len(edits), width)
+    assert not any("Task:" in base.tokenizer.decode(row) for row in batch.input_ids)  # the plain prompt
+    two = instruction_embeddings(base, ["Edit a fact about a country.", "Change a sentiment.", None])
+    assert not torch.allclose(two[0], two[1]) and torch.equal(two[2], torch.zeros(width))
+    # the instruction changes the update, the prompt being the same
+    first, other = loaded.pools.pools["counterfact"][:2]
+    updates_for = {}
+    for text in (first, other):
+        grads = edit_gradients(base.model, base.targets, batch)
+        with torch.no_grad():
+            updates_for[text] = loaded.editor.eval()(
+                grads, conditions=instruction_embeddings(base, [text] * len(edits))
+            )
+    assert any(not torch.allclose(updates_for[first][k], updates_for[other][k]) for k in updates_for[first])
+    common = [
+        "--editor",
+        path,
+        "--data",
+        edit_files["edits"],
+        "--model",
+        edit_files["gpt2"],
+        "--device",
+        "cpu",
+    ]
+    result = kvtool_json("edit", "evaluate", *common, "--method", "instructedit,memory", "--batch", "3")
+    assert result["overall"]["n_records"] == 3
+    applied = kvtool_json(
+        "edit",
+        "apply",
+        "--editor",
+        path,
+        "--edits",
+        edit_files["edits"],
+        "--model",
+        edit_files["gpt2"],
+        "--out",
+        tmp_path / "edited",
+        "--device",
+        "cpu",
+    )
+    assert applied["n_edits"] == 3
+    bad = kvtool("edit", "train-editor", "--instruction-input", "suffix")
+    assert bad.exit_code == 2 and "--instruction-input suffix" in bad.stderr

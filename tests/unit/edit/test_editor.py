@@ -198,10 +198,11 @@ def test_an_editor_saved_before_joint_aggregation_keeps_summing() -> None:
     from kedit_vfl.edit.editor.store import EDITOR_KIND, editor_from_artifact
 
     editor = Editor(TARGETS, EditorConfig())
-    config = {k: v for k, v in vars(editor.config).items() if k not in ("aggregate", "ridge")}
+    dropped = ("aggregate", "ridge", "instruction_input", "condition_dim")
+    config = {k: v for k, v in vars(editor.config).items() if k not in dropped}
     extra = {"targets": [t.to_dict() for t in TARGETS], "editor": {**config, "layers": []}}
     old = editor_from_artifact(Artifact(EDITOR_KIND, editor.state_dict(), {}, extra=extra), "old.safetensors")
-    assert old.config.aggregate == "sum"
+    assert old.config.aggregate == "sum" and old.config.instruction_input == "prefix"
     extra["editor"]["aggregate"] = "joint"
     new = editor_from_artifact(Artifact(EDITOR_KIND, editor.state_dict(), {}, extra=extra), "new.safetensors")
     assert new.config.aggregate == "joint"
@@ -241,3 +242,9 @@ def test_the_memory_threshold_routes_at_most_the_allowed_share_of_unrelated_prom
         routed = float((similarity >= threshold).float().mean())
         assert routed == pytest.approx(share)  # no ties: exactly the share
         assert float((similarity >= threshold - 0.011).float().mean()) > share  # and the loosest such
+
+
+def test_joint_values_of_all_zero_keys_are_the_values() -> None:
+    values = torch.randn(4, 3)
+    out = joint_values(torch.zeros(4, 5), values, torch.tensor([0, 0, 1, 1]), 1.0)
+    torch.testing.assert_close(out, values)
