@@ -1,3 +1,3 @@
 """kvtool: instruction-based knowledge editing and vertical federated learning."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -472,7 +472,12 @@ def evaluate_command(
         ),
     ] = EvalConfig.queries,
     no_prefix: Annotated[
-        bool, typer.Option("--no-prefix", help="Ablation: edit without the instruction prefix.")
+        bool,
+        typer.Option(
+            "--no-prefix",
+            help="Ablation: edit without the instruction (no prefix; a conditioned editor gets "
+            "a zero instruction embedding).",
+        ),
     ] = False,
     sequential: Annotated[
         int, typer.Option("--sequential", help="Apply N edits in a row without rollback (0: one at a time).")

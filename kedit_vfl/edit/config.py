@@ -167,7 +167,7 @@ class EvalConfig:
     task: str | None = None
     instruction_index: int = 0
     unseen_instruction: bool = False
-    no_prefix: bool = False  # ablation: edit inputs without the instruction prefix
+    no_prefix: bool = False  # ablation: edit without the instruction (prefix or conditioning)
     sequential: int = 0  # 0: one edit at a time with rollback
     batch: int = 0  # N: N edits applied together as ``apply`` does (combined as the editor's aggregate says)
     limit: int | None = None  # records per task
