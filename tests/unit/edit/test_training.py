@@ -104,3 +104,15 @@ def test_the_edit_loss_is_on_the_prompts_a_user_asks_unless_told(instructed_quer
     assert len(outer) == 2  # the prompt and one rephrase
     assert all(text.startswith("Task: counterfact") == instructed_queries for text in outer)
     assert any(record.prompt in text for text in outer)
+    assert batches.descriptions[0] in default_pools().pools["counterfact"]
+
+
+def test_a_conditioned_editor_differentiates_the_plain_prompt_and_gets_the_instruction() -> None:
+    tok = tokenizer()
+    record = records("counterfact", 1)[0]
+    batches = training_batches(
+        [record], Prompter(default_pools()), tok, 256, random.Random(0), prefix_inner=False
+    )
+    assert tok.decode(batches.inner.input_ids[0]).startswith(record.prompt)
+    assert batches.descriptions[0] in default_pools().pools["counterfact"]
+    assert training_batches([record], Prompter(None), tok, 256, random.Random(0)).descriptions == [None]
