@@ -154,7 +154,10 @@ def calibrate_threshold(
     if not records:
         return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
     extra = list(background)[: max(0, memory_edits - len(records))]
-    keys = _keys(method, base, [(prompter(r, r.prompt), r.target_new) for r in [*records, *extra]])
+    stored = [(prompter(r, r.prompt), r.target_new) for r in [*records, *extra]]
+    keys = _keys(method, base, stored)
+    # a locality prompt that is itself an edit in the memory is that edit's, not unrelated
+    edited_prompts = {prompt for prompt, _ in stored}
     positives, negatives = [], []
     for i, record in enumerate(records):
         if record.rephrase:
@@ -165,8 +168,9 @@ def calibrate_threshold(
             positives.extend(
                 torch.where(nearest, similarity[:, i], torch.full_like(similarity[:, i], -1)).tolist()
             )
-        if record.locality:
-            other = _keys(method, base, [(p.prompt, p.answer) for p in record.locality])
+        unrelated_pairs = [(p.prompt, p.answer) for p in record.locality if p.prompt not in edited_prompts]
+        if unrelated_pairs:
+            other = _keys(method, base, unrelated_pairs)
             negatives.extend((other @ keys.T).max(1).values.tolist())
     if not positives or not negatives:  # nothing to tell apart: a strict default
         return {"threshold": DEFAULT_THRESHOLD, "rephrase_routed": None, "unrelated_routed": None}
@@ -180,11 +184,15 @@ def calibrate_threshold(
     }
 
 
+MAX_THRESHOLD = 0.9999  # an edit's own prompt (similarity 1 up to rounding) always routes
+
+
 def loosest_threshold(unrelated_similarity: torch.Tensor, share: float) -> float:
     """The lowest threshold that at most ``share`` of these similarities reach: just above
-    the one ranked ``floor(share * n)`` from the top (ties there are all excluded)."""
+    the one ranked ``floor(share * n)`` from the top (ties there are all excluded), and
+    never above :data:`MAX_THRESHOLD`."""
     ordered = unrelated_similarity.sort(descending=True).values
-    return float(ordered[int(share * len(ordered))]) + 1e-6
+    return min(float(ordered[int(share * len(ordered))]) + 1e-6, MAX_THRESHOLD)
 
 
 def _keys(method: MemoryEdit, base: BaseModel, pairs: list[tuple[str, str]]) -> torch.Tensor:
