@@ -248,3 +248,10 @@ def test_joint_values_of_all_zero_keys_are_the_values() -> None:
     values = torch.randn(4, 3)
     out = joint_values(torch.zeros(4, 5), values, torch.tensor([0, 0, 1, 1]), 1.0)
     torch.testing.assert_close(out, values)
+
+
+def test_the_memory_threshold_lets_an_edits_own_prompt_route() -> None:
+    from kedit_vfl.edit.algs.memory import MAX_THRESHOLD, loosest_threshold
+
+    # most "unrelated" prompts identical to a stored one: the threshold still stays below 1
+    assert loosest_threshold(torch.tensor([1.0] * 10 + [0.5] * 2), 0.05) == MAX_THRESHOLD
