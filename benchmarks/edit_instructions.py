@@ -16,8 +16,8 @@ each evaluated with ``--queries plain`` (what a user asks) and ``--queries instr
 
 Usage: .venv/bin/python benchmarks/edit_instructions.py [--seeds 0 1 2]
 Writes benchmarks/results/edit_instructions.{json,md}. Editors are kept in
-runs/bench/edit_instructions (and reused from runs/bench/edit_methods and
-runs/bench/edit_methods-0.3, where edit_methods.py trained the same settings, when there).
+runs/bench/edit_instructions (and reused from runs/bench/edit_methods*, where
+edit_methods.py trained the same settings, when there).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ EDITORS = Path("runs") / "bench" / "edit_instructions"
 EARLIER = {
     "instructed, instructed queries": Path("runs") / "bench" / "edit_methods" / "instructed",
     "instructed, plain queries (prefix)": Path("runs") / "bench" / "edit_methods-0.3" / "instructed",
+    "instructed, conditioned": Path("runs") / "bench" / "edit_methods-conditioned" / "instructed",
     "plain (MEND)": Path("runs") / "bench" / "edit_methods-0.3" / "plain",
 }
 TRAINED = ("counterfact", "recent", "convsent")

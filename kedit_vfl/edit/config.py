@@ -42,6 +42,7 @@ class EditorConfig:
     # whose gradient the editor reads, as up to 0.2; docs/edit.md has the comparison).
     instruction_input: str = "condition"
     condition_dim: int = 0  # the instruction embedding's width (set by training; 0: none)
+    condition_rank: int = 64  # rank of the map from the instruction embedding to the features
 
     def __post_init__(self) -> None:
         _positive("--rank", self.rank)
@@ -56,6 +57,7 @@ class EditorConfig:
             raise UserError(f"--instruction-input {self.instruction_input}: expected one of {expected}")
         if self.condition_dim < 0:
             raise UserError(f"condition_dim {self.condition_dim}: must be >= 0")
+        _positive("condition_rank", self.condition_rank)
 
 
 @dataclass(frozen=True)

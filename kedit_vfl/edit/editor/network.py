@@ -100,18 +100,24 @@ class LowRankResidual(nn.Module):
 class GradientTransform(nn.Module):
     """The network shared by all edited layers of one shape: FiLM, then residual blocks.
 
-    With ``condition_dim``, each token's features are also scaled and shifted by a linear
-    map of its edit's instruction embedding (zero-initialised: no effect at first).
+    With ``condition_dim``, each token's features are also scaled and shifted by a rank
+    ``condition_rank`` linear map of its edit's instruction embedding (its second factor
+    zero-initialised: no effect at first; low rank: a full map would add 2 x hidden x
+    (d_in + d_out) parameters, a quarter of a billion on a 7B model).
     """
 
-    def __init__(self, dim: int, n_layers: int, rank: int, depth: int, condition_dim: int = 0) -> None:
+    def __init__(
+        self, dim: int, n_layers: int, rank: int, depth: int, condition_dim: int = 0, condition_rank: int = 64
+    ) -> None:
         super().__init__()
         self.film = FiLM(n_layers, dim)
         self.blocks = nn.ModuleList(LowRankResidual(dim, rank) for _ in range(depth))
-        self.condition = nn.Linear(condition_dim, 2 * dim) if condition_dim else None
-        if self.condition is not None:
-            nn.init.zeros_(self.condition.weight)
-            nn.init.zeros_(self.condition.bias)
+        self.condition = None
+        if condition_dim:
+            inner = min(condition_rank, condition_dim)
+            self.condition = nn.Sequential(nn.Linear(condition_dim, inner), nn.Linear(inner, 2 * dim))
+            nn.init.zeros_(self.condition[1].weight)
+            nn.init.zeros_(self.condition[1].bias)
 
     def forward(self, h: torch.Tensor, layer: int, condition: torch.Tensor | None = None) -> torch.Tensor:
         h = self.film(h, layer)
@@ -194,6 +200,7 @@ class Editor(nn.Module):
                     rank=min(config.rank, dim),
                     depth=config.depth,
                     condition_dim=config.condition_dim,
+                    condition_rank=config.condition_rank,
                 )
                 for key, m in groups.items()
             }
