@@ -36,6 +36,8 @@ def compute_update(
     Gradients are captured ``chunk`` edits per pass, then the editor combines every edit
     at once (``EditorConfig.aggregate``), so ``chunk`` never changes the result.
     """
+    if not records:
+        return {}
     parts, sizes, conditions = [], [], []
     for start in range(0, len(records), chunk):
         group = records[start : start + chunk]

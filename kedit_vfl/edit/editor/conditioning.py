@@ -45,7 +45,7 @@ def instruction_embeddings(base: BaseModel, texts: Sequence[str | None]) -> torc
         ids, mask = ids.to(base.device), mask.to(base.device)
         hidden = base.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = ((hidden * weights).sum(1) / weights.sum(1)).float()
+        pooled = ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()  # no tokens: zeros
         for text, vector in zip(group, pooled, strict=True):
             cache[text] = vector
     width = int(base.model.config.hidden_size)

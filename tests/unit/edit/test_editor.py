@@ -226,6 +226,7 @@ def test_a_batch_captured_in_chunks_gets_the_update_of_one_pass(tmp_path: Path) 
     summed = Editor(base.targets, editor.config.__class__(rank=4, edit_lr=0.05, aggregate="sum"))
     summed.load_state_dict(editor.state_dict())
     plain = compute_update(summed.eval(), base, edits, Prompter(None))
+    assert compute_update(editor, base, [], Prompter(None)) == {}  # nothing to edit: no update
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6)
         assert not torch.allclose(plain[name], whole[name], rtol=1e-3, atol=1e-6)
