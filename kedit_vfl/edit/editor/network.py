@@ -163,16 +163,15 @@ def joint_values(
 
 def _edit_groups(edit_index: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Row indices in groups of whole edits, each at most ``size`` rows (or one edit)."""
-    groups, current, count = [], [], 0
-    for edit in edit_index.unique().tolist():
-        rows = torch.nonzero(edit_index == edit).squeeze(1)
-        if current and count + len(rows) > size:
-            groups.append(torch.cat(current))
-            current, count = [], 0
-        current.append(rows)
-        count += len(rows)
-    if current:
-        groups.append(torch.cat(current))
+    order = torch.argsort(edit_index, stable=True)
+    _, counts = torch.unique_consecutive(edit_index[order], return_counts=True)
+    groups, start, count = [], 0, 0
+    for n in counts.tolist():
+        if count and count + n > size:
+            groups.append(order[start : start + count])
+            start, count = start + count, 0
+        count += n
+    groups.append(order[start : start + count])
     return groups
 
 
