@@ -52,20 +52,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from kedit_vfl.vfl.channel.identity import generate_identity  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from two_party import KVTOOL, free_port, run_pair  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "vfl"
-KVTOOL = str(Path(sys.executable).parent / "kvtool")
 TARGETS = {
     "local": {"rate": 500, "p99_ms": 5.0},
     "local_batched": {"rows_per_s": 2000},
     "federated": {"rate": 200, "p99_ms": 20.0, "deadline_ms": 15.0, "auc_delta": 0.001},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def kvtool(*args: Any) -> dict[str, Any]:
@@ -84,33 +80,14 @@ def security(identities: Path, party: str) -> list[str]:
 
 def pair(command: str, active: list[Any], passive: list[Any], identities: Path) -> dict[str, Any]:
     """Both parties of one stage as two processes; the active party's result."""
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [
-                KVTOOL,
-                "vfl",
-                command,
-                "--party",
-                party,
-                *map(str, args),
-                *security(identities, party),
-                "--rendezvous",
-                rendezvous,
-                "--json",
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for party, args in (("passive", passive), ("active", active))
-    ]
-    outputs = [p.communicate(timeout=1800) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        if p.returncode:
-            raise SystemExit(f"two-party {command} failed: {err}")
-    return json.loads(outputs[1][0])
+    port = free_port()
+    results = run_pair(
+        command,
+        {"active": active, "passive": passive},
+        lambda party: security(identities, party),
+        {"active": port, "passive": port},
+    )
+    return results["active"]
 
 
 def train(folder: Path, identities: Path, seed: int) -> dict[str, Path]:

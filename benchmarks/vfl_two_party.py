@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,11 +38,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from kedit_vfl.vfl.channel.identity import generate_identity  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from two_party import KVTOOL, free_port, run_pair  # noqa: E402
+
 from tests.relay import Relay  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "vfl"
-KVTOOL = str(Path(sys.executable).parent / "kvtool")
 PROTECTION = [
     ("none", []),
     ("clip 1.0", ["--clip", "1.0"]),
@@ -64,12 +66,6 @@ def kvtool(*args: Any) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 IDENTITIES: Path | None = None
 
 
@@ -88,36 +84,14 @@ def pair(
     port = free_port()
     ports = {"active": port, "passive": relay.start(port) if relay is not None else port}
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [
-                KVTOOL,
-                "vfl",
-                command,
-                "--party",
-                party,
-                *map(str, args),
-                *map(str, security(party, mode)),
-                "--rendezvous",
-                f"tcp://127.0.0.1:{ports[party]}",
-                "--json",
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for party, args in (("passive", passive), ("active", active))
-    ]
-    outputs = [p.communicate(timeout=1800) for p in procs]
-    seconds = time.perf_counter() - start
-    if relay is not None:
-        relay.stop()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        if p.returncode:
-            raise SystemExit(f"two-party {command} failed: {err}")
-    passive_result, active_result = (json.loads(out) for out, _ in outputs)
-    return active_result, passive_result, seconds
+    try:
+        results = run_pair(
+            command, {"active": active, "passive": passive}, lambda party: security(party, mode), ports
+        )
+    finally:
+        if relay is not None:
+            relay.stop()
+    return results["active"], results["passive"], time.perf_counter() - start
 
 
 def in_process(folder: Path, seed: int) -> dict[str, Any]:
