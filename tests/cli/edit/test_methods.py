@@ -17,8 +17,13 @@ from tests.cli.edit.conftest import train
 from tests.cli.runner import kvtool, kvtool_json
 
 
+def on_records(editor: Path, files: dict[str, Path]) -> list[object]:
+    """evaluate's options for ``editor`` on the session's edit records and tiny GPT-2."""
+    return ["--editor", editor, "--data", files["edits"], "--model", files["gpt2"]]
+
+
 def test_methods_are_compared_on_the_same_records(edit_files: dict[str, Path], gpt2_editor: Path) -> None:
-    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    common = on_records(gpt2_editor, edit_files)
     result = kvtool_json("edit", "evaluate", *common, "--method", "instructedit,ft-m,ft-l", "--device", "cpu")
     assert list(result["methods"]) == ["instructedit", "ft-m", "ft-l"] and result["method"] == "instructedit"
     assert result["overall"] == result["methods"]["instructedit"]["overall"]  # the first one on top
@@ -39,16 +44,7 @@ def test_methods_are_compared_on_the_same_records(edit_files: dict[str, Path], g
 def test_mend_is_the_editor_without_instructions(
     edit_files: dict[str, Path], gpt2_editor: Path, tmp_path: Path
 ) -> None:
-    common = [
-        "--editor",
-        gpt2_editor,
-        "--data",
-        edit_files["edits"],
-        "--model",
-        edit_files["gpt2"],
-        "--device",
-        "cpu",
-    ]
+    common = [*on_records(gpt2_editor, edit_files), "--device", "cpu"]
     refused = kvtool("edit", "evaluate", *common, "--method", "mend")
     assert refused.exit_code == 2 and "--mend-editor" in refused.stderr
     plain = train(edit_files, "gpt2", tmp_path / "plain.safetensors", "--no-instructions")
@@ -96,7 +92,7 @@ def test_ft_losses_score_the_target_tokens() -> None:
 def test_sequential_editing_reports_a_retention_curve(
     edit_files: dict[str, Path], gpt2_editor: Path, tmp_path: Path
 ) -> None:
-    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    common = on_records(gpt2_editor, edit_files)
     plot = tmp_path / "curve.png"
     result = kvtool_json("edit", "evaluate", *common, "--device", "cpu", "--method", "instructedit,ft-m",
                          "--sequential", "3", "--curve-every", "1", "--plot", plot)  # fmt: skip
@@ -164,7 +160,7 @@ def test_the_side_memory_routes_each_edit_and_leaves_the_rest_alone(
     with pytest.raises(UserError, match="records no routing threshold"):
         build_method("memory", loaded, prompter)
     loaded.artifact.extra.update(old)
-    common = ["--editor", gpt2_editor, "--data", edit_files["edits"], "--model", edit_files["gpt2"]]
+    common = on_records(gpt2_editor, edit_files)
     result = kvtool_json(
         "edit", "evaluate", *common, "--device", "cpu", "--method", "memory", "--sequential", "3"
     )
@@ -181,16 +177,7 @@ def test_queries_choose_what_the_edited_model_is_asked(
     monkeypatch.setattr(
         evaluation, "probe", lambda r, p, *a: probed.append(p.pools is not None) or original(r, p, *a)
     )
-    common = [
-        "--editor",
-        gpt2_editor,
-        "--data",
-        edit_files["edits"],
-        "--model",
-        edit_files["gpt2"],
-        "--device",
-        "cpu",
-    ]
+    common = [*on_records(gpt2_editor, edit_files), "--device", "cpu"]
     asked = {}
     for queries in ("instructed", "plain"):
         probed.clear()
@@ -239,11 +226,7 @@ def test_an_editor_conditioned_on_the_instruction_differentiates_the_plain_promp
                 grads, conditions=instruction_embeddings(base, [text] * len(edits))
             )
     assert any(not torch.allclose(updates_for[first][k], updates_for[other][k]) for k in updates_for[first])
-    common = [
-        "--editor",
-        path,
-        "--data",
-        edit_files["edits"],
+    common = [*on_records(path, edit_files), "--device", "cpu"],
         "--model",
         edit_files["gpt2"],
         "--device",
