@@ -226,12 +226,7 @@ def test_an_editor_conditioned_on_the_instruction_differentiates_the_plain_promp
                 grads, conditions=instruction_embeddings(base, [text] * len(edits))
             )
     assert any(not torch.allclose(updates_for[first][k], updates_for[other][k]) for k in updates_for[first])
-    common = [*on_records(path, edit_files), "--device", "cpu"],
-        "--model",
-        edit_files["gpt2"],
-        "--device",
-        "cpu",
-    ]
+    common = [*on_records(path, edit_files), "--device", "cpu"]
     result = kvtool_json("edit", "evaluate", *common, "--method", "instructedit,memory", "--batch", "3")
     assert result["overall"]["n_records"] == 3
     applied = kvtool_json(
