@@ -70,7 +70,10 @@ class MemoryEdit:
     @torch.no_grad()
     def add(self, base: BaseModel, edited: MemoryEdits, records: Sequence[EditRecord]) -> MemoryEdits:
         batch, conditions = editor_batch(self.editor, base, records, self.prompter)
-        if self.queries is self.prompter and conditions is None:
+        # the batch the editor reads is the one the queries ask when both are instructed
+        # alike, or both plain (a conditioned editor reads the plain prompt)
+        asked_like_batch = self.queries is self.prompter if conditions is None else self.queries.pools is None
+        if asked_like_batch:
             _, keys = self.keys_and_logits(base, batch)
         else:  # keys where the queries will be: the edit prompts as they are asked
             asked = edit_batch(records, self.queries, base.tokenizer, base.max_length).to(base.device)
